@@ -1,0 +1,46 @@
+"""Evaluators and the helpers that run them across processes.
+
+Names are imported on first use, so ``import segkit.evaluation`` stays cheap and does not load
+pycocotools until a COCO name is asked for.
+
+Example:
+    >>> from segkit.evaluation import CocoEvaluator, format_metrics_table
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "CocoEvaluator",
+    "COCO_METRIC_NAMES",
+    "encode_masks",
+    "evaluate_coco_results",
+    "format_metrics_table",
+    "all_gather_objects",
+    "broadcast_object",
+    "evaluate_distributed",
+]
+
+_LOCATIONS = {
+    "CocoEvaluator": "segkit.evaluation.coco",
+    "COCO_METRIC_NAMES": "segkit.evaluation.coco",
+    "encode_masks": "segkit.evaluation.coco",
+    "evaluate_coco_results": "segkit.evaluation.coco",
+    "format_metrics_table": "segkit.evaluation.coco",
+    "all_gather_objects": "segkit.evaluation.distributed",
+    "broadcast_object": "segkit.evaluation.distributed",
+    "evaluate_distributed": "segkit.evaluation.distributed",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'segkit.evaluation' has no attribute '{name}'")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

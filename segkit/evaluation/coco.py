@@ -1,0 +1,471 @@
+"""COCO box and mask evaluation with pycocotools.
+
+:class:`CocoEvaluator` turns model outputs into COCO results (boxes in xywh pixels of the original
+image, masks as compressed RLE) per image, and scores them with pycocotools' ``COCOeval`` on the
+images it has seen. Results are kept per image id, so the padding duplicates of a distributed
+sampler collapse when the states of several processes are merged.
+
+Metric names are stable: ``bbox/AP``, ``bbox/AP50``, ``bbox/AP75``, ``bbox/APs``, ``bbox/APm``,
+``bbox/APl``, ``bbox/AR1``, ``bbox/AR10``, ``bbox/AR100``, ``bbox/ARs``, ``bbox/ARm``, ``bbox/ARl``,
+the same under ``segm/``, and ``bbox/AP-<class name>`` with ``per_class=True``. Values are
+pycocotools' own, in ``[0, 1]``; like pycocotools, a number with no ground truth to score (for
+example ``APs`` when no object is small) is ``-1``, while a per-class AP of a category with no
+ground truth in the evaluated images is ``nan``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from segkit.registry import EVALUATORS
+
+__all__ = [
+    "COCO_METRIC_NAMES",
+    "IOU_TYPES",
+    "MASK_THRESHOLD",
+    "CocoEvaluator",
+    "encode_masks",
+    "evaluate_coco_results",
+    "format_metrics_table",
+]
+
+#: The 12 numbers of ``COCOeval.summarize()`` for boxes and masks, in its order.
+COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+#: The iou types :class:`CocoEvaluator` scores.
+IOU_TYPES = ("bbox", "segm")
+#: Mask probabilities ``>= MASK_THRESHOLD`` (after resizing to the original image) are foreground.
+MASK_THRESHOLD = 0.5
+# Instances resized together when masks are mapped back to the original size (bounds memory).
+_RESIZE_CHUNK = 32
+
+
+@EVALUATORS.register()
+class CocoEvaluator:
+    """COCO bbox/segm AP of detections, with pycocotools' ``COCOeval``.
+
+    Args:
+        dataset: the evaluation dataset; it must expose ``coco`` (a pycocotools ``COCO`` holding
+            the ground truth), ``label_to_cat_id`` (``{label 1..K: category_id}``) and ``classes``
+            (names, ``classes[label - 1]``).
+        iou_types: any of ``"bbox"`` and ``"segm"``; ``"segm"`` needs outputs with ``masks``.
+        per_class: also report ``<iou type>/AP-<class name>`` for every class.
+
+    Only the images given to :meth:`process` are scored; an image without detections still counts
+    (its objects are missed). If no image has any detection, the numbers are what ``COCOeval``
+    gives for an empty result set: ``0.0`` where ground truth exists, ``-1`` where none does.
+
+    Example:
+        >>> evaluator = EVALUATORS.build({"type": "CocoEvaluator", "iou_types": ["bbox", "segm"]},
+        ...                              path="evaluation", dataset=val_set)
+        >>> for images, targets in loader:
+        ...     evaluator.process(targets, model(images))
+        >>> print(format_metrics_table(evaluator.evaluate()))
+    """
+
+    def __init__(self, *, dataset: Any, iou_types: Sequence[str] = ("bbox",), per_class: bool = False) -> None:
+        self.coco: COCO = _dataset_coco(dataset)
+        self.iou_types = _check_iou_types(iou_types, self.coco)
+        self.per_class = bool(per_class)
+        self.classes = [str(name) for name in dataset.classes]
+        self.label_to_cat_id = {int(k): int(v) for k, v in dict(dataset.label_to_cat_id).items()}
+        self._label_lookup = _label_lookup(self.label_to_cat_id, self.coco)
+        self._images: dict[int, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- accumulation
+    def reset(self) -> None:
+        """Forget every processed image."""
+        self._images = {}
+
+    @property
+    def image_ids(self) -> list[int]:
+        """Sorted ids of the images processed so far (or merged in)."""
+        return sorted(self._images)
+
+    def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
+        """Convert one batch of predictions to COCO results, stored by image id.
+
+        Args:
+            targets: one dict per image with ``image_id`` (int or 0-d tensor), ``orig_size``
+                (int64 ``[2]``: height and width of the image file) and optionally ``image_size``
+                (``[2]``: height and width of the image the model saw, when a transform resized it).
+            outputs: one dict per image with ``boxes`` (float ``[N, 4]``, xyxy pixels of the image
+                the model saw), ``scores`` (float ``[N]``), ``labels`` (int64 ``[N]``, ``1..K``)
+                and, for ``"segm"``, ``masks`` (float ``[N, 1, H, W]`` probabilities or
+                ``[N, H, W]`` binary, in pixels of the image the model saw).
+
+        Boxes are scaled from ``image_size`` to ``orig_size``; without ``image_size`` the size of
+        the masks, if any, is used, else the boxes are taken to be in original pixels already.
+        Masks are resized bilinearly to ``orig_size`` and thresholded at :data:`MASK_THRESHOLD`.
+        An image id seen before keeps its first results.
+
+        Raises:
+            ValueError: mismatched lengths, an image id not in the ground truth, labels outside
+                ``1..K``, or missing masks for ``"segm"``.
+        """
+        if len(targets) != len(outputs):
+            raise ValueError(
+                f"process() got {len(targets)} targets but {len(outputs)} outputs; pass the batch's "
+                f"targets together with the model's outputs for the same images."
+            )
+        for target, output in zip(targets, outputs):
+            image_id = _image_id(target, self.coco)
+            if image_id not in self._images:
+                self._images[image_id] = self._convert(image_id, target, output)
+
+    def _convert(self, image_id: int, target: Mapping[str, Any], output: Mapping[str, Any]) -> dict[str, Any]:
+        if "orig_size" not in target:
+            raise ValueError(
+                f"the target of image {image_id} has no 'orig_size' (int64 [2], height and width of the "
+                f"image file); evaluate with a segkit dataset or add it to the targets."
+            )
+        orig_hw = _hw(target["orig_size"])
+        masks = output.get("masks")
+        if "image_size" in target:
+            image_hw = _hw(target["image_size"])
+        elif masks is not None:
+            image_hw = (int(masks.shape[-2]), int(masks.shape[-1]))
+        else:
+            image_hw = orig_hw
+        boxes = _as_numpy(output["boxes"], np.float64).reshape(-1, 4)
+        scores = _as_numpy(output["scores"], np.float64).reshape(-1)
+        labels = _as_numpy(output["labels"], np.int64).reshape(-1)
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(
+                f"the output of image {image_id} has {len(boxes)} boxes, {len(scores)} scores and "
+                f"{len(labels)} labels; a detection needs one of each."
+            )
+        entry: dict[str, Any] = {
+            "boxes": _xyxy_to_xywh(boxes, scale=(orig_hw[0] / image_hw[0], orig_hw[1] / image_hw[1])),
+            "scores": scores,
+            "category_ids": self._category_ids(labels, image_id),
+        }
+        if "segm" in self.iou_types:
+            if masks is None:
+                raise ValueError(
+                    f"iou_types includes 'segm' but the output of image {image_id} has no 'masks'; "
+                    f"use a model with a mask head or set evaluation.iou_types to ['bbox']."
+                )
+            if masks.shape[0] != len(boxes):
+                raise ValueError(f"the output of image {image_id} has {masks.shape[0]} masks for {len(boxes)} boxes.")
+            entry["segmentations"] = encode_masks(_binary_masks(masks, orig_hw))
+        return entry
+
+    def _category_ids(self, labels: np.ndarray, image_id: int) -> np.ndarray:
+        num_classes = len(self._label_lookup) - 1
+        if labels.size and (labels.min() < 1 or labels.max() > num_classes):
+            bad = labels[(labels < 1) | (labels > num_classes)][0]
+            raise ValueError(
+                f"image {image_id} has a detection with label {int(bad)}, but labels must be 1..{num_classes} "
+                f"(0 is background); check that the model's num_classes equals the dataset's {num_classes} classes."
+            )
+        return self._label_lookup[labels]
+
+    # ---------------------------------------------------------------- processes
+    def state(self) -> dict[str, Any]:
+        """The per-image results, picklable, for gathering from other processes (see :meth:`merge`)."""
+        return {"iou_types": list(self.iou_types), "images": dict(self._images)}
+
+    def merge(self, states: Sequence[Mapping[str, Any]]) -> None:
+        """Add the results of other processes' :meth:`state`; an image id already present is skipped.
+
+        Gathering every process's state (this one's included) and merging it gives exactly the
+        results of one process that saw each image once, so a distributed sampler's padding
+        duplicates are dropped.
+
+        Raises:
+            ValueError: a state that does not come from a ``CocoEvaluator`` with these iou types.
+        """
+        for state in states:
+            if not isinstance(state, Mapping) or "images" not in state:
+                raise ValueError("merge() takes a list of CocoEvaluator.state() dicts, e.g. from all_gather_objects().")
+            missing = set(self.iou_types) - set(state.get("iou_types", ()))
+            if missing:
+                raise ValueError(
+                    f"a merged state lacks iou types {sorted(missing)}; every process must build its "
+                    f"evaluator with the same iou_types {list(self.iou_types)}."
+                )
+            for image_id, entry in state["images"].items():
+                self._images.setdefault(int(image_id), entry)
+
+    # ---------------------------------------------------------------- scoring
+    def results(self, iou_type: str = "bbox") -> list[dict[str, Any]]:
+        """The COCO results JSON of the processed images (``json.dump``-able), sorted by image id.
+
+        Boxes are ``[x, y, w, h]`` in original-image pixels; masks are compressed RLE with ``str``
+        counts. Nothing is rounded.
+        """
+        if iou_type not in self.iou_types:
+            raise ValueError(f"iou_type '{iou_type}' is not evaluated; this evaluator has iou_types {list(self.iou_types)}.")
+        key = "bbox" if iou_type == "bbox" else "segmentation"
+        out: list[dict[str, Any]] = []
+        for image_id in sorted(self._images):
+            entry = self._images[image_id]
+            values = entry["boxes"].tolist() if iou_type == "bbox" else entry["segmentations"]
+            out.extend(
+                {"image_id": image_id, "category_id": cat, key: value, "score": score}
+                for cat, value, score in zip(entry["category_ids"].tolist(), values, entry["scores"].tolist())
+            )
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        """Score the processed images; returns ``{"bbox/AP": ..., ...}`` (see the module docstring).
+
+        Raises:
+            RuntimeError: if no image was processed.
+        """
+        if not self._images:
+            raise RuntimeError(
+                "CocoEvaluator.evaluate() found no processed images; call process(targets, outputs) on "
+                "the evaluation batches (and merge() the other processes' states) first."
+            )
+        class_names = None
+        if self.per_class:
+            class_names = {self.label_to_cat_id[label]: self.classes[label - 1] for label in sorted(self.label_to_cat_id)}
+        metrics: dict[str, float] = {}
+        for iou_type in self.iou_types:
+            metrics.update(
+                evaluate_coco_results(
+                    self.coco, self.results(iou_type), iou_type=iou_type, image_ids=self.image_ids, class_names=class_names
+                )
+            )
+        return metrics
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(iou_types={list(self.iou_types)}, per_class={self.per_class}, "
+                f"classes={len(self.classes)}, processed_images={len(self._images)})")
+
+
+def evaluate_coco_results(
+    coco_gt: COCO,
+    results: Sequence[Mapping[str, Any]],
+    *,
+    iou_type: str = "bbox",
+    image_ids: Sequence[int] | None = None,
+    class_names: Mapping[int, str] | None = None,
+) -> dict[str, float]:
+    """Run ``COCOeval`` quietly on COCO results and name its numbers.
+
+    Args:
+        coco_gt: ground truth.
+        results: COCO results (``image_id``, ``category_id``, ``score`` and ``bbox`` xywh or
+            ``segmentation`` RLE); may be empty. The dicts are copied, not modified.
+        iou_type: ``"bbox"`` or ``"segm"``.
+        image_ids: images to score (default: every image of ``coco_gt``).
+        class_names: ``{category_id: name}``; when given, ``<iou type>/AP-<name>`` is added for each
+            category: the mean of ``precision`` over IoU thresholds and recall points at area
+            ``all`` and the largest ``maxDets``, ignoring ``-1`` entries; ``nan`` for a category
+            with no ground truth in these images.
+
+    Returns:
+        ``{"<iou type>/AP": ..., ...}``: the 12 numbers of ``COCOeval.summarize()``.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):  # segkit prints its own table
+        if results:
+            detections = coco_gt.loadRes([dict(r) for r in results])
+        else:  # loadRes cannot take an empty list
+            detections = COCO()
+            detections.dataset = {"images": list(coco_gt.dataset["images"]),
+                                  "categories": list(coco_gt.dataset["categories"]), "annotations": []}
+            detections.createIndex()
+        coco_eval = COCOeval(coco_gt, detections, iouType=iou_type)
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted(int(i) for i in image_ids)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    metrics = {f"{iou_type}/{name}": float(value) for name, value in zip(COCO_METRIC_NAMES, coco_eval.stats)}
+    if class_names:
+        metrics.update(_per_class_ap(coco_eval, class_names, prefix=iou_type))
+    return metrics
+
+
+def _per_class_ap(coco_eval: COCOeval, class_names: Mapping[int, str], *, prefix: str) -> dict[str, float]:
+    params = coco_eval.params
+    precision = coco_eval.eval["precision"]  # [T IoUs, R recalls, K categories, A areas, M maxDets]
+    area = params.areaRngLbl.index("all")
+    index = {cat_id: k for k, cat_id in enumerate(params.catIds)}
+    out: dict[str, float] = {}
+    for cat_id, name in class_names.items():
+        values = precision[:, :, index[cat_id], area, -1] if cat_id in index else np.empty(0)
+        values = values[values > -1]
+        out[f"{prefix}/AP-{name}"] = float(values.mean()) if values.size else math.nan
+    return out
+
+
+def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
+    """Compressed COCO RLE of binary masks, encoded together.
+
+    Args:
+        masks (Tensor or ndarray ``[N, H, W]``, bool or uint8): binary masks.
+
+    Returns:
+        N dicts ``{"size": [H, W], "counts": str}`` (``str`` counts, so the results are JSON-ready;
+        pycocotools accepts them as they are).
+    """
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().cpu().numpy()
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"encode_masks() expects masks of shape [N, H, W], got {tuple(masks.shape)}.")
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def format_metrics_table(metrics: Mapping[str, float]) -> str:
+    """Render metrics for a terminal.
+
+    COCO numbers become one row per iou type under the 12 column names, per-class APs a
+    ``class  AP`` listing (three pairs a line) per iou type, and any other metric one
+    ``name  value`` line. Values print with 3 decimals, as pycocotools prints them.
+
+    Example:
+        >>> print(format_metrics_table({"bbox/AP": 0.5, "mIoU": 0.7}))
+    """
+    rows: dict[str, dict[str, float]] = {}
+    per_class: dict[str, list[tuple[str, float]]] = {}
+    others: list[tuple[str, float]] = []
+    for key, value in metrics.items():
+        prefix, sep, name = key.partition("/")
+        if sep and name in COCO_METRIC_NAMES:
+            rows.setdefault(prefix, {})[name] = value
+        elif sep and name.startswith("AP-"):
+            per_class.setdefault(prefix, []).append((name[3:], value))
+        else:
+            others.append((key, value))
+    blocks: list[str] = []
+    if rows:
+        table = [["", *COCO_METRIC_NAMES]]
+        table += [[prefix, *(_format_value(values.get(n)) for n in COCO_METRIC_NAMES)] for prefix, values in rows.items()]
+        blocks.append(_align(table))
+    for prefix, items in per_class.items():
+        pairs = [[name, _format_value(value)] for name, value in items]
+        table = [["class", "AP"] * min(3, len(pairs))]
+        table += [sum(pairs[i:i + 3], []) for i in range(0, len(pairs), 3)]
+        blocks.append(f"{prefix} AP per class\n{_align(table, text_columns={0, 2, 4})}")
+    if others:
+        blocks.append(_align([[key, _format_value(value)] for key, value in others], text_columns={0}))
+    return "\n\n".join(blocks)
+
+
+# -------------------------------------------------------------------- helpers
+def _format_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "nan" if math.isnan(value) else f"{value:.3f}"
+
+
+def _align(table: list[list[str]], *, text_columns: Collection[int] = (0,)) -> str:
+    width = max(len(row) for row in table)
+    table = [row + [""] * (width - len(row)) for row in table]
+    widths = [max(len(row[i]) for row in table) for i in range(width)]
+    lines = [
+        "  ".join(cell.ljust(w) if i in text_columns else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in table
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _dataset_coco(dataset: Any) -> COCO:
+    missing = [name for name in ("coco", "label_to_cat_id", "classes") if not hasattr(dataset, name)]
+    if missing:
+        raise ValueError(
+            f"CocoEvaluator needs a dataset with 'coco', 'label_to_cat_id' and 'classes'; "
+            f"{type(dataset).__name__} lacks {', '.join(repr(m) for m in missing)}. Evaluate a COCO-format "
+            f"dataset (CocoDetection, Shapes) or use an evaluator that fits the dataset."
+        )
+    if not isinstance(dataset.coco, COCO):
+        raise ValueError(f"dataset.coco must be a pycocotools COCO object, got {type(dataset.coco).__name__}.")
+    return dataset.coco
+
+
+def _check_iou_types(iou_types: Sequence[str] | str, coco: COCO) -> tuple[str, ...]:
+    types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
+    unknown = [t for t in types if t not in IOU_TYPES]
+    if unknown or not types:
+        raise ValueError(f"iou_types must be a non-empty list of {list(IOU_TYPES)}, got {list(types)}.")
+    if "segm" in types and any("segmentation" not in ann for ann in coco.dataset.get("annotations", [])):
+        raise ValueError(
+            "iou_types includes 'segm' but some ground-truth annotations have no 'segmentation'; "
+            "use iou_types: ['bbox'] for a box-only dataset."
+        )
+    return tuple(dict.fromkeys(types))
+
+
+def _label_lookup(label_to_cat_id: Mapping[int, int], coco: COCO) -> np.ndarray:
+    num_classes = len(label_to_cat_id)
+    if sorted(label_to_cat_id) != list(range(1, num_classes + 1)):
+        raise ValueError(f"dataset.label_to_cat_id must map labels 1..K to category ids, got keys {sorted(label_to_cat_id)}.")
+    unknown = [c for c in label_to_cat_id.values() if c not in coco.cats]
+    if unknown:
+        raise ValueError(f"dataset.label_to_cat_id names category ids {unknown} that the ground truth does not define.")
+    lookup = np.full(num_classes + 1, -1, dtype=np.int64)
+    for label, cat_id in label_to_cat_id.items():
+        lookup[label] = cat_id
+    return lookup
+
+
+def _image_id(target: Mapping[str, Any], coco: COCO) -> int:
+    if "image_id" not in target:
+        raise ValueError("a target has no 'image_id'; COCO evaluation needs the COCO image id of every image.")
+    image_id = int(target["image_id"])
+    if image_id not in coco.imgs:
+        raise ValueError(
+            f"image_id {image_id} is not an image of the evaluator's ground truth; evaluate with the "
+            f"dataset the images came from."
+        )
+    return image_id
+
+
+def _hw(size: Any) -> tuple[int, int]:
+    values = size.tolist() if hasattr(size, "tolist") else list(size)
+    if len(values) != 2:
+        raise ValueError(f"an image size must be (height, width), got {values}.")
+    return int(values[0]), int(values[1])
+
+
+def _as_numpy(values: Any, dtype: type) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = values.to(torch.float64 if dtype is np.float64 else torch.int64).numpy()
+    return np.asarray(values, dtype=dtype)
+
+
+def _xyxy_to_xywh(boxes: np.ndarray, *, scale: tuple[float, float]) -> np.ndarray:
+    """``[N, 4]`` xyxy → xywh, scaled by ``(sy, sx)`` from the model's image to the original."""
+    boxes = boxes.copy()
+    if scale != (1.0, 1.0):
+        boxes[:, 0::2] *= scale[1]
+        boxes[:, 1::2] *= scale[0]
+    boxes[:, 2:] -= boxes[:, :2]
+    return boxes
+
+
+def _binary_masks(masks: torch.Tensor | np.ndarray, orig_hw: tuple[int, int]) -> torch.Tensor:
+    """``[N, 1, H, W]`` or ``[N, H, W]`` masks → bool ``[N, H0, W0]`` at the original size."""
+    masks = torch.as_tensor(masks).detach()
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.ndim != 3:
+        raise ValueError(f"output masks must be [N, 1, H, W] or [N, H, W], got {tuple(masks.shape)}.")
+    if tuple(masks.shape[-2:]) == orig_hw:
+        return masks >= MASK_THRESHOLD if masks.dtype != torch.bool else masks
+    chunks = [
+        F.interpolate(chunk[:, None].float(), size=orig_hw, mode="bilinear", align_corners=False)[:, 0] >= MASK_THRESHOLD
+        for chunk in masks.split(_RESIZE_CHUNK)
+    ]
+    return torch.cat(chunks) if chunks else masks.new_zeros((0, *orig_hw), dtype=torch.bool)

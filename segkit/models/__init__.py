@@ -1,0 +1,6 @@
+"""Meta-architectures that wire backbones, necks and heads together."""
+
+from segkit.models.convert import convert_torchvision_faster_rcnn
+from segkit.models.two_stage import TwoStageDetector
+
+__all__ = ["TwoStageDetector", "convert_torchvision_faster_rcnn"]

@@ -1,0 +1,267 @@
+"""Two-stage detector (Faster R-CNN family): backbone, optional neck, RPN and RoI heads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segkit.errors import ConfigError
+from segkit.registry import BACKBONES, HEADS, MODELS, NECKS, Registry, check_arguments
+
+__all__ = ["TwoStageDetector"]
+
+_CHILDREN = ("backbone", "neck", "rpn", "roi_heads")
+
+
+@MODELS.register()
+class TwoStageDetector(nn.Module):
+    """Faster R-CNN style detector over any backbone, neck and heads honouring the shape contracts.
+
+    Preprocessing happens inside: images are normalised with ``pixel_mean`` / ``pixel_std``,
+    optionally resized so the short side is ``min_size`` unless that makes the long side exceed
+    ``max_size`` (bilinear, the scale recomputed from the rounded size; target boxes scaled the
+    same way), and padded at the bottom / right into one batch whose sides are multiples of
+    ``size_divisor``. Detections are mapped back to each input image's pixel coordinates.
+
+    Args:
+        backbone: module mapping Tensor[N, 3, H, W] to named maps, with ``output_shape()``.
+        neck: optional module mapping the backbone maps to the heads' maps.
+        rpn: proposal generator, called as ``rpn(features, image_sizes, padded_size, targets)``.
+        roi_heads: box head, called as ``roi_heads(features, proposals, image_sizes, targets)``.
+        pixel_mean / pixel_std: per-channel normalisation of inputs in [0, 1].
+        min_size: target short side of the resize; ``None`` keeps the input size.
+        max_size: cap on the long side after resizing (defaults to ``min_size`` * 1333 / 800).
+        size_divisor: the padded batch's height and width are multiples of this.
+
+    Example:
+        >>> model = MODELS.build({"type": "TwoStageDetector", "backbone": {"type": "ResNet", "depth": 18},
+        ...     "neck": {"type": "FPN", "in_features": ["c2", "c3", "c4", "c5"], "out_channels": 64},
+        ...     "rpn_head": {"type": "RPN"}, "roi_head": {"type": "StandardRoIHead", "num_classes": 3}},
+        ...     path="model")
+        >>> model.eval()([torch.rand(3, 120, 160)])[0].keys()
+        dict_keys(['boxes', 'labels', 'scores'])
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        neck: nn.Module | None,
+        rpn: nn.Module,
+        roi_heads: nn.Module,
+        pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
+        pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
+        min_size: int | None = None,
+        max_size: int | None = None,
+        size_divisor: int = 32,
+    ) -> None:
+        super().__init__()
+        if len(pixel_mean) != 3 or len(pixel_std) != 3:
+            raise ValueError(f"pixel_mean and pixel_std need three values (RGB), got {pixel_mean!r} and {pixel_std!r}")
+        if size_divisor < 1:
+            raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
+        if max_size is not None and min_size is None:
+            raise ValueError("max_size only applies together with min_size; set min_size too or drop max_size")
+        self.backbone = backbone
+        self.neck = neck
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.min_size = min_size
+        self.max_size = max_size if max_size is not None or min_size is None else int(round(min_size * 1333 / 800))
+        self.size_divisor = int(size_divisor)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], *, path: str, **defaults: Any) -> TwoStageDetector:
+        """Build from ``{backbone, neck?, rpn_head, roi_head, **options}``.
+
+        The backbone comes first; the neck gets ``in_shapes=backbone.output_shape()``; both heads get
+        ``in_shapes`` of the neck (or of the backbone without a neck).
+
+        Raises:
+            ConfigError: a missing child section, or a key the detector does not know.
+        """
+        kwargs = {**defaults, **cfg}
+        for wrong, right in (("rpn", "rpn_head"), ("roi_heads", "roi_head")):
+            if wrong in kwargs:
+                raise ConfigError(f"the config key for this part is '{right}', not '{wrong}'", key=_join(path, wrong))
+        for key in ("backbone", "rpn_head", "roi_head"):
+            if kwargs.get(key) is None:
+                raise ConfigError(f"TwoStageDetector needs a '{key}' section with a 'type'", key=_join(path, key))
+        children = {k: kwargs.pop(k, None) for k in ("backbone", "neck", "rpn_head", "roi_head")}
+        check_arguments(cls, {**kwargs, **dict.fromkeys(_CHILDREN)}, path=path, type_name=cls.__name__, kind="model")
+        backbone = _build(BACKBONES, children["backbone"], _join(path, "backbone"))
+        shapes = backbone.output_shape()
+        neck = None
+        if children["neck"] is not None:
+            neck = _build(NECKS, children["neck"], _join(path, "neck"), in_shapes=shapes)
+            shapes = neck.output_shape()
+        rpn = _build(HEADS, children["rpn_head"], _join(path, "rpn_head"), in_shapes=shapes)
+        roi_heads = _build(HEADS, children["roi_head"], _join(path, "roi_head"), in_shapes=shapes)
+        try:
+            return cls(backbone=backbone, neck=neck, rpn=rpn, roi_heads=roi_heads, **kwargs)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key=path or None) from exc
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Detect objects, or compute the training losses.
+
+        Args:
+            images: float Tensor[3, H, W] per image, values in [0, 1], any sizes.
+            targets: required in training; per image ``boxes`` (float Tensor[N, 4], xyxy pixels of
+                the input image) and ``labels`` (int64 Tensor[N], 1..K). ``N`` may be 0.
+
+        Returns:
+            Training: ``{"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}`` scalars.
+            Eval: one dict per image with ``boxes`` (float32 Tensor[D, 4], xyxy input-image pixels),
+            ``labels`` (int64 Tensor[D], 1..K) and ``scores`` (float32 Tensor[D]).
+
+        Raises:
+            ValueError: malformed images or targets, or missing targets in training.
+        """
+        images = _check_images(images)
+        if self.training:
+            targets = _check_targets(targets, images)
+        else:
+            targets = None
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, image_sizes, targets = self.preprocess(images, targets)
+        features = self.extract_features(batch)
+        proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
+        detections, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return self.postprocess(detections, image_sizes, original_sizes)
+
+    def extract_features(self, batch: Tensor) -> dict[str, Tensor]:
+        """Backbone (and neck) maps of a preprocessed batch Tensor[N, 3, H, W]."""
+        features = self.backbone(batch)
+        return self.neck(features) if self.neck is not None else features
+
+    def preprocess(
+        self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
+    ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]] | None]:
+        """Normalise, resize and pad images into one batch.
+
+        Returns:
+            ``(batch, image_sizes, targets)``: batch Tensor[N, 3, H_pad, W_pad]; the ``(h, w)`` of
+            each image inside it; copies of the targets with boxes in batch pixels (or ``None``).
+        """
+        resized, sizes, new_targets = [], [], [] if targets is not None else None
+        for i, image in enumerate(images):
+            image = (image - self.pixel_mean.to(image.dtype)) / self.pixel_std.to(image.dtype)
+            if self.min_size is not None:
+                h, w = image.shape[-2:]
+                scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
+                image = F.interpolate(
+                    image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+                )[0]
+            resized.append(image)
+            sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+            if new_targets is not None:
+                target = dict(targets[i])
+                if self.min_size is not None:
+                    target["boxes"] = _scale_boxes(target["boxes"], images[i].shape[-2:], image.shape[-2:])
+                new_targets.append(target)
+        d = self.size_divisor
+        height = int(math.ceil(max(s[0] for s in sizes) / d) * d)
+        width = int(math.ceil(max(s[1] for s in sizes) / d) * d)
+        batch = resized[0].new_zeros((len(resized), 3, height, width))
+        for i, image in enumerate(resized):
+            batch[i, :, : image.shape[-2], : image.shape[-1]].copy_(image)
+        return batch, sizes, new_targets
+
+    def postprocess(
+        self,
+        detections: Sequence[dict[str, Tensor]],
+        image_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Map detection boxes from batch pixels back to each input image's pixels."""
+        results = []
+        for det, size, original in zip(detections, image_sizes, original_sizes):
+            det = dict(det)
+            if tuple(size) != tuple(original):
+                det["boxes"] = _scale_boxes(det["boxes"], size, original)
+            results.append(det)
+        return results
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _build(registry: Registry, cfg: Any, path: str, **defaults: Any) -> nn.Module:
+    """Build a child, reporting a constructor's ValueError (a bad value) at its config key."""
+    try:
+        return registry.build(cfg, path=path, **defaults)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=path) from exc
+
+
+def _scale_boxes(boxes: Tensor, old_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
+    """Scale xyxy boxes from an image of ``old_size`` (h, w) to one of ``new_size``."""
+    ratio_h = torch.tensor(float(new_size[0]), device=boxes.device) / torch.tensor(float(old_size[0]), device=boxes.device)
+    ratio_w = torch.tensor(float(new_size[1]), device=boxes.device) / torch.tensor(float(old_size[1]), device=boxes.device)
+    ratios = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h])
+    return boxes * ratios.to(boxes.dtype)
+
+
+def _check_images(images: Any) -> list[Tensor]:
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise ValueError(
+                f"images must be a list of float tensors [3, H, W] (or one [N, 3, H, W] tensor), got a tensor of shape {tuple(images.shape)}"
+            )
+        images = list(images.unbind(0))
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"images must be a non-empty list of float tensors [3, H, W], got {type(images).__name__}")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"images[{i}] must be a tensor of shape [3, H, W] (RGB, channels first), got {shape}")
+        if not image.is_floating_point():
+            raise ValueError(f"images[{i}] must be a float tensor with values in [0, 1], got dtype {image.dtype}")
+        if image.shape[-1] == 0 or image.shape[-2] == 0:
+            raise ValueError(f"images[{i}] is empty (shape {tuple(image.shape)})")
+    return list(images)
+
+
+def _check_targets(targets: Any, images: Sequence[Tensor]) -> list[Mapping[str, Tensor]]:
+    if targets is None:
+        raise ValueError(
+            "training mode needs targets: a list with one dict per image holding 'boxes' (float [N, 4], xyxy "
+            "pixels) and 'labels' (int64 [N], 1..K); call model.eval() for inference"
+        )
+    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+        count = len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__
+        raise ValueError(f"expected one target dict per image ({len(images)}), got {count}")
+    for i, target in enumerate(targets):
+        if not isinstance(target, Mapping) or "boxes" not in target or "labels" not in target:
+            raise ValueError(f"targets[{i}] must be a dict with 'boxes' and 'labels'")
+        boxes, labels = target["boxes"], target["labels"]
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
+            shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise ValueError(f"targets[{i}]['boxes'] must be a float tensor [N, 4] (xyxy pixels), got {shape}")
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
+            desc = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"targets[{i}]['labels'] must be an int64 tensor [N] matching {len(boxes)} boxes, got {desc}")
+        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if bad.any():
+            j = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive width and height; "
+                "boxes are xyxy with x2 > x1 and y2 > y1"
+            )
+    return list(targets)

@@ -1,0 +1,22 @@
+"""Building blocks for plugin authors (anchors, box coding, matching, sampling, RoI pooling, losses)."""
+
+from segkit.ops.anchors import AnchorGenerator, cell_anchors
+from segkit.ops.box_coder import BoxCoder
+from segkit.ops.losses import smooth_l1_loss
+from segkit.ops.matcher import Matcher
+from segkit.ops.poolers import MultiLevelRoIAlign, assign_boxes_to_levels, boxes_to_rois
+from segkit.ops.sampler import BalancedSampler
+from segkit.ops.shape_spec import ShapeSpec
+
+__all__ = [
+    "AnchorGenerator",
+    "BalancedSampler",
+    "BoxCoder",
+    "Matcher",
+    "MultiLevelRoIAlign",
+    "ShapeSpec",
+    "assign_boxes_to_levels",
+    "boxes_to_rois",
+    "cell_anchors",
+    "smooth_l1_loss",
+]

@@ -1,0 +1,32 @@
+"""Loss functions shared by detection heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["smooth_l1_loss"]
+
+
+def smooth_l1_loss(input: Tensor, target: Tensor, *, beta: float, reduction: str = "sum") -> Tensor:
+    """Smooth L1 (Huber-like) loss: ``0.5 * x**2 / beta`` for ``|x| < beta``, else ``|x| - 0.5 * beta``.
+
+    Args:
+        input: Tensor[...], predictions.
+        target: Tensor of the same shape.
+        beta: the transition point between the quadratic and the linear part; ``beta < 1e-5``
+            gives the plain L1 loss (avoids dividing by a vanishing beta).
+        reduction: ``"sum"``, ``"mean"`` or ``"none"``.
+
+    Returns:
+        The reduced loss (a scalar unless ``reduction="none"``), the dtype of ``input``.
+    """
+    if beta < 1e-5:
+        loss = torch.abs(input - target)
+        if reduction == "sum":
+            return loss.sum()
+        if reduction == "mean":
+            return loss.mean()
+        return loss
+    return F.smooth_l1_loss(input, target, beta=beta, reduction=reduction)

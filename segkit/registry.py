@@ -1,0 +1,426 @@
+"""Registries of named components and plugin discovery.
+
+Every buildable component (backbone, neck, head, meta-architecture, dataset, transform, evaluator)
+lives in a :class:`Registry`. Built-in plugins and third-party plugins are found the same way: the
+first lookup imports every module listed under the entry-point group ``segkit.plugins``; a config's
+``imports:`` list adds the user's own modules. Nothing else loads code.
+
+Example:
+    >>> from segkit.registry import BACKBONES
+    >>> @BACKBONES.register()
+    ... class TinyNet(torch.nn.Module):
+    ...     def __init__(self, *, width: int = 8) -> None: ...
+    >>> BACKBONES.build({"type": "TinyNet", "width": 16}, path="model.backbone")
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from segkit.errors import ConfigError, did_you_mean
+
+__all__ = [
+    "Registry",
+    "RegistryEntry",
+    "BACKBONES",
+    "NECKS",
+    "HEADS",
+    "MODELS",
+    "DATASETS",
+    "TRANSFORMS",
+    "EVALUATORS",
+    "ENTRY_POINT_GROUP",
+    "discover_plugins",
+    "plugin_errors",
+    "import_modules",
+    "all_registries",
+]
+
+ENTRY_POINT_GROUP = "segkit.plugins"
+
+# Core modules that register components of the core package itself (meta-architectures,
+# datasets, evaluators). Plugins come only through entry points and ``imports:``.
+_CORE_MODULES = (
+    "segkit.models.two_stage",
+    "segkit.data.coco",
+    "segkit.data.shapes",
+    "segkit.data.transforms",
+    "segkit.evaluation.coco",
+)
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One registered component and where it came from."""
+
+    name: str
+    obj: Any
+    module: str
+    plugin: str | None = None  # entry-point name / distribution, if loaded from one
+
+
+@dataclass
+class _PluginError:
+    source: str  # "entry point 'x' (distribution y)" or "module m"
+    module: str
+    error: str
+    traceback: str
+
+
+_discovery_lock = threading.RLock()
+_discovered = False
+_discovering = False
+_plugin_errors: list[_PluginError] = []
+_current_plugin: str | None = None
+
+
+class Registry:
+    """A mapping from names to classes or functions that build components.
+
+    Args:
+        kind: human-readable kind used in messages (``"backbone"``).
+        fallback: optional callable returning extra ``{name: obj}`` resolved lazily when a name is
+            not registered (used to expose every albumentations transform without registering each).
+    """
+
+    def __init__(self, kind: str, *, fallback: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        self.kind = kind
+        self._entries: dict[str, RegistryEntry] = {}
+        self._fallback = fallback
+        self._fallback_cache: Mapping[str, Any] | None = None
+
+    # ---------------------------------------------------------------- registration
+    def register(self, name: str | None = None, *, force: bool = False) -> Callable[[Any], Any]:
+        """Decorator registering a class or function under ``name`` (default: its ``__name__``).
+
+        Raises:
+            ValueError: if the name is taken by another object and ``force`` is false.
+        """
+
+        def decorator(obj: Any) -> Any:
+            self.add(obj, name=name, force=force)
+            return obj
+
+        return decorator
+
+    def add(self, obj: Any, *, name: str | None = None, force: bool = False) -> None:
+        """Register ``obj`` directly (the non-decorator form of :meth:`register`)."""
+        if not callable(obj):
+            raise TypeError(f"only classes and functions can be registered as a {self.kind}, got {obj!r}")
+        key = name or obj.__name__
+        module = getattr(obj, "__module__", "?")
+        existing = self._entries.get(key)
+        if existing is not None and not force:
+            if existing.obj is obj or _same_definition(existing.obj, obj):
+                return  # the same module imported twice (e.g. by path and by name)
+            raise ValueError(
+                f"{self.kind} '{key}' is already registered by module '{existing.module}'"
+                f"{_plugin_suffix(existing.plugin)}; module '{module}' tried to register it again. "
+                f"Rename one of them or pass force=True to replace it."
+            )
+        self._entries[key] = RegistryEntry(key, obj, module, _current_plugin)
+
+    # ---------------------------------------------------------------- lookup
+    def _fallback_names(self) -> Mapping[str, Any]:
+        if self._fallback is None:
+            return {}
+        if self._fallback_cache is None:
+            self._fallback_cache = dict(self._fallback())
+        return self._fallback_cache
+
+    def names(self, *, include_fallback: bool = False) -> list[str]:
+        discover_plugins()
+        names = sorted(self._entries)
+        if include_fallback:
+            names += sorted(n for n in self._fallback_names() if n not in self._entries)
+        return names
+
+    def entries(self) -> list[RegistryEntry]:
+        discover_plugins()
+        return [self._entries[n] for n in sorted(self._entries)]
+
+    def __contains__(self, name: object) -> bool:
+        discover_plugins()
+        return name in self._entries or (isinstance(name, str) and name in self._fallback_names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def get(self, name: str, *, key: str | None = None) -> Any:
+        """Return the object registered as ``name``.
+
+        Raises:
+            ConfigError: naming ``key``, the known names closest to ``name``, and any plugin that
+                failed to import (it may be the one that defines ``name``).
+        """
+        discover_plugins()
+        if name in self._entries:
+            return self._entries[name].obj
+        extra = self._fallback_names()
+        if name in extra:
+            return extra[name]
+        raise ConfigError(self._unknown_message(name), key=key)
+
+    def _unknown_message(self, name: object) -> str:
+        known = self.names()
+        msg = f"unknown {self.kind} type '{name}'."
+        hint = did_you_mean(str(name), known + list(self._fallback_names()))
+        msg += hint or (f" Registered {self.kind}s: {', '.join(known)}." if known else "")
+        broken = [e for e in _plugin_errors]
+        if broken:
+            msg += " Note: these plugins failed to import and may define it: " + "; ".join(
+                f"{e.source}: {e.error}" for e in broken
+            )
+        msg += " Run `segkit list` to see every registered component."
+        return msg
+
+    # ---------------------------------------------------------------- building
+    def build(self, cfg: Mapping[str, Any], *, path: str = "", **defaults: Any) -> Any:
+        """Build a component from ``{"type": name, **kwargs}``.
+
+        ``defaults`` are keyword arguments supplied by the caller (for example ``in_shapes`` from the
+        backbone); config values of the same name win. If the registered class defines a
+        ``from_config(cls, cfg, *, path, **defaults)`` classmethod, it is used instead of calling the
+        class directly, so meta-architectures can build their children.
+
+        Args:
+            cfg: mapping with a ``type`` key naming a registered component.
+            path: dotted config path of ``cfg`` (``"model.backbone"``), used in error messages.
+
+        Raises:
+            ConfigError: unknown type, unknown argument or missing required argument, with the
+                dotted key and a suggestion.
+        """
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(
+                f"expected a mapping with a 'type' key describing a {self.kind}, got {type(cfg).__name__} {cfg!r}",
+                key=path or None,
+            )
+        if "type" not in cfg:
+            raise ConfigError(
+                f"a {self.kind} needs a 'type' key naming a registered {self.kind} "
+                f"(one of: {', '.join(self.names()) or 'none registered'})",
+                key=path or None,
+            )
+        kwargs = dict(cfg)
+        type_name = kwargs.pop("type")
+        obj = self.get(type_name, key=_join(path, "type"))
+        from_config = getattr(obj, "from_config", None)
+        if inspect.isclass(obj) and callable(from_config):
+            return from_config(kwargs, path=path, **defaults)
+        merged = {**defaults, **kwargs}
+        check_arguments(obj, merged, path=path, type_name=str(type_name), kind=self.kind)
+        return obj(**merged)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {len(self._entries)} entries)"
+
+
+def check_arguments(obj: Any, kwargs: Mapping[str, Any], *, path: str, type_name: str, kind: str) -> None:
+    """Check ``kwargs`` against the signature of ``obj`` (a class or function).
+
+    Raises:
+        ConfigError: naming the first unknown key (with the nearest valid names) or the missing
+            required arguments.
+    """
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    params = sig.parameters
+    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [
+        n for n, p in params.items()
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if not accepts_var_kw:
+        for key in kwargs:
+            if key not in named:
+                raise ConfigError(
+                    f"{type_name} ({kind}) has no argument '{key}'."
+                    + (did_you_mean(key, named) or f" Its arguments are: {', '.join(named)}."),
+                    key=_join(path, key),
+                )
+    missing = [
+        n for n, p in params.items()
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and p.default is inspect.Parameter.empty and n not in kwargs
+    ]
+    if missing:
+        raise ConfigError(
+            f"{type_name} ({kind}) needs the argument(s) {', '.join(repr(m) for m in missing)}, which the config does not set.",
+            key=path or None,
+        )
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _plugin_suffix(plugin: str | None) -> str:
+    return f" (plugin {plugin})" if plugin else ""
+
+
+def _same_definition(a: Any, b: Any) -> bool:
+    return getattr(a, "__module__", None) == getattr(b, "__module__", None) and getattr(
+        a, "__qualname__", None
+    ) == getattr(b, "__qualname__", None)
+
+
+# -------------------------------------------------------------------- albumentations fallback
+def _albumentations_transforms() -> Mapping[str, Any]:
+    try:
+        import albumentations as A
+    except ImportError:  # pragma: no cover - albumentations is a hard dependency
+        return {}
+    names: dict[str, Any] = {}
+    for name in dir(A):
+        obj = getattr(A, name)
+        if inspect.isclass(obj) and issubclass(obj, A.BasicTransform) and not name.startswith("_"):
+            names[name] = obj
+    return names
+
+
+BACKBONES = Registry("backbone")
+NECKS = Registry("neck")
+HEADS = Registry("head")
+MODELS = Registry("model")
+DATASETS = Registry("dataset")
+TRANSFORMS = Registry("transform", fallback=_albumentations_transforms)
+EVALUATORS = Registry("evaluator")
+
+
+def all_registries() -> dict[str, Registry]:
+    """The registries by plural kind name, as ``segkit list`` shows them."""
+    return {
+        "backbones": BACKBONES,
+        "necks": NECKS,
+        "heads": HEADS,
+        "models": MODELS,
+        "datasets": DATASETS,
+        "transforms": TRANSFORMS,
+        "evaluators": EVALUATORS,
+    }
+
+
+# -------------------------------------------------------------------- discovery
+def discover_plugins(*, force: bool = False) -> None:
+    """Import the core's registering modules and every ``segkit.plugins`` entry point, once.
+
+    A plugin that fails to import is recorded (see :func:`plugin_errors`) and does not stop the
+    others; its error is shown when an unknown name is asked for and in ``segkit list``.
+    """
+    global _discovered, _discovering, _current_plugin
+    with _discovery_lock:
+        if (_discovered and not force) or _discovering:
+            return
+        _discovering = True
+        try:
+            if force:
+                _plugin_errors.clear()
+            for module in _CORE_MODULES:
+                _import_recording(module, source=f"core module '{module}'", plugin=None)
+            for ep in _entry_points():
+                dist = getattr(getattr(ep, "dist", None), "name", None)
+                label = f"{ep.name}" + (f" from {dist}" if dist else "")
+                _import_recording(ep.value.split(":")[0], source=f"plugin '{label}'", plugin=label)
+            _discovered = True
+        finally:
+            _discovering = False
+            _current_plugin = None
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for ep in eps:  # the same distribution may be visible twice on sys.path
+        if (ep.name, ep.value) not in seen:
+            seen.add((ep.name, ep.value))
+            unique.append(ep)
+    return unique
+
+
+def _import_recording(module: str, *, source: str, plugin: str | None) -> bool:
+    global _current_plugin
+    _current_plugin = plugin
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception as exc:  # noqa: BLE001 - one broken plugin must not break the others
+        _plugin_errors.append(
+            _PluginError(source, module, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        )
+        return False
+    finally:
+        _current_plugin = None
+
+
+def plugin_errors() -> list[_PluginError]:
+    """Plugins (or core modules) that failed to import during discovery."""
+    discover_plugins()
+    return list(_plugin_errors)
+
+
+def import_modules(modules: list[str] | tuple[str, ...], *, path: str = "imports", base_dir: str | None = None) -> None:
+    """Import the user's plugin modules listed under a config's ``imports:``.
+
+    Each item is a dotted module name (importable from ``sys.path``) or a path to a ``.py`` file,
+    relative to ``base_dir`` (the config's folder) when not absolute.
+
+    Raises:
+        ConfigError: naming the item that could not be imported and the reason.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    discover_plugins()
+    if isinstance(modules, str):
+        modules = [modules]
+    if not isinstance(modules, (list, tuple)):
+        raise ConfigError(f"'imports' must be a list of module names or .py paths, got {modules!r}", key=path)
+    for i, item in enumerate(modules):
+        key = f"{path}[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(f"expected a module name or a .py path, got {item!r}", key=key)
+        try:
+            if item.endswith(".py"):
+                file = item if os.path.isabs(item) or base_dir is None else os.path.join(base_dir, item)
+                if not os.path.isfile(file):
+                    raise ConfigError(f"plugin file '{file}' does not exist", key=key)
+                name = "segkit_user_" + os.path.splitext(os.path.basename(file))[0]
+                existing = sys.modules.get(name)
+                if existing is not None and os.path.abspath(getattr(existing, "__file__", "")) == os.path.abspath(file):
+                    continue
+                spec = importlib.util.spec_from_file_location(name, file)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(name, None)
+                    raise
+            else:
+                importlib.import_module(item)
+        except ConfigError:
+            raise
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                f"cannot import plugin module '{item}': {exc}. Use a dotted module name on the Python path "
+                f"or a path to a .py file relative to the config.",
+                key=key,
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - report the user's plugin error with its origin
+            raise ConfigError(f"importing plugin module '{item}' failed: {type(exc).__name__}: {exc}", key=key) from exc

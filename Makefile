@@ -1,0 +1,32 @@
+# Set-up is idempotent: `make demo` and `make test` create .venv and install segkit on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.segkit-installed
+# The torch / torchvision pair segkit is tested with; override to use another compatible pair.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-slow clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Train the quickstart detector on the generated Shapes data and print its COCO metrics.
+demo: $(STAMP)
+	$(VENV)/bin/segkit train configs/quickstart.yaml
+
+# The default test suite (slow tests excluded).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf work_dirs .pytest_cache

@@ -1,0 +1,115 @@
+"""Reading segkit checkpoints (Lightning ``.ckpt`` files and segkit-native state dicts).
+
+Checkpoints are read with ``torch.load(..., weights_only=True)``: a file that tries to run code
+while loading is refused. A segkit checkpoint carries the merged config under ``segkit_config``,
+so a model can be rebuilt from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from segkit.errors import UserError
+
+__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_checkpoint", "checkpoint_config",
+           "CONFIG_KEY"]
+
+CONFIG_KEY = "segkit_config"
+_MODEL_PREFIX = "model."
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint file on the CPU with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: the file does not exist, is truncated or corrupt, or holds objects that
+            could execute code.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file '{path}' does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure here is a bad file
+        text = str(exc).split("\n")[0]
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"checkpoint '{path}' contains Python objects that are not plain tensors or containers; "
+                f"segkit refuses to unpickle it because that could run arbitrary code ({text})."
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint '{path}': it is truncated or not a PyTorch file ({text}).") from None
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint '{path}' holds a {type(ckpt).__name__}, expected a dict of tensors.")
+    return dict(ckpt)
+
+
+def extract_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's state dict inside a checkpoint (Lightning's ``model.`` prefix removed)."""
+    state = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    if not isinstance(state, Mapping):
+        raise CheckpointError("checkpoint has no state dict of tensors.")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith(_MODEL_PREFIX) for k in state):
+        state = {k[len(_MODEL_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
+def checkpoint_config(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]:
+    """The merged config stored in a segkit checkpoint."""
+    cfg = ckpt.get(CONFIG_KEY)
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(
+            f"'{path}' does not carry a segkit config; pass the config file as well: segkit eval CONFIG {path}"
+        )
+    return dict(cfg)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> dict[str, list[str]]:
+    """Load weights from ``path`` into ``model``.
+
+    Args:
+        model: the built model.
+        path: a Lightning checkpoint written by ``segkit train`` or a segkit-native checkpoint.
+        strict: refuse missing or unexpected keys (shape mismatches are always refused).
+
+    Returns:
+        ``{"missing": [...], "unexpected": [...]}``.
+
+    Raises:
+        CheckpointError: naming the first mismatching key and both shapes, or the missing and
+            unexpected keys when ``strict``.
+    """
+    path = os.fspath(path)
+    state = extract_state_dict(read_checkpoint(path))
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise CheckpointError(
+                f"checkpoint '{path}' does not fit the model: '{key}' has shape {tuple(value.shape)} in the file "
+                f"but {tuple(own[key].shape)} in the model (another architecture or num_classes?)."
+            )
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit the model: {len(missing)} missing key(s) "
+            f"{_few(missing)} and {len(unexpected)} unexpected key(s) {_few(unexpected)}."
+        )
+    model.load_state_dict(state, strict=False)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    if not keys:
+        return "[]"
+    shown = ", ".join(keys[:n])
+    return f"[{shown}{', ...' if len(keys) > n else ''}]"

@@ -1,0 +1,191 @@
+"""The ``segkit`` command.
+
+    segkit train CONFIG [key=value ...] [--resume CKPT]
+    segkit eval CONFIG_OR_CKPT [CKPT] [key=value ...] [--split val|test] [--out FILE]
+    segkit list [KIND]
+    segkit config CONFIG [key=value ...]
+
+User errors (a bad config, a missing file, a checkpoint that does not fit) print one paragraph and
+exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from segkit.errors import ConfigError, UserError
+
+__all__ = ["main", "build_parser"]
+
+_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segkit", description="Detection and segmentation with plugins.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model from a config",
+                       description="Train the model of CONFIG; key=value pairs override config entries.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_epochs=2")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint ('auto': work_dir/checkpoints/last.ckpt)")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint",
+                       description="Evaluate a checkpoint. Either `segkit eval CKPT` (the checkpoint carries its config) "
+                                   "or `segkit eval CONFIG CKPT`.")
+    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT")
+    p.add_argument("rest", nargs="*", metavar="[CKPT] [key=value]", help="checkpoint (after a config) and overrides")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
+
+    p = sub.add_parser("list", help="list registered components",
+                       description="List every registered component, where it comes from and its signature.")
+    p.add_argument("kind", nargs="?", help="backbones, necks, heads, models, datasets, transforms or evaluators")
+    p.add_argument("--all", action="store_true", help="also list every albumentations transform")
+
+    p = sub.add_parser("config", help="print the merged config",
+                       description="Print CONFIG after _base_ merging, overrides and interpolation.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "list": _cmd_list, "config": _cmd_config}[args.command]
+    try:
+        return handler(args) or 0
+    except (UserError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        print("segkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fail(message: str) -> None:
+    text = textwrap.fill(f"segkit: error: {message}", width=100, subsequent_indent="  ",
+                         break_long_words=False, break_on_hyphens=False)
+    print(text + "\n(run with --debug to see the traceback)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise UserError(f"{what} '{path}' does not exist.")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from segkit.config import load_config
+    from segkit.engine.runner import resolve_work_dir, train
+
+    _require_file(args.config, "config file")
+    cfg = load_config(args.config, args.overrides)
+    resume = args.resume
+    if resume == "auto":
+        last = os.path.join(resolve_work_dir(cfg), "checkpoints", "last.ckpt")
+        resume = last if os.path.isfile(last) else None
+    elif resume is not None:
+        _require_file(resume, "checkpoint")
+    metrics = train(cfg, resume=resume)
+    if metrics:
+        from segkit.evaluation.coco import format_metrics_table
+
+        print(f"\nFinal metrics ({resolve_work_dir(cfg)}):\n{format_metrics_table(metrics)}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from segkit.api import config_from_checkpoint
+    from segkit.config import apply_overrides, load_config
+    from segkit.engine.runner import evaluate
+    from segkit.evaluation.coco import format_metrics_table
+    from segkit.fileio import atomic_write_json
+
+    first, rest = args.config_or_ckpt, list(args.rest)
+    if first.endswith(_CHECKPOINT_SUFFIXES):
+        ckpt, overrides = first, rest
+        _require_file(ckpt, "checkpoint")
+        cfg = config_from_checkpoint(ckpt)
+        apply_overrides(cfg, overrides)
+    else:
+        _require_file(first, "config file")
+        if not rest or "=" in rest[0]:
+            raise UserError(f"`segkit eval {first}` needs a checkpoint after the config: segkit eval CONFIG CKPT")
+        ckpt, overrides = rest[0], rest[1:]
+        _require_file(ckpt, "checkpoint")
+        cfg = load_config(first, overrides)
+    metrics = evaluate(cfg, ckpt, split=args.split)
+    print(f"\nMetrics of {ckpt} ({args.split}):\n{format_metrics_table(metrics)}")
+    if args.out:
+        atomic_write_json(args.out, metrics)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from segkit.registry import all_registries, plugin_errors
+
+    registries = all_registries()
+    kinds = list(registries)
+    if args.kind:
+        kind = args.kind if args.kind in registries else args.kind + "s"
+        if kind not in registries:
+            from segkit.errors import did_you_mean
+
+            raise ConfigError(f"unknown component kind '{args.kind}'." + (did_you_mean(args.kind, kinds)
+                                                                         or f" Kinds: {', '.join(kinds)}."))
+        kinds = [kind]
+    for kind in kinds:
+        reg = registries[kind]
+        print(f"{kind}:")
+        for entry in reg.entries():
+            source = entry.plugin and f"plugin {entry.plugin}" or entry.module
+            print(f"  {entry.name:<22} {_signature(entry.obj)}\n  {'':<22} from {source}")
+        if kind == "transforms":
+            extra = [n for n in reg.names(include_fallback=True) if n not in reg.names()]
+            if args.all:
+                for name in extra:
+                    print(f"  {name:<22} (albumentations)")
+            else:
+                print(f"  ... and {len(extra)} albumentations transforms by class name (segkit list transforms --all)")
+    errors = plugin_errors()
+    if errors:
+        print("plugins that failed to import:")
+        for err in errors:
+            print(f"  {err.source} ({err.module}): {err.error}")
+    return 0
+
+
+def _signature(obj: object) -> str:
+    try:
+        sig = inspect.signature(obj)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "(...)"
+    params = [str(p).replace(" ", "") if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+              for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    text = "(" + ", ".join(params) + ")"
+    return text if len(text) <= 160 else text[:157] + "...)"
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from segkit.config import dump_config, load_config
+
+    _require_file(args.config, "config file")
+    cfg = load_config(args.config, args.overrides, import_plugins=False)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

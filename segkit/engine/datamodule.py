@@ -1,0 +1,91 @@
+"""The LightningDataModule built from a config's ``data:`` section."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+from segkit.config import config_errors
+from segkit.errors import ConfigError
+from segkit.registry import DATASETS, check_arguments
+
+__all__ = ["SegkitDataModule", "build_datamodule"]
+
+
+class SegkitDataModule(pl.LightningDataModule):
+    """Datasets and loaders for the train / val / test splits.
+
+    Args:
+        train, val, test: dataset configs (``{type: Shapes, split: train, ...}``) or ``None``.
+        batch_size: images per process and step in training.
+        val_batch_size: images per process in evaluation (default: ``batch_size``).
+        num_workers: loader worker processes per split.
+    """
+
+    def __init__(self, *, train: Mapping[str, Any] | None = None, val: Mapping[str, Any] | None = None,
+                 test: Mapping[str, Any] | None = None, batch_size: int = 2, val_batch_size: int | None = None,
+                 num_workers: int = 0, persistent_workers: bool = False, pin_memory: bool = False,
+                 drop_last: bool = False) -> None:
+        super().__init__()
+        self.split_cfgs = {"train": train, "val": val, "test": test}
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.datasets: dict[str, Dataset] = {}
+
+    def build_dataset(self, split: str) -> Dataset:
+        cfg = self.split_cfgs.get(split)
+        if cfg is None:
+            raise ConfigError(f"the config defines no '{split}' dataset (data.{split})", key=f"data.{split}")
+        if split not in self.datasets:
+            self.datasets[split] = DATASETS.build(cfg, path=f"data.{split}")
+        return self.datasets[split]
+
+    def prepare_data(self) -> None:
+        # Runs once per node before processes split up: generates synthetic data if needed.
+        for split, cfg in self.split_cfgs.items():
+            if cfg is not None:
+                self.build_dataset(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage or "fit", ("train", "val")):
+            if self.split_cfgs.get(split) is not None:
+                self.build_dataset(split)
+
+    def _loader(self, split: str, *, train: bool) -> DataLoader:
+        from segkit.data.collate import collate
+
+        return DataLoader(
+            self.build_dataset(split),
+            batch_size=self.batch_size if train else self.val_batch_size,
+            shuffle=train,
+            drop_last=self.drop_last if train else False,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if self.split_cfgs.get("test") else "val", train=False)
+
+
+def build_datamodule(cfg: Mapping[str, Any]) -> SegkitDataModule:
+    """Build the data module from ``cfg["data"]``, naming the file and key of any mistake."""
+    data = dict(cfg.get("data") or {})
+    with config_errors(cfg):
+        check_arguments(SegkitDataModule, data, path="data", type_name="data", kind="section")
+        return SegkitDataModule(**data)

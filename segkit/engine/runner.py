@@ -86,12 +86,12 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
     callbacks = list(kwargs.pop("callbacks", None) or [])
     if kwargs.get("enable_checkpointing", True):
         ckpt_dir = os.path.join(work_dir, "checkpoints")
+        # "last" is written at the end of every epoch (after that epoch's evaluation, if any).
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None,
+                                         save_on_train_epoch_end=True, enable_version_counter=False))
         if with_validation:
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=_main_metric(cfg), mode="max",
-                                             save_top_k=1, save_last=True, auto_insert_metric_name=False,
-                                             enable_version_counter=False))
-        else:
-            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                             save_top_k=1, auto_insert_metric_name=False,
                                              enable_version_counter=False))
     if kwargs.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -150,7 +150,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         reg = registries[kind]
         print(f"{kind}:")
         for entry in reg.entries():
-            source = entry.plugin and f"plugin {entry.plugin}" or entry.module
+            source = entry.module + (f" (plugin {entry.plugin})" if entry.plugin else "")
             print(f"  {entry.name:<22} {_signature(entry.obj)}\n  {'':<22} from {source}")
         if kind == "transforms":
             extra = [n for n in reg.names(include_fallback=True) if n not in reg.names()]
@@ -172,7 +172,7 @@ def _signature(obj: object) -> str:
         sig = inspect.signature(obj)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return "(...)"
-    params = [str(p).replace(" ", "") if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+    params = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
               for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     text = "(" + ", ".join(params) + ")"
     return text if len(text) <= 160 else text[:157] + "...)"

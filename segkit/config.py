@@ -232,8 +232,12 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> None:
                 raise ConfigError(f"cannot set '{key}': '{sub}' is a {type(node[part]).__name__}, not a mapping",
                                   key=sub, file=COMMAND_LINE)
             node = node[part]
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and not value.get(DELETE_KEY):
             node[parts[-1]] = merge(node[parts[-1]], value, origins=cfg.origins, file=COMMAND_LINE, prefix=key + ".")
+        elif isinstance(value, dict):
+            value.pop(DELETE_KEY, None)
+            _forget(cfg.origins, key)
+            node[parts[-1]] = merge({}, value, origins=cfg.origins, file=COMMAND_LINE, prefix=key + ".")
         else:
             node[parts[-1]] = value
             _forget(cfg.origins, key)

@@ -24,6 +24,8 @@ def base_tree(tmp_path: Path) -> Path:
           type: TwoStageDetector
           backbone: {type: ResNet, depth: 50, frozen_stages: 1}
           neck: {type: FPN, out_channels: 256}
+          rpn_head: {type: RPN}
+          roi_head: {type: StandardRoIHead, num_classes: 3}
         """)
     write(tmp_path / "_base_" / "data.yaml", """
         data:
@@ -146,3 +148,13 @@ def test_typo_in_component_name_names_the_file(tmp_path: Path, base_tree: Path):
         segkit.build_model(load_config(child))
     msg = str(info.value)
     assert "typo_type.yaml" in msg and "model.backbone.type" in msg and "Did you mean 'ResNet'" in msg
+
+
+def test_override_with_delete_replaces_a_whole_section(base_tree: Path):
+    cfg = load_config(base_tree, ["model.backbone={_delete_: true, type: ResNet, depth: 34}"])
+    assert cfg["model"]["backbone"] == {"type": "ResNet", "depth": 34}
+
+
+def test_override_of_a_mapping_merges_into_it(base_tree: Path):
+    cfg = load_config(base_tree, ["model.backbone={depth: 34}"])
+    assert cfg["model"]["backbone"] == {"type": "ResNet", "depth": 34, "frozen_stages": 1}

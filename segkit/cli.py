@@ -98,7 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif resume is not None:
         _require_file(resume, "checkpoint")
     metrics = train(cfg, resume=resume)
-    if metrics:
+    if metrics and _is_rank_zero():
         from segkit.evaluation.coco import format_metrics_table
 
         print(f"\nFinal metrics ({resolve_work_dir(cfg)}):\n{format_metrics_table(metrics)}")
@@ -126,11 +126,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _require_file(ckpt, "checkpoint")
         cfg = load_config(first, overrides)
     metrics = evaluate(cfg, ckpt, split=args.split)
+    if not _is_rank_zero():
+        return 0
     print(f"\nMetrics of {ckpt} ({args.split}):\n{format_metrics_table(metrics)}")
     if args.out:
         atomic_write_json(args.out, metrics)
         print(f"metrics written to {args.out}")
     return 0
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process reports results (the first of a distributed run, or the only one)."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -16,14 +16,14 @@ from torch import nn
 
 from segkit.errors import UserError
 
-__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_checkpoint", "checkpoint_config",
-           "CONFIG_KEY"]
+__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_state_dict_checked", "load_checkpoint",
+           "checkpoint_config", "CONFIG_KEY"]
 
 CONFIG_KEY = "segkit_config"
 _MODEL_PREFIX = "model."
 
 
-class CheckpointError(UserError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
 
 
@@ -58,6 +58,9 @@ def extract_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         raise CheckpointError("checkpoint has no state dict of tensors.")
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError("the file holds no tensors: expected a state dict (names to tensors), possibly under "
+                              "'state_dict' or 'model'.")
     if state and all(k.startswith(_MODEL_PREFIX) for k in state):
         state = {k[len(_MODEL_PREFIX):]: v for k, v in state.items()}
     return state
@@ -89,19 +92,38 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: b
             unexpected keys when ``strict``.
     """
     path = os.fspath(path)
-    state = extract_state_dict(read_checkpoint(path))
+    return load_state_dict_checked(model, extract_state_dict(read_checkpoint(path)), source=f"checkpoint '{path}'",
+                                   strict=strict)
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, strict: bool,
+                            hint: str = "another architecture or num_classes?") -> dict[str, list[str]]:
+    """Load ``state`` into ``model`` after checking every shape.
+
+    Args:
+        source: how messages name where ``state`` came from (``"checkpoint 'x.ckpt'"``).
+        strict: refuse missing or unexpected keys.
+        hint: the likely cause of a shape mismatch, appended to the message.
+
+    Returns:
+        ``{"missing": [...], "unexpected": [...]}``.
+
+    Raises:
+        CheckpointError: naming the first mismatching key and both shapes, or (``strict``) the
+            missing and unexpected keys.
+    """
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise CheckpointError(
-                f"checkpoint '{path}' does not fit the model: '{key}' has shape {tuple(value.shape)} in the file "
-                f"but {tuple(own[key].shape)} in the model (another architecture or num_classes?)."
+                f"{source} does not fit the model: '{key}' has shape {tuple(value.shape)} in the file "
+                f"but {tuple(own[key].shape)} in the model ({hint})."
             )
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"checkpoint '{path}' does not fit the model: {len(missing)} missing key(s) "
+            f"{source} does not fit the model: {len(missing)} missing key(s) "
             f"{_few(missing)} and {len(unexpected)} unexpected key(s) {_few(unexpected)}."
         )
     model.load_state_dict(state, strict=False)

@@ -99,7 +99,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _require_file(resume, "checkpoint")
     metrics = train(cfg, resume=resume)
     if metrics and _is_rank_zero():
-        from segkit.evaluation.coco import format_metrics_table
+        from segkit.evaluation.table import format_metrics_table
 
         print(f"\nFinal metrics ({resolve_work_dir(cfg)}):\n{format_metrics_table(metrics)}")
     return 0
@@ -109,7 +109,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from segkit.api import config_from_checkpoint
     from segkit.config import apply_overrides, load_config
     from segkit.engine.runner import evaluate
-    from segkit.evaluation.coco import format_metrics_table
+    from segkit.evaluation.table import format_metrics_table
     from segkit.fileio import atomic_write_json
 
     first, rest = args.config_or_ckpt, list(args.rest)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from segkit.checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint
 from segkit.ops import ShapeSpec
 from segkit.registry import BACKBONES
 
@@ -237,47 +237,20 @@ class ResNet(nn.Module):
         return outputs
 
 
-def _unwrap_state_dict(obj: object, path: str) -> Mapping[str, Tensor]:
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(
-            f"'{path}' does not hold a state dict (a mapping of names to tensors, possibly under "
-            "'state_dict' or 'model')"
-        )
-    return obj  # type: ignore[return-value]
-
-
 def load_pretrained(model: nn.Module, path: str) -> None:
     """Load a local torchvision-style state dict into ``model``, ignoring ``fc.*``.
 
-    Missing and unexpected keys are reported with a warning.
+    The file is read with ``weights_only=True``; a raw state dict or one under ``state_dict`` or
+    ``model`` is accepted. Missing and unexpected keys are reported with a warning.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file holds no state dict, or a tensor's shape differs from the model's
-            (the message names the key, both shapes and the file).
+        CheckpointError: the file does not exist or holds no state dict, or a tensor's shape
+            differs from the model's (the message names the key, both shapes and the file).
     """
-    import os
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights file '{path}' does not exist (pretrained: takes a local path)")
-    state = dict(_unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path))
+    state = extract_state_dict(read_checkpoint(path))
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = model.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise ValueError(
-                f"pretrained weights '{path}': key '{key}' has shape {tuple(value.shape)} in the file but "
-                f"{tuple(own[key].shape)} in the model (check depth and base_channels)"
-            )
-    result = model.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing keys {result.missing_keys}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys {result.unexpected_keys}")
+    report = load_state_dict_checked(model, state, source=f"pretrained weights '{path}'", strict=False,
+                                     hint="check depth and base_channels")
+    problems = [f"{kind} keys {report[kind]}" for kind in ("missing", "unexpected") if report[kind]]
     if problems:
         warnings.warn(f"loading '{path}' into {type(model).__name__}: " + "; ".join(problems), stacklevel=3)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from segkit.errors import ConfigError
-from segkit.ops import BalancedSampler, BoxCoder, Matcher, MultiLevelRoIAlign, ShapeSpec, smooth_l1_loss
+from segkit.ops import BalancedSampler, BoxCoder, Matcher, MultiLevelRoIAlign, ShapeSpec, shared_channels, smooth_l1_loss
 from segkit.registry import HEADS, check_arguments
 
 __all__ = ["StandardRoIHead"]
@@ -83,7 +83,7 @@ class StandardRoIHead(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes is the number of foreground classes and must be >= 1, got {num_classes}")
-        _pooled_channels(in_shapes, in_features)
+        shared_channels(in_shapes, in_features, owner="the RoI pooler")
         feature_dim = getattr(box_head, "out_channels", None)
         if not isinstance(feature_dim, int):
             raise ValueError(f"the box head {type(box_head).__name__} must expose its output size as `out_channels`")
@@ -123,7 +123,7 @@ class StandardRoIHead(nn.Module):
         check_arguments(cls, {**kwargs, "box_head": None}, path=path, type_name=cls.__name__, kind="head")
         in_shapes = kwargs["in_shapes"]
         try:
-            channels = _pooled_channels(in_shapes, kwargs.get("in_features", _DEFAULT_FEATURES))
+            channels = shared_channels(in_shapes, kwargs.get("in_features", _DEFAULT_FEATURES), owner="the RoI pooler")
         except ValueError as exc:
             raise ConfigError(str(exc), key=f"{path}.in_features" if path else "in_features") from exc
         if isinstance(box_cfg, nn.Module):
@@ -257,13 +257,3 @@ class StandardRoIHead(nn.Module):
             keep = batched_nms(boxes_i, scores_i, labels_i, self.nms_threshold)[: self.detections_per_image]
             results.append({"boxes": boxes_i[keep], "labels": labels_i[keep], "scores": scores_i[keep]})
         return results
-
-
-def _pooled_channels(in_shapes: Mapping[str, ShapeSpec], in_features: Sequence[str]) -> int:
-    missing = [f for f in in_features if f not in in_shapes]
-    if missing:
-        raise ValueError(f"RoI head in_features {missing} are not among the input maps {list(in_shapes)}")
-    channels = {in_shapes[f].channels for f in in_features}
-    if len(channels) != 1:
-        raise ValueError(f"the RoI pooler needs maps with one channel count, got {channels}")
-    return channels.pop()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
-from segkit.ops import AnchorGenerator, BalancedSampler, BoxCoder, Matcher, ShapeSpec, smooth_l1_loss
+from segkit.ops import AnchorGenerator, BalancedSampler, BoxCoder, Matcher, ShapeSpec, shared_channels, smooth_l1_loss
 from segkit.registry import HEADS
 
 __all__ = ["RPN"]
@@ -76,12 +76,7 @@ class RPN(nn.Module):
         smooth_l1_beta: float = 1.0 / 9,
     ) -> None:
         super().__init__()
-        missing = [f for f in in_features if f not in in_shapes]
-        if missing:
-            raise ValueError(f"RPN in_features {missing} are not among the input maps {list(in_shapes)}")
-        channels = {in_shapes[f].channels for f in in_features}
-        if len(channels) != 1:
-            raise ValueError(f"the RPN head is shared across levels, so its inputs need one channel count; got {channels}")
+        in_channels = shared_channels(in_shapes, in_features, owner="the RPN head")
         if len(anchor_sizes) != len(in_features):
             raise ValueError(
                 f"RPN has {len(in_features)} in_features but anchor sizes for {len(anchor_sizes)} levels; "
@@ -92,7 +87,6 @@ class RPN(nn.Module):
         self.in_features = tuple(in_features)
         self.anchor_generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=aspect_ratios)
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
-        in_channels = channels.pop()
         self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * 4, 1)

@@ -113,7 +113,7 @@ class SegkitModule(pl.LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     def _report(self, metrics: dict[str, float]) -> None:
-        from segkit.evaluation.coco import format_metrics_table
+        from segkit.evaluation.table import format_metrics_table
 
         stage = "test" if self.trainer.state.stage == "test" else "val"
         header = f"Evaluation ({stage}) after epoch {self.current_epoch}, step {self.global_step}"

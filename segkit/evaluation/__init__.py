@@ -25,10 +25,10 @@ __all__ = [
 
 _LOCATIONS = {
     "CocoEvaluator": "segkit.evaluation.coco",
-    "COCO_METRIC_NAMES": "segkit.evaluation.coco",
+    "COCO_METRIC_NAMES": "segkit.evaluation.table",
     "encode_masks": "segkit.evaluation.coco",
     "evaluate_coco_results": "segkit.evaluation.coco",
-    "format_metrics_table": "segkit.evaluation.coco",
+    "format_metrics_table": "segkit.evaluation.table",
     "all_gather_objects": "segkit.evaluation.distributed",
     "broadcast_object": "segkit.evaluation.distributed",
     "evaluate_distributed": "segkit.evaluation.distributed",

@@ -6,7 +6,7 @@ from segkit.ops.losses import smooth_l1_loss
 from segkit.ops.matcher import Matcher
 from segkit.ops.poolers import MultiLevelRoIAlign, assign_boxes_to_levels, boxes_to_rois
 from segkit.ops.sampler import BalancedSampler
-from segkit.ops.shape_spec import ShapeSpec
+from segkit.ops.shape_spec import ShapeSpec, shared_channels
 
 __all__ = [
     "AnchorGenerator",
@@ -15,6 +15,7 @@ __all__ = [
     "Matcher",
     "MultiLevelRoIAlign",
     "ShapeSpec",
+    "shared_channels",
     "assign_boxes_to_levels",
     "boxes_to_rois",
     "cell_anchors",

@@ -11,6 +11,7 @@ A run writes to ``work_dir``::
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -102,7 +103,15 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
     return pl.Trainer(**kwargs)
 
 
+class _DropAdvertisements(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def _quiet_lightning() -> None:
+    rank_zero_logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvertisements) for f in rank_zero_logger.filters):
+        rank_zero_logger.addFilter(_DropAdvertisements())
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=r".*predefined `Trainer` argument.*")

@@ -71,3 +71,13 @@ def test_eval_with_config_and_checkpoint(trained_run: Path):
     assert main(["eval", str(trained_run / "tiny.yaml"), str(work / "checkpoints" / "last.ckpt"), "--out",
                  str(out_file)]) == 0
     assert json.loads(out_file.read_text())["bbox/AP"] == json.loads((work / "metrics.json").read_text())["bbox/AP"]
+
+
+def test_resume_auto_continues_from_last_checkpoint(tiny_config: Path):
+    common = ["trainer.check_val_every_n_epoch=1"]
+    assert main(["train", str(tiny_config), "trainer.max_epochs=1", *common]) == 0
+    assert main(["train", str(tiny_config), "trainer.max_epochs=2", *common, "--resume", "auto"]) == 0
+    history = json.loads((tiny_config.parent / "work" / "metrics.json").read_text())["history"]
+    assert [(h["epoch"], h["step"]) for h in history] == [(0, 4), (1, 8)]
+    ckpt = torch.load(tiny_config.parent / "work" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 8

@@ -104,3 +104,11 @@ def test_real_process_exits_2_without_traceback_and_debug_shows_it(tmp_path: Pat
     result = subprocess.run([*cmd, "--debug", "config", str(tmp_path / "absent.yaml")], capture_output=True, text=True,
                             env=env, timeout=120)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_num_classes_disagreeing_with_the_dataset_is_named(capsys: pytest.CaptureFixture[str], tiny_config: Path):
+    code, err = run_cli(["train", str(tiny_config), "model.roi_head.num_classes=80"], capsys)
+    flat = " ".join(err.split())
+    assert code == 2
+    assert "model.roi_head.num_classes=80 but data.train has 3 categories (circle, square, triangle)" in flat
+    assert "command line" in flat

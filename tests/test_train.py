@@ -28,14 +28,14 @@ def test_training_writes_config_checkpoints_logs_and_metrics(trained_run: Path):
     work = trained_run / "work"
     assert (work / "config.yaml").is_file()
     assert (work / "checkpoints" / "last.ckpt").is_file() and (work / "checkpoints" / "best.ckpt").is_file()
-    assert (work / "logs" / "metrics.csv").is_file()
+    assert (work / "logs" / "version_0" / "metrics.csv").is_file()
     metrics = json.loads((work / "metrics.json").read_text())
     assert set(f"bbox/{name}" for name in COCO_METRIC_NAMES) <= set(metrics)
     assert [entry["epoch"] for entry in metrics["history"]] == [3, 7]
 
 
 def test_training_loss_falls(trained_run: Path):
-    with open(trained_run / "work" / "logs" / "metrics.csv") as f:
+    with open(trained_run / "work" / "logs" / "version_0" / "metrics.csv") as f:
         losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert len(losses) >= 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -81,3 +81,5 @@ def test_resume_auto_continues_from_last_checkpoint(tiny_config: Path):
     assert [(h["epoch"], h["step"]) for h in history] == [(0, 4), (1, 8)]
     ckpt = torch.load(tiny_config.parent / "work" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 8
+    logs = tiny_config.parent / "work" / "logs"
+    assert (logs / "version_0" / "metrics.csv").is_file() and (logs / "version_1" / "metrics.csv").is_file()

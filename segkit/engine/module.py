@@ -17,9 +17,10 @@ from torch import nn
 
 from segkit.checkpoint import CONFIG_KEY
 from segkit.engine.optim import build_optimizer, build_scheduler
+from segkit.errors import ConfigError
 from segkit.fileio import atomic_write_json
 
-__all__ = ["SegkitModule", "EVALUATION_RESERVED_KEYS"]
+__all__ = ["SegkitModule", "EVALUATION_RESERVED_KEYS", "check_num_classes"]
 
 # Keys of the ``evaluation:`` section read by the engine; the rest configure the evaluator.
 EVALUATION_RESERVED_KEYS = ("main_metric", "interval")
@@ -70,6 +71,12 @@ class SegkitModule(pl.LightningModule):
         scheduler = build_scheduler(optimizer, self.config.get("scheduler"), total_iters=total,
                                     iters_per_epoch=iters_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        split = "train" if stage == "fit" else ("test" if stage == "test" else "val")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and datamodule.split_cfgs.get(split) is not None:
+            check_num_classes(self.config.get("model") or {}, datamodule.build_dataset(split), split=split)
 
     # ------------------------------------------------------------------ evaluation
     def _build_evaluator(self) -> Any:
@@ -132,3 +139,33 @@ class SegkitModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.metrics_history = list(checkpoint.get("segkit_metrics_history", []))
+
+
+def check_num_classes(model_cfg: Mapping[str, Any], dataset: Any, *, split: str) -> None:
+    """Refuse a model whose ``num_classes`` differs from the dataset's number of categories.
+
+    Raises:
+        ConfigError: naming the ``num_classes`` key, both numbers and the dataset's classes.
+    """
+    expected = getattr(dataset, "num_classes", None)
+    if expected is None:
+        return
+    for key, value in _find_keys(model_cfg, "num_classes", "model"):
+        if value != expected:
+            names = ", ".join(getattr(dataset, "classes", [])[:10])
+            raise ConfigError(
+                f"{key}={value} but data.{split} has {expected} categories ({names}); set {key}: {expected}",
+                key=key,
+            )
+
+
+def _find_keys(node: Any, name: str, path: str) -> list[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = []
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            sub = f"{path}.{key}"
+            if key == name and isinstance(value, int):
+                found.append((sub, value))
+            else:
+                found += _find_keys(value, name, sub)
+    return found

@@ -5,7 +5,7 @@ A run writes to ``work_dir``::
     config.yaml              the merged config
     checkpoints/last.ckpt    the latest state (written atomically)
     checkpoints/best.ckpt    the best state by ``evaluation.main_metric`` (default bbox/AP)
-    logs/metrics.csv         losses, learning rate and metrics (CSV logger)
+    logs/version_N/metrics.csv   losses, learning rate and metrics (CSV logger, one folder per run)
     metrics.json             the latest evaluation under stable names, and every evaluation in "history"
 """
 
@@ -83,7 +83,8 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
         kwargs["enable_checkpointing"] = False
         return pl.Trainer(**kwargs)
     if kwargs.get("logger", True) is True:
-        kwargs["logger"] = CSVLogger(save_dir=work_dir, name="", version="logs")
+        # logs/version_N per run, so a resumed or repeated run never deletes earlier logs.
+        kwargs["logger"] = CSVLogger(save_dir=work_dir, name="logs")
     callbacks = list(kwargs.pop("callbacks", None) or [])
     if kwargs.get("enable_checkpointing", True):
         ckpt_dir = os.path.join(work_dir, "checkpoints")
@@ -134,7 +135,8 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
                           work_dir=work_dir)
     with_val = (cfg.get("data") or {}).get("val") is not None
     trainer = build_trainer(cfg, work_dir=work_dir, with_validation=with_val)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    with config_errors(cfg):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return dict(module.last_metrics)
 
 
@@ -153,8 +155,9 @@ def evaluate(cfg: Mapping[str, Any], checkpoint: str | None, *, split: str = "va
                               if k in ("accelerator", "devices", "num_nodes", "strategy", "precision",
                                        "enable_progress_bar", "limit_val_batches", "limit_test_batches")}
     trainer = build_trainer(trainer_cfg, work_dir=work_dir, evaluate_only=True)
-    if split == "test":
-        trainer.test(module, datamodule=datamodule, verbose=False)
-    else:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    with config_errors(cfg):
+        if split == "test":
+            trainer.test(module, datamodule=datamodule, verbose=False)
+        else:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
     return dict(module.last_metrics)

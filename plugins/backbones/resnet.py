@@ -1,189 +1,174 @@
-"""ResNet backbones (depth 18, 34, 50, 101, 152) returning the stage outputs ``c2``..``c5``.
+"""The ResNet family (ResNet, ResNeXt, SE-ResNet, SE-ResNeXt, SENet-154) returning stage outputs ``c2``..``c5``.
 
-Parameter names equal torchvision's ``resnetXX`` (``conv1``, ``bn1``, ``layer1.0.conv1``,
-``layer1.0.downsample.0``, ...), without the classifier, so a torchvision ImageNet state dict loads
-without any key mapping.
+Parameter names equal torchvision's ``resnetXX`` / ``resnextXX`` (``conv1``, ``bn1``,
+``layer1.0.conv1``, ``layer1.0.downsample.0``, ...) and timm's ``seresnet*`` / ``seresnext*``
+(``layer1.0.se.fc1``), without the classifier, so those state dicts load without a key map; timm's
+``legacy_senet154`` and deep-stem layouts load through :func:`segkit.models.convert.convert_timm_resnet`.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from segkit.checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint
 from segkit.ops import ShapeSpec
 from segkit.registry import BACKBONES
+from segkit_plugins.backbones.resnet_blocks import NORMS, BasicBlock, Bottleneck, make_norm
+from segkit_plugins.backbones.resnet_loading import load_pretrained
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "make_norm", "load_pretrained"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "make_norm", "load_pretrained", "STAGE_BLOCKS"]
 
-_NORMS = ("BN", "FrozenBN", "GN")
-
-
-def make_norm(norm: str, channels: int) -> nn.Module:
-    """A normalisation layer by name: ``"BN"``, ``"FrozenBN"`` or ``"GN"`` (32 groups, fewer if needed)."""
-    if norm == "BN":
-        return nn.BatchNorm2d(channels)
-    if norm == "FrozenBN":
-        return FrozenBatchNorm2d(channels)
-    if norm == "GN":
-        groups = math.gcd(32, channels)
-        return nn.GroupNorm(groups, channels)
-    raise ValueError(f"unknown norm '{norm}'; choose one of {', '.join(_NORMS)}")
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut; expansion 1."""
-
-    expansion = 1
-
-    def __init__(self, *, in_channels: int, width: int, stride: int, norm: Callable[[int], nn.Module]) -> None:
-        super().__init__()
-        out_channels = width * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = norm(width)
-        self.conv2 = nn.Conv2d(width, out_channels, 3, padding=1, bias=False)
-        self.bn2 = norm(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(in_channels, out_channels, stride, norm)
-
-    def last_norm(self) -> nn.Module:
-        return self.bn2
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (strided), 1x1 expand, with a shortcut; expansion 4 (the stride sits on the 3x3)."""
-
-    expansion = 4
-
-    def __init__(self, *, in_channels: int, width: int, stride: int, norm: Callable[[int], nn.Module]) -> None:
-        super().__init__()
-        out_channels = width * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = norm(width)
-        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn3 = norm(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(in_channels, out_channels, stride, norm)
-
-    def last_norm(self) -> nn.Module:
-        return self.bn3
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-def _shortcut(in_channels: int, out_channels: int, stride: int, norm: Callable[[int], nn.Module]) -> nn.Module | None:
-    if stride == 1 and in_channels == out_channels:
-        return None
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), norm(out_channels))
-
-
-_ARCH: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+STAGE_BLOCKS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
+_STEMS = ("default", "deep")
+_VARIANTS = ("resnet", "senet")
 
 
 @BACKBONES.register()
 class ResNet(nn.Module):
-    """ResNet feature extractor returning the outputs of stages 1..4 as ``c2``..``c5`` (strides 4..32).
+    """ResNet-family feature extractor returning the outputs of stages 1..4 as ``c2``..``c5``.
 
     Args:
         depth: 18, 34 (basic blocks) or 50, 101, 152 (bottlenecks).
+        groups: groups of each bottleneck's 3x3 convolution (ResNeXt cardinality, e.g. 32).
+        width_per_group: channels per group in the first stage (64 = ResNet, 4 in "32x4d").
+        se_reduction: squeeze-and-excitation after each residual branch with this reduction
+            (16 in SE-ResNet / SENet); ``None`` for none.
+        variant: ``"resnet"`` (torchvision / timm layout) or ``"senet"`` (SENet-154 as published:
+            a first 1x1 convolution of half width, 3x3 projection shortcuts in stages 2..4 and a
+            stem max-pool without padding that rounds up).
+        stem: ``"default"`` (one 7x7 convolution) or ``"deep"`` (three 3x3 convolutions of widths
+            ``stem_channels / 2``, ``stem_channels / 2``, ``stem_channels``).
+        stem_channels: output width of the stem; ``None`` means ``base_channels``.
+        strides: stride of each stage (stage 1 usually 1). Stride 1 in a later stage keeps the
+            resolution, as in dilated ResNet: output stride 16 = ``(1, 2, 2, 1)``, 8 = ``(1, 2, 1, 1)``.
+        dilations: dilation of each stage's 3x3 convolutions, e.g. ``(1, 1, 2, 4)`` for output stride 8.
+        multi_grid: unit rates of the last stage, multiplied by its dilation (e.g. ``(1, 2, 4)``);
+            repeated if the stage has more blocks.
         out_indices: stages to return, 0..3, named ``c2``..``c5``.
         frozen_stages: ``-1`` trains everything; ``0`` freezes the stem; ``i`` freezes the stem and
             stages 1..i (no gradients, normalisation layers kept in eval mode).
-        norm: ``"BN"``, ``"FrozenBN"`` (fixed affine and statistics) or ``"GN"``.
+        norm: ``"BN"``, ``"SyncBN"``, ``"GN"`` or ``"FrozenBN"`` (fixed affine and statistics).
         norm_eval: keep every BatchNorm in eval mode (running statistics fixed) during training.
-        base_channels: stem width; stage ``i`` has width ``base_channels * 2**i`` (64 = torchvision).
+        base_channels: stage ``i`` has base width ``base_channels * 2**i`` (64 = torchvision).
         zero_init_residual: start each residual branch's last norm at zero scale.
-        pretrained: path of a local state dict (torchvision key names; raw or under ``state_dict`` /
-            ``model``), loaded after initialisation; ``fc.*`` keys are ignored.
+        drop_path_rate: stochastic depth; the drop probability grows linearly over the blocks from 0
+            to this value (0 = off).
+        pretrained: path of a local state dict (torchvision or timm key names, or a file written by
+            ``segkit convert``), loaded after initialisation; classifier keys are ignored.
+        pretrained_format: ``"auto"`` (recognised from the keys), ``"torchvision"``, ``"timm"`` or ``"segkit"``.
 
     Example:
         >>> net = ResNet(depth=18, base_channels=16)
         >>> {k: tuple(v.shape) for k, v in net(torch.rand(1, 3, 64, 64)).items()}["c5"]
         (1, 128, 2, 2)
+        >>> ResNet(depth=50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)).output_shape()["c5"].stride
+        8
     """
 
     def __init__(
         self,
         *,
         depth: int = 50,
+        groups: int = 1,
+        width_per_group: int = 64,
+        se_reduction: int | None = None,
+        variant: str = "resnet",
+        stem: str = "default",
+        stem_channels: int | None = None,
+        strides: Sequence[int] = (1, 2, 2, 2),
+        dilations: Sequence[int] = (1, 1, 1, 1),
+        multi_grid: Sequence[int] | None = None,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = -1,
         norm: str = "BN",
         norm_eval: bool = False,
         base_channels: int = 64,
         zero_init_residual: bool = False,
+        drop_path_rate: float = 0.0,
         pretrained: str | None = None,
+        pretrained_format: str = "auto",
     ) -> None:
         super().__init__()
-        if depth not in _ARCH:
-            raise ValueError(f"ResNet depth must be one of {sorted(_ARCH)}, got {depth}")
+        strides, dilations = _four("strides", strides), _four("dilations", dilations)
         out_indices = tuple(int(i) for i in out_indices)
-        if not out_indices or any(i not in range(4) for i in out_indices) or len(set(out_indices)) != len(out_indices):
-            raise ValueError(f"out_indices must be distinct stage indices in 0..3 (c2..c5), got {out_indices}")
-        if not -1 <= frozen_stages <= 4:
-            raise ValueError(f"frozen_stages must be in -1..4, got {frozen_stages}")
-        if norm not in _NORMS:
-            raise ValueError(f"unknown norm '{norm}'; choose one of {', '.join(_NORMS)}")
-        if base_channels <= 0:
-            raise ValueError(f"base_channels must be positive, got {base_channels}")
-        block, layers = _ARCH[depth]
-        norm_layer = lambda c: make_norm(norm, c)  # noqa: E731
-        self.depth = depth
+        _check(depth=depth, groups=groups, width_per_group=width_per_group, se_reduction=se_reduction,
+               variant=variant, stem=stem, strides=strides, multi_grid=multi_grid, out_indices=out_indices,
+               frozen_stages=frozen_stages, norm=norm, base_channels=base_channels, drop_path_rate=drop_path_rate)
+        block, layers = STAGE_BLOCKS[depth]
+        stem_channels = base_channels if stem_channels is None else int(stem_channels)
+        self.arch: dict[str, Any] = {
+            "depth": depth, "groups": groups, "width_per_group": width_per_group, "se_reduction": se_reduction,
+            "variant": variant, "stem": stem, "stem_channels": stem_channels, "base_channels": base_channels,
+        }
         self.out_indices = tuple(sorted(out_indices))
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self._build_stem(stem, stem_channels, variant, lambda c: make_norm(norm, c))
 
-        self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(base_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        in_channels = base_channels
-        self._shapes: dict[str, ShapeSpec] = {}
         num_stages = max(self.out_indices) + 1
+        rates = [drop_path_rate * k / max(sum(layers) - 1, 1) for k in range(sum(layers))]
+        in_channels, stride_so_far, k = stem_channels, 4, 0
+        self._shapes: dict[str, ShapeSpec] = {}
         for i in range(num_stages):
-            width = base_channels * 2**i
             blocks = []
             for b in range(layers[i]):
-                stride = 2 if (b == 0 and i > 0) else 1
-                blocks.append(block(in_channels=in_channels, width=width, stride=stride, norm=norm_layer))
-                in_channels = width * block.expansion
+                options: dict[str, Any] = {"se_reduction": se_reduction, "drop_path": rates[k]}
+                if block is Bottleneck:
+                    options.update(groups=groups, width_per_group=width_per_group, half_first=variant == "senet",
+                                   shortcut_kernel=3 if variant == "senet" and i > 0 else 1)
+                dilation = dilations[i] * (multi_grid[b % len(multi_grid)] if multi_grid and i == 3 else 1)
+                blk = block(in_channels=in_channels, width=base_channels * 2**i, stride=strides[i] if b == 0 else 1,
+                            norm=lambda c: make_norm(norm, c), dilation=dilation, **options)
+                blocks.append(blk)
+                in_channels, k = base_channels * 2**i * block.expansion, k + 1
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            stride_so_far *= strides[i]
             if i in self.out_indices:
-                self._shapes[f"c{i + 2}"] = ShapeSpec(in_channels, 2 ** (i + 2))
+                self._shapes[f"c{i + 2}"] = ShapeSpec(in_channels, stride_so_far)
         self._init_weights(zero_init_residual)
         if pretrained is not None:
-            load_pretrained(self, pretrained)
+            load_pretrained(self, pretrained, format=pretrained_format)
         self._freeze()
+
+    def _build_stem(self, stem: str, channels: int, variant: str, norm: Any) -> None:
+        if stem == "default":
+            self.conv1 = nn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False)
+            self.bn1 = norm(channels)
+        else:
+            half = channels // 2
+            self.conv1 = nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False)
+            self.bn1 = norm(half)
+            self.conv2 = nn.Conv2d(half, half, 3, padding=1, bias=False)
+            self.bn2 = norm(half)
+            self.conv3 = nn.Conv2d(half, channels, 3, padding=1, bias=False)
+            self.bn3 = norm(channels)
+        self.relu = nn.ReLU(inplace=True)
+        # SENet-154's published weights were trained with an unpadded max-pool that rounds up.
+        if variant == "senet":
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+        else:
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def _stem_modules(self) -> list[nn.Module]:
+        names = ("conv1", "bn1") if self.arch["stem"] == "default" else ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+        return [getattr(self, n) for n in names]
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
@@ -195,7 +180,7 @@ class ResNet(nn.Module):
         if self.frozen_stages < 0:
             return []
         stages = [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1) if hasattr(self, f"layer{i}")]
-        return [self.conv1, self.bn1, *stages]
+        return [*self._stem_modules(), *stages]
 
     def _freeze(self) -> None:
         for module in self._frozen_modules():
@@ -226,9 +211,14 @@ class ResNet(nn.Module):
             x: Tensor[N, 3, H, W], float, normalised images.
 
         Returns:
-            Ordered ``{"c2": Tensor[N, C2, H/4, W/4], ...}`` for the stages in ``out_indices``.
+            Ordered ``{"c2": Tensor[N, C2, H/4, W/4], ...}`` for the stages in ``out_indices``; each
+            map's stride is given by :meth:`output_shape`.
         """
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.arch["stem"] == "deep":
+            x = self.relu(self.bn2(self.conv2(x)))
+            x = self.relu(self.bn3(self.conv3(x)))
+        x = self.maxpool(x)
         outputs: OrderedDict[str, Tensor] = OrderedDict()
         for i in range(max(self.out_indices) + 1):
             x = getattr(self, f"layer{i + 1}")(x)
@@ -237,20 +227,41 @@ class ResNet(nn.Module):
         return outputs
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """Load a local torchvision-style state dict into ``model``, ignoring ``fc.*``.
+def _four(name: str, values: Sequence[int]) -> tuple[int, int, int, int]:
+    values = tuple(int(v) for v in values)
+    if len(values) != 4 or any(v < 1 for v in values):
+        raise ValueError(f"{name} must be four positive integers, one per stage, got {values}")
+    return values  # type: ignore[return-value]
 
-    The file is read with ``weights_only=True``; a raw state dict or one under ``state_dict`` or
-    ``model`` is accepted. Missing and unexpected keys are reported with a warning.
 
-    Raises:
-        CheckpointError: the file does not exist or holds no state dict, or a tensor's shape
-            differs from the model's (the message names the key, both shapes and the file).
-    """
-    state = extract_state_dict(read_checkpoint(path))
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    report = load_state_dict_checked(model, state, source=f"pretrained weights '{path}'", strict=False,
-                                     hint="check depth and base_channels")
-    problems = [f"{kind} keys {report[kind]}" for kind in ("missing", "unexpected") if report[kind]]
-    if problems:
-        warnings.warn(f"loading '{path}' into {type(model).__name__}: " + "; ".join(problems), stacklevel=3)
+def _check(*, depth: int, groups: int, width_per_group: int, se_reduction: int | None, variant: str, stem: str,
+           strides: tuple[int, ...], multi_grid: Sequence[int] | None, out_indices: tuple[int, ...],
+           frozen_stages: int, norm: str, base_channels: int, drop_path_rate: float) -> None:
+    """Raise ``ValueError`` naming the valid choices for the first bad argument."""
+    if depth not in STAGE_BLOCKS:
+        raise ValueError(f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
+    if variant not in _VARIANTS:
+        raise ValueError(f"unknown ResNet variant '{variant}'; choose one of {', '.join(_VARIANTS)}")
+    if stem not in _STEMS:
+        raise ValueError(f"unknown stem '{stem}'; choose one of {', '.join(_STEMS)}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
+    basic = STAGE_BLOCKS[depth][0] is BasicBlock
+    if basic and (groups != 1 or width_per_group != 64 or variant != "resnet"):
+        raise ValueError(f"depth {depth} uses basic blocks, which support only groups=1, width_per_group=64 and "
+                         f"variant='resnet'; use depth 50, 101 or 152 for ResNeXt / SENet")
+    if groups < 1 or width_per_group < 1 or base_channels < 1:
+        raise ValueError("groups, width_per_group and base_channels must be positive, got "
+                         f"{groups}, {width_per_group}, {base_channels}")
+    if se_reduction is not None and se_reduction < 1:
+        raise ValueError(f"se_reduction must be a positive integer (16 in SENet) or None, got {se_reduction}")
+    if any(s not in (1, 2) for s in strides):
+        raise ValueError(f"strides must be 1 or 2 per stage, got {strides}")
+    if multi_grid is not None and (not multi_grid or any(int(r) < 1 for r in multi_grid)):
+        raise ValueError(f"multi_grid must be positive unit rates such as (1, 2, 4), or None, got {multi_grid}")
+    if not out_indices or any(i not in range(4) for i in out_indices) or len(set(out_indices)) != len(out_indices):
+        raise ValueError(f"out_indices must be distinct stage indices in 0..3 (c2..c5), got {out_indices}")
+    if not -1 <= frozen_stages <= 4:
+        raise ValueError(f"frozen_stages must be in -1..4, got {frozen_stages}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")

@@ -4,6 +4,7 @@
     segkit eval CONFIG_OR_CKPT [CKPT] [key=value ...] [--split val|test] [--out FILE]
     segkit list [KIND]
     segkit config CONFIG [key=value ...]
+    segkit convert --from timm|torchvision IN OUT
 
 User errors (a bad config, a missing file, a checkpoint that does not fit) print one paragraph and
 exit with status 2; ``--debug`` shows the traceback instead.
@@ -54,13 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print CONFIG after _base_ merging, overrides and interpolation.")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = sub.add_parser("convert", help="convert backbone weights to a segkit checkpoint",
+                       description="Rename a torchvision or timm ResNet-family state dict (resnet*, resnext*, "
+                                   "seresnet*, seresnext*, legacy_senet154) for segkit's ResNet backbone and write "
+                                   "it with its architecture: {'state_dict': ..., 'segkit_backbone': {...}}. "
+                                   "Use the result as model.backbone.pretrained.")
+    p.add_argument("--from", dest="source", choices=("timm", "torchvision"), required=True,
+                   help="the library whose key names IN uses")
+    p.add_argument("input", metavar="IN", help="state dict file (raw, or under 'state_dict' / 'model')")
+    p.add_argument("output", metavar="OUT", help="segkit checkpoint to write")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "list": _cmd_list, "config": _cmd_config}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "list": _cmd_list, "config": _cmd_config,
+               "convert": _cmd_convert}[args.command]
     try:
         return handler(args) or 0
     except (UserError, FileNotFoundError) as exc:
@@ -193,6 +205,29 @@ def _cmd_config(args: argparse.Namespace) -> int:
     _require_file(args.config, "config file")
     cfg = load_config(args.config, args.overrides, import_plugins=False)
     print(dump_config(cfg), end="")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from segkit.checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint
+    from segkit.fileio import atomic_open
+    from segkit.models.convert import BACKBONE_INFO_KEY, convert_timm_resnet, infer_resnet_arch
+    from segkit.registry import BACKBONES
+
+    state = extract_state_dict(read_checkpoint(args.input))
+    if args.source == "timm":
+        state = convert_timm_resnet(state)
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "last_linear."))}
+    arch = infer_resnet_arch(state)
+    # Building the backbone proves that every key is used and every shape fits.
+    model = BACKBONES.build({"type": "ResNet", **arch}, path="segkit convert")
+    load_state_dict_checked(model, state, source=f"'{args.input}' ({args.source} format)", strict=True)
+    with atomic_open(args.output, "wb") as f:
+        torch.save({"state_dict": state, BACKBONE_INFO_KEY: {"type": "ResNet", **arch, "source": args.source}}, f)
+    options = ", ".join(f"{k}: {v}" for k, v in arch.items())
+    print(f"wrote {args.output}: ResNet backbone ({options}), {len(state)} tensors")
     return 0
 
 

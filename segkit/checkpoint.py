@@ -40,7 +40,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure here is a bad file
-        text = str(exc).split("\n")[0]
+        text = str(exc).split("\n")[0].split(". ")[0]
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"checkpoint '{path}' contains Python objects that are not plain tensors or containers; "

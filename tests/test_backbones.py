@@ -14,6 +14,7 @@ from segkit.errors import ConfigError
 from segkit.models.convert import convert_timm_resnet, infer_resnet_arch
 from segkit.ops import ShapeSpec
 from segkit.registry import BACKBONES
+from tests.reference import torchvision_stages
 
 timm = pytest.importorskip("timm")
 # Looked up through the registry, so that discovery (not this import) registers the plugin modules.
@@ -29,15 +30,6 @@ def _randomise_statistics(net: torch.nn.Module) -> torch.nn.Module:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     return net.eval()
-
-
-def _torchvision_stages(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    outs = []
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        x = getattr(net, name)(x)
-        outs.append(x)
-    return outs
 
 
 def _build(cfg: dict) -> torch.nn.Module:
@@ -63,7 +55,7 @@ def test_torchvision_weights_give_identical_stage_outputs(tmp_path: Path, tv_nam
     torch.save(reference.state_dict(), path)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        expected = _torchvision_stages(reference, x)
+        expected = torchvision_stages(reference, x)
     _assert_same_stages(_build({**cfg, "pretrained": str(path)}), expected, x)
 
 

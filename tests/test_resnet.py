@@ -9,15 +9,7 @@ import torchvision
 from segkit.ops import ShapeSpec
 from segkit.registry import BACKBONES
 from segkit_plugins.backbones.resnet import ResNet
-
-
-def _torchvision_stages(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    outs = []
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        x = getattr(net, name)(x)
-        outs.append(x)
-    return outs
+from tests.reference import torchvision_stages
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -35,7 +27,7 @@ def test_torchvision_state_dict_loads_and_gives_identical_stage_outputs(tmp_path
     ours = BACKBONES.build({"type": "ResNet", "depth": depth, "pretrained": str(path)}, path="model.backbone").eval()
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
-        expected = _torchvision_stages(reference, x)
+        expected = torchvision_stages(reference, x)
         got = ours(x)
     assert list(got) == ["c2", "c3", "c4", "c5"]
     for name, ref in zip(got, expected):

@@ -101,7 +101,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from segkit.config import load_config
     from segkit.engine.runner import resolve_work_dir, train
 
-    _require_file(args.config, "config file")
     cfg = load_config(args.config, args.overrides)
     resume = args.resume
     if resume == "auto":
@@ -127,11 +126,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     first, rest = args.config_or_ckpt, list(args.rest)
     if first.endswith(_CHECKPOINT_SUFFIXES):
         ckpt, overrides = first, rest
-        _require_file(ckpt, "checkpoint")
         cfg = config_from_checkpoint(ckpt)
         apply_overrides(cfg, overrides)
     else:
-        _require_file(first, "config file")
         if not rest or "=" in rest[0]:
             raise UserError(f"`segkit eval {first}` needs a checkpoint after the config: segkit eval CONFIG CKPT")
         ckpt, overrides = rest[0], rest[1:]
@@ -202,7 +199,6 @@ def _signature(obj: object) -> str:
 def _cmd_config(args: argparse.Namespace) -> int:
     from segkit.config import dump_config, load_config
 
-    _require_file(args.config, "config file")
     cfg = load_config(args.config, args.overrides, import_plugins=False)
     print(dump_config(cfg), end="")
     return 0

@@ -7,7 +7,8 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 import albumentations as A
@@ -17,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from segkit.data.coco_masks import mask_problem, to_rle
 from segkit.data.transforms import apply_transforms, build_transforms, follow_torch_seed
 from segkit.errors import ConfigError, UserError
 from segkit.registry import DATASETS, check_arguments
@@ -25,6 +27,7 @@ __all__ = ["CocoDataset", "DatasetError", "load_image"]
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 _SHOW_IDS = 5
+_INVALID_MASKS = ("error", "skip")
 
 
 class DatasetError(UserError):
@@ -54,10 +57,11 @@ def load_image(path: str, *, image_id: int | None = None) -> np.ndarray:
 class CocoDataset(torch.utils.data.Dataset):
     """Detection and instance segmentation samples from a COCO instances JSON file.
 
-    Category ids (any integers) map to contiguous labels ``1..K`` in the order of the sorted ids.
-    Crowd annotations (``iscrowd: 1``) stay in :attr:`coco` for evaluation but are not given to the
-    model. Boxes are clipped to the image; a box narrower or shorter than ``min_box_size`` after
-    clipping (including one entirely outside the image) is dropped, with one warning per dataset.
+    Category ids (any integers) map to contiguous labels ``1..K`` in the order of the sorted ids,
+    unless ``category_ids`` fixes the mapping. Crowd annotations (``iscrowd: 1``) stay in
+    :attr:`coco` for evaluation but are not given to the model. Boxes are clipped to the image; a
+    box narrower or shorter than ``min_box_size`` after clipping (including one entirely outside
+    the image) is dropped, with one warning per dataset.
 
     Args:
         ann_file: path to the COCO instances JSON.
@@ -65,8 +69,25 @@ class CocoDataset(torch.utils.data.Dataset):
         transforms: albumentations pipeline as a list of ``{type, **kwargs}`` (or a built
             ``A.Compose`` from :func:`~segkit.data.transforms.build_transforms`).
         skip_empty: drop images without a usable annotation (for training); keep them for evaluation.
-        with_masks: add instance masks to the targets (polygons and RLE are decoded).
+        with_masks: add instance masks to the targets (polygons and RLE are decoded). Every
+            annotation's ``segmentation`` is then checked when the dataset is built: polygons need
+            at least 3 points of finite numbers (an even count, at least 6), an RLE needs ``size``
+            equal to ``[height, width]`` of its image and ``counts`` (a compressed string, or run
+            lengths summing to ``height * width``). A polygon enclosing no pixel is valid (an empty
+            mask).
         min_box_size: minimum width and height, in pixels, of a box given to the model.
+        invalid_masks: what to do, with ``with_masks``, about an annotation whose
+            ``segmentation`` is missing, empty or malformed: ``"error"`` raises a
+            :class:`DatasetError` naming it; ``"skip"`` leaves such annotations out of the training
+            targets, with one warning giving their count and first ids. Skipped annotations stay in
+            :attr:`coco`, so box evaluation still counts them as objects to detect; a ``"segm"``
+            evaluation needs their masks fixed. A file in which no annotation has a segmentation
+            is an error either way.
+        category_ids: the category id of each label: label ``i`` (``1..K``) is
+            ``category_ids[i - 1]``. Ids the file does not define are allowed (their class name is
+            ``"N/A"``; a model trained with torchvision's 91-way COCO labels is evaluated with
+            ``category_ids: [1, 2, ..., 90]``). An annotation whose category is not listed is an
+            error. ``None`` (default): the file's category ids, sorted.
 
     Attributes:
         coco: the ``pycocotools.coco.COCO`` ground truth, crowd annotations included.
@@ -81,7 +102,11 @@ class CocoDataset(torch.utils.data.Dataset):
 
     Raises:
         DatasetError: the annotation file is missing, not JSON, lacks ``images``, ``annotations`` or
-            ``categories``, or an annotation refers to an unknown category or image.
+            ``categories``, an annotation refers to an unknown category (or one not in
+            ``category_ids``) or image, or, with ``with_masks`` and ``invalid_masks="error"``, an
+            annotation's mask is missing or malformed.
+        ConfigError: ``invalid_masks`` is not ``"error"`` or ``"skip"``, or ``category_ids`` is not
+            a list of distinct integers.
 
     Example:
         >>> ds = CocoDataset(ann_file="data/coco/annotations/instances_val2017.json",
@@ -98,20 +123,28 @@ class CocoDataset(torch.utils.data.Dataset):
         skip_empty: bool = False,
         with_masks: bool = False,
         min_box_size: float = 1.0,
+        invalid_masks: str = "error",
+        category_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if invalid_masks not in _INVALID_MASKS:
+            raise ConfigError(f"invalid_masks must be 'error' (stop at the first annotation with a bad mask) or "
+                              f"'skip' (train without such annotations), got {invalid_masks!r}.",
+                              key="invalid_masks")
+        label_cat_ids = None if category_ids is None else _check_category_ids(category_ids)
         self.ann_file = os.fspath(ann_file)
         self.img_dir = os.fspath(img_dir)
         self.skip_empty = bool(skip_empty)
         self.with_masks = bool(with_masks)
         self.min_box_size = float(min_box_size)
+        self.invalid_masks = invalid_masks
         if isinstance(transforms, A.Compose):
             self.transforms = transforms
         else:
             self.transforms = build_transforms(transforms, path="transforms")
         self.coco = _read_coco(self.ann_file)
-        cat_ids = sorted(self.coco.cats)
-        self.classes = [str(self.coco.cats[c].get("name", c)) for c in cat_ids]
+        cat_ids = label_cat_ids if label_cat_ids is not None else sorted(self.coco.cats)
+        self.classes = [str(self.coco.cats[c].get("name", c)) if c in self.coco.cats else "N/A" for c in cat_ids]
         self.label_to_cat_id = {label: cat_id for label, cat_id in enumerate(cat_ids, start=1)}
         self.cat_id_to_label = {cat_id: label for label, cat_id in self.label_to_cat_id.items()}
         self._records = self._index_annotations()
@@ -119,7 +152,6 @@ class CocoDataset(torch.utils.data.Dataset):
         if self.skip_empty:
             all_ids = [i for i in all_ids if len(self._records[i][0]) > 0]
         self.image_ids: list[int] = all_ids
-        self._warned_no_segmentation = False
         self._transform_seed: int | None = None
 
     @classmethod
@@ -141,18 +173,26 @@ class CocoDataset(torch.utils.data.Dataset):
     def _index_annotations(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per image id: clipped xyxy boxes float32 [N, 4], labels int64 [N], annotation ids int64 [N]."""
         image_order = {img_id: k for k, img_id in enumerate(self.coco.imgs)}
-        sizes = np.array([_image_hw(self.coco.imgs[i], self.img_dir) for i in self.coco.imgs],
-                         dtype=np.float32).reshape(-1, 2)
-        rows, xywh, labels, ann_ids = [], [], [], []
-        for ann in self.coco.dataset["annotations"]:
-            ann_id = ann.get("id")
+        image_hw = [_image_hw(self.coco.imgs[i], self.img_dir) for i in self.coco.imgs]
+        sizes = np.array(image_hw, dtype=np.float32).reshape(-1, 2)
+        annotations = self.coco.dataset["annotations"]
+        if self.with_masks:
+            self._check_some_segmentation(annotations)
+        rows, xywh, labels, ann_ids, bad_masks = [], [], [], [], []
+        for ann in annotations:
             self._check_annotation(ann, image_order)
+            row = image_order[ann["image_id"]]
+            problem = mask_problem(ann, *image_hw[row]) if self.with_masks else None
+            if problem is not None:
+                bad_masks.append((ann.get("id"), ann["image_id"], problem))
+                continue
             if ann.get("iscrowd", 0):
                 continue
-            rows.append(image_order[ann["image_id"]])
+            rows.append(row)
             xywh.append(ann["bbox"])
             labels.append(self.cat_id_to_label[ann["category_id"]])
-            ann_ids.append(ann_id)
+            ann_ids.append(ann.get("id"))
+        self._report_invalid_masks(bad_masks)
         if 0 in self.coco.anns:
             warnings.warn(
                 f"{self.ann_file}: an annotation has id 0. pycocotools never matches a ground truth "
@@ -165,17 +205,8 @@ class CocoDataset(torch.utils.data.Dataset):
         hw = sizes[rows_a] if len(rows_a) else np.zeros((0, 2), np.float32)
         boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0.0, hw[:, 1:2])
         boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0.0, hw[:, 0:1])
-        size_ok = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= self.min_box_size
         ids_a = np.asarray(ann_ids, dtype=np.int64)
-        if not size_ok.all():
-            dropped = ids_a[~size_ok]
-            shown = ", ".join(str(int(i)) for i in dropped[:_SHOW_IDS])
-            warnings.warn(
-                f"{self.ann_file}: dropped {len(dropped)} annotation(s) whose box is narrower or shorter "
-                f"than min_box_size={self.min_box_size:g} px after clipping to the image, or lies outside "
-                f"it (annotation ids {shown}{', ...' if len(dropped) > _SHOW_IDS else ''}).",
-                UserWarning, stacklevel=3,
-            )
+        size_ok = self._big_enough(boxes, ids_a)
         labels_a = np.asarray(labels, dtype=np.int64)
         rows_a, boxes, labels_a, ids_a = rows_a[size_ok], boxes[size_ok], labels_a[size_ok], ids_a[size_ok]
         order = np.argsort(rows_a, kind="stable")
@@ -184,21 +215,71 @@ class CocoDataset(torch.utils.data.Dataset):
                      np.split(ids_a[order], splits))
         return {img_id: group for img_id, group in zip(self.coco.imgs, groups)}
 
+    def _big_enough(self, boxes: np.ndarray, ann_ids: np.ndarray) -> np.ndarray:
+        """bool [N]: xyxy boxes at least ``min_box_size`` wide and high; warns once about the others."""
+        size_ok = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= self.min_box_size
+        if not size_ok.all():
+            dropped = ann_ids[~size_ok]
+            warnings.warn(
+                f"{self.ann_file}: dropped {len(dropped)} annotation(s) whose box is narrower or shorter "
+                f"than min_box_size={self.min_box_size:g} px after clipping to the image, or lies outside "
+                f"it (annotation ids {_show_ids(dropped.tolist())}).",
+                UserWarning, stacklevel=4,
+            )
+        return size_ok
+
     def _check_annotation(self, ann: Mapping[str, Any], image_order: Mapping[int, int]) -> None:
         ann_id = ann.get("id")
         if ann.get("image_id") not in image_order:
             raise DatasetError(f"{self.ann_file}: annotation id {ann_id} refers to image_id "
                                f"{ann.get('image_id')!r}, which is not in 'images'.")
-        if ann.get("category_id") not in self.cat_id_to_label:
+        cat_id = ann.get("category_id")
+        if cat_id not in self.coco.cats:
             raise DatasetError(
-                f"{self.ann_file}: annotation id {ann_id} has category_id {ann.get('category_id')!r}, "
-                f"which is not in 'categories' (ids {sorted(self.cat_id_to_label)}). Add the category or "
+                f"{self.ann_file}: annotation id {ann_id} has category_id {cat_id!r}, "
+                f"which is not in 'categories' (ids {sorted(self.coco.cats)}). Add the category or "
                 f"fix the annotation."
+            )
+        if cat_id not in self.cat_id_to_label:
+            raise DatasetError(
+                f"{self.ann_file}: annotation id {ann_id} (image id {ann.get('image_id')}) has category_id "
+                f"{cat_id!r}, which the dataset's category_ids option does not list "
+                f"({_show_ids(list(self.cat_id_to_label), limit=20)}). Add {cat_id!r} to category_ids, or "
+                f"leave category_ids out to label the file's categories in sorted order."
             )
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             raise DatasetError(f"{self.ann_file}: annotation id {ann_id} needs a 'bbox' of four numbers "
                                f"[x, y, width, height], got {bbox!r}.")
+
+    def _check_some_segmentation(self, annotations: Sequence[Mapping[str, Any]]) -> None:
+        """One clear error for a box-only file used with masks, instead of one per annotation."""
+        if annotations and not any(ann.get("segmentation") for ann in annotations):
+            raise DatasetError(
+                f"the config asks for masks (with_masks: true) but {self.ann_file} has no 'segmentation' "
+                f"in any annotation; use a detection config (with_masks: false) or an instances file "
+                f"with masks."
+            )
+
+    def _report_invalid_masks(self, bad: Sequence[tuple[Any, Any, str]]) -> None:
+        """Raise (``invalid_masks="error"``) or warn once (``"skip"``) about ``(ann id, image id, problem)``."""
+        if not bad:
+            return
+        ann_id, image_id, problem = bad[0]
+        first = f"annotation id {ann_id} (image id {image_id}) {problem}"
+        if self.invalid_masks == "error":
+            others = f" ({len(bad) - 1} more annotation(s) have an invalid mask.)" if len(bad) > 1 else ""
+            raise DatasetError(
+                f"{self.ann_file}: {first}.{others} Fix the annotation's 'segmentation', or set "
+                f"invalid_masks: skip to train without the annotations whose mask is invalid."
+            )
+        warnings.warn(
+            f"{self.ann_file}: {len(bad)} annotation(s) have a missing or invalid mask and are left out of "
+            f"the training targets (invalid_masks: skip; annotation ids {_show_ids([b[0] for b in bad])}). "
+            f"They stay in the ground truth used for evaluation; fix them before a 'segm' evaluation. "
+            f"First problem: {first}.",
+            UserWarning, stacklevel=4,
+        )
 
     # ------------------------------------------------------------------ samples
     @property
@@ -242,25 +323,27 @@ class CocoDataset(torch.utils.data.Dataset):
         return image_t, target
 
     def _decode_masks(self, ann_ids: np.ndarray, height: int, width: int) -> np.ndarray:
-        """uint8 [N, H, W] masks of the given annotations (polygons, RLE, compressed or not)."""
+        """uint8 [N, H, W] masks of the given annotations (polygons, RLE, compressed or not).
+
+        The annotations were checked by :func:`_mask_problem` when the dataset was built; a
+        polygon enclosing no pixel gives an all-zero mask.
+        """
         if len(ann_ids) == 0:
             return np.zeros((0, height, width), dtype=np.uint8)
-        rles = []
-        for ann_id in ann_ids.tolist():
-            ann = self.coco.anns[ann_id]
-            segm = ann.get("segmentation")
-            if segm:
-                rle = _to_rle(segm, height, width)
-            else:
-                if not self._warned_no_segmentation:
-                    self._warned_no_segmentation = True
-                    warnings.warn(f"{self.ann_file}: annotation id {ann_id} has no segmentation; "
-                                  f"using its box as the mask (further such annotations are not reported).",
-                                  UserWarning, stacklevel=3)
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                rle = mask_utils.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]], height, width)[0]
-            rles.append(rle)
-        masks = mask_utils.decode(rles)  # [H, W, N]
+        rles = [to_rle(self.coco.anns[ann_id]["segmentation"], height, width) for ann_id in ann_ids.tolist()]
+        try:
+            masks = mask_utils.decode(rles)  # [H, W, N]
+        except ValueError:  # compressed counts are only checked here: find the culprit, name it
+            for ann_id, rle in zip(ann_ids.tolist(), rles):
+                try:
+                    mask_utils.decode([rle])
+                except ValueError as exc:
+                    raise DatasetError(
+                        f"{self.ann_file}: annotation id {ann_id} (image id {self.coco.anns[ann_id]['image_id']}) "
+                        f"has an RLE 'counts' that does not describe a {height}x{width} mask ({exc}); "
+                        f"re-encode the mask at the image's size."
+                    ) from exc
+            raise
         return np.ascontiguousarray(masks.transpose(2, 0, 1), dtype=np.uint8)
 
     def __repr__(self) -> str:
@@ -268,12 +351,30 @@ class CocoDataset(torch.utils.data.Dataset):
                 f"classes={self.classes}, with_masks={self.with_masks})")
 
 
-def _to_rle(segm: Any, height: int, width: int) -> dict[str, Any]:
-    if isinstance(segm, list):  # polygons
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    if isinstance(segm.get("counts"), list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm
+def _check_category_ids(category_ids: Any) -> list[int]:
+    """The ``category_ids`` option as a list of distinct ints; :class:`ConfigError` otherwise."""
+    if isinstance(category_ids, (str, bytes, Mapping)) or not isinstance(category_ids, Iterable):
+        raise ConfigError(f"category_ids must be a list of integer category ids (label i is category_ids[i-1]), "
+                          f"got {category_ids!r}.", key="category_ids")
+    values = list(category_ids)
+    if not values:
+        raise ConfigError("category_ids is empty; list at least one category id, or leave it out to use the "
+                          "file's categories.", key="category_ids")
+    for k, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise ConfigError(f"category_ids must hold integers, but entry {k} is {value!r}.", key="category_ids")
+    ids = [int(v) for v in values]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"category_ids lists {_show_ids(twice)} more than once; each label needs its own "
+                          f"category id, so list every id once.", key="category_ids")
+    return ids
+
+
+def _show_ids(ids: Sequence[Any], limit: int = _SHOW_IDS) -> str:
+    """``"1, 2, 3"``, or the first ``limit`` ids and how many there are."""
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
 def _image_hw(info: Mapping[str, Any], img_dir: str) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from segkit.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
-from segkit.config import Config, config_errors, load_config
+from segkit.config import Config, config_errors, load_config, resolve_interpolations
 from segkit.errors import ConfigError
 
 __all__ = ["build_model", "load_model", "config_from_checkpoint"]
@@ -40,6 +40,8 @@ def config_from_checkpoint(path: str | os.PathLike[str]) -> Config:
 
     path = os.fspath(path)
     cfg = Config(checkpoint_config(read_checkpoint(path), path), filename=f"{path} (stored config)")
+    with config_errors(cfg):
+        resolve_interpolations(cfg)  # a converted model's config may name ${env:...} data paths
     if cfg.get("imports"):
         with config_errors(cfg):
             import_modules(cfg["imports"], path="imports")

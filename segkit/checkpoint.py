@@ -17,9 +17,11 @@ from torch import nn
 from segkit.errors import UserError
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_state_dict_checked", "load_checkpoint",
-           "checkpoint_config", "CONFIG_KEY"]
+           "checkpoint_config", "CONFIG_KEY", "CLASSES_KEY"]
 
 CONFIG_KEY = "segkit_config"
+#: Key of the class names (``names[label - 1]`` names label ``label``) in a segkit checkpoint.
+CLASSES_KEY = "segkit_classes"
 _MODEL_PREFIX = "model."
 
 

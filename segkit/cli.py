@@ -56,11 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
-    p = sub.add_parser("convert", help="convert backbone weights to a segkit checkpoint",
-                       description="Rename a torchvision or timm ResNet-family state dict (resnet*, resnext*, "
-                                   "seresnet*, seresnext*, legacy_senet154) for segkit's ResNet backbone and write "
-                                   "it with its architecture: {'state_dict': ..., 'segkit_backbone': {...}}. "
-                                   "Use the result as model.backbone.pretrained.")
+    p = sub.add_parser("convert", help="convert torchvision / timm weights to a segkit checkpoint",
+                       description="Rename a torchvision or timm state dict for segkit. A ResNet-family backbone "
+                                   "(resnet*, resnext*, seresnet*, seresnext*, legacy_senet154) is written with its "
+                                   "architecture, {'state_dict': ..., 'segkit_backbone': {...}}, for use as "
+                                   "model.backbone.pretrained. A torchvision Faster / Mask R-CNN ResNet-FPN detector "
+                                   "(fasterrcnn_resnet50_fpn[_v2], maskrcnn_resnet50_fpn[_v2]; --from torchvision) "
+                                   "is written with a complete config and its class names, {'state_dict', "
+                                   "'segkit_config', 'segkit_classes'}, so `segkit eval OUT` and "
+                                   "segkit.load_model(OUT) need nothing else.")
     p.add_argument("--from", dest="source", choices=("timm", "torchvision"), required=True,
                    help="the library whose key names IN uses")
     p.add_argument("input", metavar="IN", help="state dict file (raw, or under 'state_dict' / 'model')")
@@ -210,9 +214,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from segkit.checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint
     from segkit.fileio import atomic_open
     from segkit.models.convert import BACKBONE_INFO_KEY, convert_timm_resnet, infer_resnet_arch
+    from segkit.models.convert_detectors import is_torchvision_detector
     from segkit.registry import BACKBONES
 
     state = extract_state_dict(read_checkpoint(args.input))
+    if args.source == "torchvision" and is_torchvision_detector(state):
+        return _convert_detector(args, state)
     if args.source == "timm":
         state = convert_timm_resnet(state)
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "last_linear."))}
@@ -224,6 +231,28 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         torch.save({"state_dict": state, BACKBONE_INFO_KEY: {"type": "ResNet", **arch, "source": args.source}}, f)
     options = ", ".join(f"{k}: {v}" for k, v in arch.items())
     print(f"wrote {args.output}: ResNet backbone ({options}), {len(state)} tensors")
+    return 0
+
+
+def _convert_detector(args: argparse.Namespace, state: dict) -> int:
+    """Write a torchvision Faster / Mask R-CNN as a self-contained segkit checkpoint."""
+    import torch
+
+    from segkit.api import build_model
+    from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY, load_state_dict_checked
+    from segkit.fileio import atomic_open
+    from segkit.models.convert_detectors import (convert_torchvision_detector, describe_detector_config,
+                                                  detector_class_names)
+
+    state, cfg = convert_torchvision_detector(state)
+    # Building the model from the stored config proves that `segkit eval OUT` will load every tensor.
+    model = build_model(cfg)
+    load_state_dict_checked(model, state, source=f"'{args.input}' (torchvision detector)", strict=True)
+    classes = detector_class_names(cfg["model"]["roi_head"]["num_classes"])
+    with atomic_open(args.output, "wb") as f:
+        torch.save({"state_dict": state, CONFIG_KEY: cfg, CLASSES_KEY: classes}, f)
+    print(f"wrote {args.output}: {describe_detector_config(cfg)}, {len(state)} tensors; evaluate with "
+          f"`segkit eval {args.output}` (COCO from $SEGKIT_COCO, default data/coco)")
     return 0
 
 

@@ -29,7 +29,7 @@ import yaml
 
 from segkit.errors import ConfigError, did_you_mean
 
-__all__ = ["Config", "load_config", "apply_overrides", "merge", "dump_config", "config_errors", "TOP_LEVEL_KEYS"]
+__all__ = ["Config", "load_config", "apply_overrides", "merge", "dump_config", "config_errors", "resolve_interpolations", "TOP_LEVEL_KEYS"]
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -118,9 +118,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), *, 
     data = _load_with_bases(path, origins, stack=())
     cfg = Config(data, filename=path, origins=origins)
     apply_overrides(cfg, overrides)
-    resolved = _resolve(cfg, cfg)
-    cfg.clear()
-    cfg.update(resolved)
+    resolve_interpolations(cfg)
     _check_top_level(cfg)
     if import_plugins and cfg.get("imports"):
         from segkit.registry import import_modules
@@ -245,6 +243,17 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------ interpolation
+def resolve_interpolations(cfg: Config) -> None:
+    """Replace every ``${a.b}`` and ``${env:NAME,default}`` in ``cfg``, in place.
+
+    Raises:
+        ConfigError: an unknown reference or a cycle, naming the key that holds it.
+    """
+    resolved = _resolve(cfg, cfg)
+    cfg.clear()
+    cfg.update(resolved)
+
+
 def _resolve(root: Config, value: Any, key: str = "", active: tuple[str, ...] = ()) -> Any:
     if isinstance(value, Mapping):
         return {k: _resolve(root, v, f"{key}.{k}" if key else str(k), active) for k, v in value.items()}

@@ -242,6 +242,50 @@ def test_segm_metrics_equal_cocoeval_on_rle_results(dataset, detections):
     assert stats_of(metrics, "segm") != stats_of(metrics, "bbox")
 
 
+def test_labels_of_categories_absent_from_the_ground_truth_are_dropped(dataset, detections):
+    """A model whose label space is wider than the ground truth's categories (torchvision's COCO
+    models predict 90 ids, 10 of them unused) is scored on the categories that exist."""
+
+    class WideLabelSpace(FixtureDataset):
+        def __init__(self, coco):
+            super().__init__(coco)
+            self.label_to_cat_id = {**self.label_to_cat_id, 4: 99}  # label 4: a category not in the file
+            self.classes = [*self.classes, "N/A"]
+
+    wide = WideLabelSpace(dataset.coco)
+    evaluator = CocoEvaluator(dataset=wide, iou_types=("bbox", "segm"), per_class=True)
+    for image_id in all_ids(dataset):
+        targets, outputs = batch_for(dataset, detections, [image_id])
+        outputs[0]["masks"] = synthetic_masks(dataset, detections, image_id, seed=image_id)
+        extra = {k: v[:1] for k, v in outputs[0].items()}  # a copy of the first detection...
+        extra["labels"] = torch.tensor([4])  # ...under the unknown category, at the top score
+        extra["scores"] = torch.tensor([1.0])
+        outputs[0] = {k: torch.cat([v, extra[k]]) for k, v in outputs[0].items()}
+        evaluator.process(targets, outputs)
+    metrics = evaluator.evaluate()
+    assert all(r["category_id"] != 99 for r in evaluator.results("bbox") + evaluator.results("segm"))
+    np.testing.assert_allclose(stats_of(metrics, "bbox"), reference_eval(dataset.coco, detections, "bbox").stats,
+                               rtol=0, atol=1e-12)
+    assert "bbox/AP-N/A" not in metrics
+
+
+def test_mask_threshold_decides_the_binary_masks(dataset, detections):
+    image_id = all_ids(dataset)[0]
+    areas = []
+    for threshold in (0.3, 0.7):
+        evaluator = CocoEvaluator(dataset=dataset, iou_types=("segm",), mask_threshold=threshold)
+        targets, outputs = batch_for(dataset, detections, [image_id])
+        outputs[0]["masks"] = synthetic_masks(dataset, detections, image_id, seed=image_id)
+        evaluator.process(targets, outputs)
+        expected = (outputs[0]["masks"][:, 0] >= threshold).flatten(1).sum(1).tolist()
+        rles = [r["segmentation"] for r in evaluator.results("segm")]
+        areas.append([int(mask_utils.area(rle)) for rle in rles])
+        assert areas[-1] == expected
+    assert sum(areas[0]) > sum(areas[1])
+    with pytest.raises(ValueError, match="mask_threshold"):
+        CocoEvaluator(dataset=dataset, mask_threshold=1.5)
+
+
 def test_encode_masks_equals_encoding_each_instance():
     masks = torch.rand(4, 37, 53) > 0.6
     rles = encode_masks(masks)

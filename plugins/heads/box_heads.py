@@ -6,8 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.registry import HEADS
+from segkit_plugins.backbones.resnet_blocks import make_norm
 
-__all__ = ["TwoFCHead"]
+__all__ = ["TwoFCHead", "ConvFCHead"]
+
+_CONV_NORMS = (None, "BN", "SyncBN", "GN")
 
 
 @HEADS.register()
@@ -35,3 +38,79 @@ class TwoFCHead(nn.Module):
         """Map Tensor[R, C, S, S] pooled features to Tensor[R, fc_dim]."""
         x = F.relu(self.fc6(x.flatten(1)))
         return F.relu(self.fc7(x))
+
+
+@HEADS.register()
+class ConvFCHead(nn.Module):
+    """``num_convs`` 3x3 convs, then ``num_fcs`` fully connected layers, each followed by ReLU.
+
+    With ``num_convs=4, num_fcs=1, norm="BN"`` this is the "4conv1fc" box head of torchvision's
+    ``fasterrcnn_resnet50_fpn_v2`` / ``maskrcnn_resnet50_fpn_v2``; with ``norm="GN"`` that of
+    PANet and of Detectron2's GN baselines. Convs have a bias only without a norm. Initialisation
+    follows Detectron2: convs Kaiming-normal (fan out), fully connected layers Kaiming-uniform with
+    ``a=1``, biases zero.
+
+    Parameter names: ``convs.<i>.0`` (conv) and ``convs.<i>.1`` (norm, if any) for ``i < num_convs``;
+    ``fcs.<j>`` for ``j < num_fcs``.
+
+    Args:
+        in_channels: channels of the pooled features.
+        resolution: side of the pooled features (``7`` for ``7 x 7``).
+        num_convs: number of 3x3 convs (``conv_dim`` channels, padding 1).
+        conv_dim: channels of every conv.
+        num_fcs: number of fully connected layers (``fc_dim`` wide); with 0 the output is the
+            flattened last feature map.
+        fc_dim: width of the fully connected layers.
+        norm: ``None``, ``"BN"``, ``"SyncBN"`` or ``"GN"`` after every conv.
+
+    Example:
+        >>> head = ConvFCHead(in_channels=8, resolution=7, num_convs=2, conv_dim=16, fc_dim=32, norm="GN")
+        >>> head(torch.rand(5, 8, 7, 7)).shape, head.out_channels
+        (torch.Size([5, 32]), 32)
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        resolution: int,
+        num_convs: int = 4,
+        conv_dim: int = 256,
+        num_fcs: int = 1,
+        fc_dim: int = 1024,
+        norm: str | None = None,
+    ) -> None:
+        super().__init__()
+        if norm not in _CONV_NORMS:
+            raise ValueError(f"ConvFCHead norm must be one of {_CONV_NORMS}, got {norm!r}")
+        if num_convs < 0 or num_fcs < 0 or num_convs + num_fcs == 0:
+            raise ValueError(f"ConvFCHead needs num_convs >= 0, num_fcs >= 0 and at least one layer, "
+                             f"got num_convs={num_convs}, num_fcs={num_fcs}")
+        channels = in_channels
+        self.convs = nn.ModuleList()
+        for _ in range(num_convs):
+            conv = nn.Conv2d(channels, conv_dim, 3, padding=1, bias=norm is None)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+            layers: list[nn.Module] = [conv] if norm is None else [conv, make_norm(norm, conv_dim)]
+            self.convs.append(nn.Sequential(*layers))
+            channels = conv_dim
+        width = channels * resolution * resolution
+        self.fcs = nn.ModuleList()
+        for _ in range(num_fcs):
+            fc = nn.Linear(width, fc_dim)
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+            self.fcs.append(fc)
+            width = fc_dim
+        self.out_channels = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map Tensor[R, C, S, S] pooled features to Tensor[R, out_channels]."""
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        x = x.flatten(1)
+        for fc in self.fcs:
+            x = F.relu(fc(x))
+        return x

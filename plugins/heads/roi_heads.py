@@ -39,7 +39,9 @@ class StandardRoIHead(nn.Module):
     the sampled foreground RoIs ``{"proposal_boxes": Tensor[P, 4], "labels": Tensor[P],
     "matched_idxs": Tensor[P]}`` (indices into that image's target boxes) and returns a dict of
     ``loss_*`` scalars; at inference it is called as ``mask_head(features, detections, None)`` and
-    returns the detections with ``masks`` added.
+    returns the detections with ``roi_masks`` added (Tensor[D, 1, M, M] probabilities inside each
+    box, which the detector pastes into the image as ``masks``). Built from a config, the mask head
+    gets ``in_shapes`` and ``num_classes`` from this head.
 
     Args:
         in_shapes: the neck's ``output_shape()``; the pooled maps must share one channel count.
@@ -136,7 +138,8 @@ class StandardRoIHead(nn.Module):
                 resolution=kwargs.get("pooler_resolution", _DEFAULT_RESOLUTION),
             )
         if isinstance(mask_cfg, Mapping):
-            kwargs["mask_head"] = HEADS.build(mask_cfg, path=f"{path}.mask_head", in_shapes=in_shapes)
+            kwargs["mask_head"] = HEADS.build(mask_cfg, path=f"{path}.mask_head", in_shapes=in_shapes,
+                                              num_classes=kwargs.get("num_classes"))
         elif mask_cfg is not None:
             kwargs["mask_head"] = mask_cfg
         return cls(**kwargs)

@@ -21,8 +21,10 @@ _DEFAULT_SIZES = ((32,), (64,), (128,), (256,), (512,))
 class RPN(nn.Module):
     """Region Proposal Network (as in Faster R-CNN), shared across pyramid levels.
 
-    A 3x3 conv + ReLU feeds a 1x1 objectness conv (one logit per anchor) and a 1x1 delta conv (four
-    deltas per anchor). Proposals are decoded from the anchors, the ``pre_nms_top_n`` best of each
+    ``conv_depth`` 3x3 convs, each followed by ReLU, feed a 1x1 objectness conv (one logit per
+    anchor) and a 1x1 delta conv (four deltas per anchor); one conv is Faster R-CNN's head, two
+    that of torchvision's ``*_v2`` detectors (Li et al., "Benchmarking Detection Transfer Learning
+    with Vision Transformers"). Proposals are decoded from the anchors, the ``pre_nms_top_n`` best of each
     level are kept, clipped to the image, small and low-scoring ones dropped, NMS applied per
     level, and the ``post_nms_top_n`` best of the image returned. In training the anchors are
     matched to the ground truth (IoU ``>= fg_iou_threshold`` positive, ``< bg_iou_threshold``
@@ -46,6 +48,9 @@ class RPN(nn.Module):
         score_threshold: proposals with an objectness probability below this are dropped.
         box_coder_weights: ``(wx, wy, ww, wh)`` of the anchor deltas.
         smooth_l1_beta: beta of the box loss.
+        conv_depth: number of 3x3 conv + ReLU layers before the predictors (at least 1). Parameter
+            names: ``conv.weight`` / ``conv.bias`` for one conv (the Faster R-CNN names, so existing
+            checkpoints load); ``convs.0.*`` .. ``convs.<conv_depth - 1>.*`` for more.
 
     Example:
         >>> rpn = RPN(in_shapes={"p2": ShapeSpec(8, 4)}, in_features=("p2",), anchor_sizes=((16,),))
@@ -74,8 +79,12 @@ class RPN(nn.Module):
         score_threshold: float = 0.0,
         box_coder_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
         smooth_l1_beta: float = 1.0 / 9,
+        conv_depth: int = 1,
     ) -> None:
         super().__init__()
+        if not isinstance(conv_depth, int) or isinstance(conv_depth, bool) or conv_depth < 1:
+            raise ValueError(f"RPN conv_depth is the number of 3x3 convs before the predictors and must be >= 1, "
+                             f"got {conv_depth!r}")
         in_channels = shared_channels(in_shapes, in_features, owner="the RPN head")
         if len(anchor_sizes) != len(in_features):
             raise ValueError(
@@ -87,10 +96,14 @@ class RPN(nn.Module):
         self.in_features = tuple(in_features)
         self.anchor_generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=aspect_ratios)
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        tower = [nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(conv_depth)]
+        if len(tower) == 1:
+            self.conv = tower[0]
+        else:
+            self.convs = nn.ModuleList(tower)
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * 4, 1)
-        for layer in (self.conv, self.objectness_logits, self.anchor_deltas):
+        for layer in (*tower, self.objectness_logits, self.anchor_deltas):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
 
@@ -106,6 +119,9 @@ class RPN(nn.Module):
         self.score_threshold = float(score_threshold)
         self.smooth_l1_beta = float(smooth_l1_beta)
 
+    def _conv_tower(self) -> list[nn.Module]:
+        return list(self.convs) if hasattr(self, "convs") else [self.conv]
+
     def predict(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Raw head outputs, all levels concatenated in anchor order.
 
@@ -115,7 +131,9 @@ class RPN(nn.Module):
         """
         logits, deltas = [], []
         for feature in features:
-            t = F.relu(self.conv(feature))
+            t = feature
+            for conv in self._conv_tower():
+                t = F.relu(conv(t))
             n, _, h, w = feature.shape
             logits.append(self.objectness_logits(t).permute(0, 2, 3, 1).reshape(n, -1))
             deltas.append(self.anchor_deltas(t).view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))

@@ -6,6 +6,7 @@ here; the *model* is a plain ``nn.Module`` built from the registries.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from segkit.checkpoint import CONFIG_KEY
+from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY
 from segkit.engine.optim import build_optimizer, build_scheduler
 from segkit.errors import ConfigError
 from segkit.fileio import atomic_write_json
@@ -43,6 +44,7 @@ class SegkitModule(pl.LightningModule):
         self.evaluator: Any = None
         self.last_metrics: dict[str, float] = {}
         self.metrics_history: list[dict[str, Any]] = []
+        self.class_names: list[str] | None = None
 
     # ------------------------------------------------------------------ training
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
@@ -76,7 +78,10 @@ class SegkitModule(pl.LightningModule):
         split = "train" if stage == "fit" else ("test" if stage == "test" else "val")
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and datamodule.split_cfgs.get(split) is not None:
-            check_num_classes(self.config.get("model") or {}, datamodule.build_dataset(split), split=split)
+            dataset = datamodule.build_dataset(split)
+            check_num_classes(self.config.get("model") or {}, dataset, split=split)
+            if getattr(dataset, "classes", None) is not None:
+                self.class_names = [str(name) for name in dataset.classes]
 
     # ------------------------------------------------------------------ evaluation
     def _build_evaluator(self) -> Any:
@@ -86,7 +91,11 @@ class SegkitModule(pl.LightningModule):
         cfg.setdefault("type", "CocoEvaluator")
         datamodule = self.trainer.datamodule
         split = "val" if self.trainer.state.stage != "test" or not datamodule.split_cfgs.get("test") else "test"
-        return EVALUATORS.build(cfg, path="evaluation", dataset=datamodule.build_dataset(split))
+        defaults: dict[str, Any] = {"dataset": datamodule.build_dataset(split)}
+        threshold = getattr(self.model, "mask_threshold", None)
+        if threshold is not None and "mask_threshold" in _parameters(EVALUATORS.get(str(cfg["type"]))):
+            defaults["mask_threshold"] = threshold  # the model's test-time setting unless the config says
+        return EVALUATORS.build(cfg, path="evaluation", **defaults)
 
     def on_validation_epoch_start(self) -> None:
         if self.evaluator is None:
@@ -135,10 +144,13 @@ class SegkitModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config
+        if self.class_names is not None:
+            checkpoint[CLASSES_KEY] = self.class_names
         checkpoint["segkit_metrics_history"] = self.metrics_history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.metrics_history = list(checkpoint.get("segkit_metrics_history", []))
+        self.class_names = checkpoint.get(CLASSES_KEY, self.class_names)
 
 
 def check_num_classes(model_cfg: Mapping[str, Any], dataset: Any, *, split: str) -> None:
@@ -169,3 +181,10 @@ def _find_keys(node: Any, name: str, path: str) -> list[tuple[str, Any]]:
             else:
                 found += _find_keys(value, name, sub)
     return found
+
+
+def _parameters(obj: Any) -> set[str]:
+    try:
+        return set(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return set()

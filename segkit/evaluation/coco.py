@@ -43,7 +43,8 @@ __all__ = [
 
 #: The iou types :class:`CocoEvaluator` scores.
 IOU_TYPES = ("bbox", "segm")
-#: Mask probabilities ``>= MASK_THRESHOLD`` (after resizing to the original image) are foreground.
+#: Default threshold: mask probabilities ``>= MASK_THRESHOLD`` (after resizing to the original
+#: image) are foreground.
 MASK_THRESHOLD = 0.5
 # Instances resized together when masks are mapped back to the original size (bounds memory).
 _RESIZE_CHUNK = 32
@@ -59,6 +60,8 @@ class CocoEvaluator:
             (names, ``classes[label - 1]``).
         iou_types: any of ``"bbox"`` and ``"segm"``; ``"segm"`` needs outputs with ``masks``.
         per_class: also report ``<iou type>/AP-<class name>`` for every class.
+        mask_threshold: probability from which a mask pixel is foreground; ``None`` uses the model's
+            own (``model.mask_threshold``, set by the engine) or :data:`MASK_THRESHOLD`.
 
     Only the images given to :meth:`process` are scored; an image without detections still counts
     (its objects are missed). If no image has any detection, the numbers are what ``COCOeval``
@@ -72,10 +75,14 @@ class CocoEvaluator:
         >>> print(format_metrics_table(evaluator.evaluate()))
     """
 
-    def __init__(self, *, dataset: Any, iou_types: Sequence[str] = ("bbox",), per_class: bool = False) -> None:
+    def __init__(self, *, dataset: Any, iou_types: Sequence[str] = ("bbox",), per_class: bool = False,
+                 mask_threshold: float | None = None) -> None:
         self.coco: COCO = _dataset_coco(dataset)
         self.iou_types = _check_iou_types(iou_types, self.coco)
         self.per_class = bool(per_class)
+        if mask_threshold is not None and not 0.0 <= float(mask_threshold) <= 1.0:
+            raise ValueError(f"mask_threshold is a probability in [0, 1], got {mask_threshold}")
+        self.mask_threshold = MASK_THRESHOLD if mask_threshold is None else float(mask_threshold)
         self.classes = [str(name) for name in dataset.classes]
         self.label_to_cat_id = {int(k): int(v) for k, v in dict(dataset.label_to_cat_id).items()}
         self._label_lookup = _label_lookup(self.label_to_cat_id, self.coco)
@@ -105,7 +112,7 @@ class CocoEvaluator:
 
         Boxes are scaled from ``image_size`` to ``orig_size``; without ``image_size`` the size of
         the masks, if any, is used, else the boxes are taken to be in original pixels already.
-        Masks are resized bilinearly to ``orig_size`` and thresholded at :data:`MASK_THRESHOLD`.
+        Masks are resized bilinearly to ``orig_size`` and thresholded at ``mask_threshold``.
         An image id seen before keeps its first results.
 
         Raises:
@@ -144,10 +151,12 @@ class CocoEvaluator:
                 f"the output of image {image_id} has {len(boxes)} boxes, {len(scores)} scores and "
                 f"{len(labels)} labels; a detection needs one of each."
             )
+        category_ids = self._category_ids(labels, image_id)
+        known = category_ids >= 0
         entry: dict[str, Any] = {
-            "boxes": _xyxy_to_xywh(boxes, scale=(orig_hw[0] / image_hw[0], orig_hw[1] / image_hw[1])),
-            "scores": scores,
-            "category_ids": self._category_ids(labels, image_id),
+            "boxes": _xyxy_to_xywh(boxes[known], scale=(orig_hw[0] / image_hw[0], orig_hw[1] / image_hw[1])),
+            "scores": scores[known],
+            "category_ids": category_ids[known],
         }
         if "segm" in self.iou_types:
             if masks is None:
@@ -157,7 +166,9 @@ class CocoEvaluator:
                 )
             if masks.shape[0] != len(boxes):
                 raise ValueError(f"the output of image {image_id} has {masks.shape[0]} masks for {len(boxes)} boxes.")
-            entry["segmentations"] = encode_masks(_binary_masks(masks, orig_hw))
+            if not known.all():
+                masks = masks[torch.as_tensor(known)] if isinstance(masks, torch.Tensor) else masks[known]
+            entry["segmentations"] = encode_masks(_binary_masks(masks, orig_hw, self.mask_threshold))
         return entry
 
     def _category_ids(self, labels: np.ndarray, image_id: int) -> np.ndarray:
@@ -230,7 +241,8 @@ class CocoEvaluator:
             )
         class_names = None
         if self.per_class:
-            class_names = {self.label_to_cat_id[label]: self.classes[label - 1] for label in sorted(self.label_to_cat_id)}
+            class_names = {self.label_to_cat_id[label]: self.classes[label - 1] for label in sorted(self.label_to_cat_id)
+                           if self.label_to_cat_id[label] in self.coco.cats}
         metrics: dict[str, float] = {}
         for iou_type in self.iou_types:
             metrics.update(
@@ -356,12 +368,17 @@ def _label_lookup(label_to_cat_id: Mapping[int, int], coco: COCO) -> np.ndarray:
     num_classes = len(label_to_cat_id)
     if sorted(label_to_cat_id) != list(range(1, num_classes + 1)):
         raise ValueError(f"dataset.label_to_cat_id must map labels 1..K to category ids, got keys {sorted(label_to_cat_id)}.")
-    unknown = [c for c in label_to_cat_id.values() if c not in coco.cats]
-    if unknown:
-        raise ValueError(f"dataset.label_to_cat_id names category ids {unknown} that the ground truth does not define.")
+    if not any(c in coco.cats for c in label_to_cat_id.values()):
+        raise ValueError(
+            f"none of the category ids of dataset.label_to_cat_id ({sorted(label_to_cat_id.values())[:10]}...) "
+            f"is a category of the ground truth ({sorted(coco.cats)[:10]}...)."
+        )
+    # A label whose category the ground truth does not define (an unused id of a model's label space,
+    # like torchvision's "N/A" COCO ids) maps to -1: its detections cannot match and are dropped.
     lookup = np.full(num_classes + 1, -1, dtype=np.int64)
     for label, cat_id in label_to_cat_id.items():
-        lookup[label] = cat_id
+        if cat_id in coco.cats:
+            lookup[label] = cat_id
     return lookup
 
 
@@ -401,7 +418,7 @@ def _xyxy_to_xywh(boxes: np.ndarray, *, scale: tuple[float, float]) -> np.ndarra
     return boxes
 
 
-def _binary_masks(masks: torch.Tensor | np.ndarray, orig_hw: tuple[int, int]) -> torch.Tensor:
+def _binary_masks(masks: torch.Tensor | np.ndarray, orig_hw: tuple[int, int], threshold: float) -> torch.Tensor:
     """``[N, 1, H, W]`` or ``[N, H, W]`` masks → bool ``[N, H0, W0]`` at the original size."""
     masks = torch.as_tensor(masks).detach()
     if masks.ndim == 4 and masks.shape[1] == 1:
@@ -409,9 +426,9 @@ def _binary_masks(masks: torch.Tensor | np.ndarray, orig_hw: tuple[int, int]) ->
     if masks.ndim != 3:
         raise ValueError(f"output masks must be [N, 1, H, W] or [N, H, W], got {tuple(masks.shape)}.")
     if tuple(masks.shape[-2:]) == orig_hw:
-        return masks >= MASK_THRESHOLD if masks.dtype != torch.bool else masks
+        return masks >= threshold if masks.dtype != torch.bool else masks
     chunks = [
-        F.interpolate(chunk[:, None].float(), size=orig_hw, mode="bilinear", align_corners=False)[:, 0] >= MASK_THRESHOLD
+        F.interpolate(chunk[:, None].float(), size=orig_hw, mode="bilinear", align_corners=False)[:, 0] >= threshold
         for chunk in masks.split(_RESIZE_CHUNK)
     ]
     return torch.cat(chunks) if chunks else masks.new_zeros((0, *orig_hw), dtype=torch.bool)

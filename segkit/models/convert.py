@@ -1,4 +1,5 @@
-"""Key mapping from torchvision and timm checkpoints to segkit models."""
+"""Key mapping from torchvision and timm checkpoints to segkit models (whole torchvision detectors:
+:mod:`segkit.models.convert_detectors`)."""
 
 from __future__ import annotations
 
@@ -137,7 +138,8 @@ def infer_resnet_arch(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
             "the state dict is not a ResNet-family backbone: "
             + (f"key '{absent[0]}' is missing" if absent else f"blocks per stage {blocks} match no depth")
             + f" (first keys: {', '.join(list(state_dict)[:3])}). Convert only torchvision resnet*/resnext* or "
-            f"timm resnet*/resnext*/seresnet*/seresnext*/legacy_senet154 checkpoints."
+            f"timm resnet*/resnext*/seresnet*/seresnext*/legacy_senet154 backbones, or torchvision "
+            f"fasterrcnn_resnet50_fpn[_v2] / maskrcnn_resnet50_fpn[_v2] detectors."
         )
     deep = "conv3.weight" in state_dict
     stem_channels = int(state_dict["conv3.weight" if deep else "conv1.weight"].shape[0])
@@ -157,3 +159,4 @@ def infer_resnet_arch(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         "variant": variant, "stem": "deep" if deep else "default", "stem_channels": stem_channels,
         "base_channels": base,
     }
+

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.errors import ConfigError
+from segkit.ops.masks import paste_masks_in_image, resize_masks
 from segkit.registry import BACKBONES, HEADS, MODELS, NECKS, Registry, check_arguments
 
 __all__ = ["TwoStageDetector"]
@@ -25,8 +26,10 @@ class TwoStageDetector(nn.Module):
     Preprocessing happens inside: images are normalised with ``pixel_mean`` / ``pixel_std``,
     optionally resized so the short side is ``min_size`` unless that makes the long side exceed
     ``max_size`` (bilinear, the scale recomputed from the rounded size; target boxes scaled the
-    same way), and padded at the bottom / right into one batch whose sides are multiples of
-    ``size_divisor``. Detections are mapped back to each input image's pixel coordinates.
+    same way, target masks with nearest neighbours), and padded at the bottom / right into one
+    batch whose sides are multiples of ``size_divisor``. Detections are mapped back to each input
+    image's pixel coordinates; with a mask head, each detection's RoI mask is pasted into the input
+    image (:func:`~segkit.ops.masks.paste_masks_in_image`).
 
     Args:
         backbone: module mapping Tensor[N, 3, H, W] to named maps, with ``output_shape()``.
@@ -118,12 +121,15 @@ class TwoStageDetector(nn.Module):
         Args:
             images: float Tensor[3, H, W] per image, values in [0, 1], any sizes.
             targets: required in training; per image ``boxes`` (float Tensor[N, 4], xyxy pixels of
-                the input image) and ``labels`` (int64 Tensor[N], 1..K). ``N`` may be 0.
+                the input image), ``labels`` (int64 Tensor[N], 1..K) and, for a mask head, ``masks``
+                (uint8 or bool Tensor[N, H, W], the input image's size). ``N`` may be 0.
 
         Returns:
-            Training: ``{"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}`` scalars.
+            Training: ``{"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}`` scalars, plus
+            ``loss_mask`` with a mask head.
             Eval: one dict per image with ``boxes`` (float32 Tensor[D, 4], xyxy input-image pixels),
-            ``labels`` (int64 Tensor[D], 1..K) and ``scores`` (float32 Tensor[D]).
+            ``labels`` (int64 Tensor[D], 1..K), ``scores`` (float32 Tensor[D]) and, with a mask head,
+            ``masks`` (float32 Tensor[D, 1, H, W] probabilities at the input image's size).
 
         Raises:
             ValueError: malformed images or targets, or missing targets in training.
@@ -171,6 +177,8 @@ class TwoStageDetector(nn.Module):
                 target = dict(targets[i])
                 if self.min_size is not None:
                     target["boxes"] = _scale_boxes(target["boxes"], images[i].shape[-2:], image.shape[-2:])
+                    if "masks" in target:
+                        target["masks"] = resize_masks(target["masks"], scale)
                 new_targets.append(target)
         d = self.size_divisor
         height = int(math.ceil(max(s[0] for s in sizes) / d) * d)
@@ -186,14 +194,23 @@ class TwoStageDetector(nn.Module):
         image_sizes: Sequence[tuple[int, int]],
         original_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
-        """Map detection boxes from batch pixels back to each input image's pixels."""
+        """Map detection boxes from batch pixels back to each input image's pixels, and paste the
+        ``roi_masks`` of a mask head into the input image as ``masks``."""
         results = []
         for det, size, original in zip(detections, image_sizes, original_sizes):
             det = dict(det)
             if tuple(size) != tuple(original):
                 det["boxes"] = _scale_boxes(det["boxes"], size, original)
+            if "roi_masks" in det:
+                det["masks"] = paste_masks_in_image(det.pop("roi_masks"), det["boxes"], original)[:, None]
             results.append(det)
         return results
+
+    @property
+    def mask_threshold(self) -> float | None:
+        """Probability from which a mask pixel belongs to the object (``None`` without a mask head)."""
+        mask_head = getattr(self.roi_heads, "mask_head", None)
+        return None if mask_head is None else float(getattr(mask_head, "mask_threshold", 0.5))
 
 
 def _join(path: str, key: str) -> str:
@@ -257,6 +274,17 @@ def _check_targets(targets: Any, images: Sequence[Tensor]) -> list[Mapping[str, 
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
             desc = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(f"targets[{i}]['labels'] must be an int64 tensor [N] matching {len(boxes)} boxes, got {desc}")
+        masks = target.get("masks")
+        if masks is not None:
+            size = tuple(images[i].shape[-2:])
+            if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != len(boxes) or tuple(masks.shape[-2:]) != size:
+                shape = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+                raise ValueError(
+                    f"targets[{i}]['masks'] must be a tensor [N, H, W] = [{len(boxes)}, {size[0]}, {size[1]}] "
+                    f"(one mask per box, the image's size), got {shape}"
+                )
+            if masks.is_floating_point():
+                raise ValueError(f"targets[{i}]['masks'] must be uint8 or bool (0/1), got {masks.dtype}")
         bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if bad.any():
             j = int(torch.nonzero(bad)[0])

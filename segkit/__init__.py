@@ -12,12 +12,14 @@ from segkit.api import build_model, config_from_checkpoint, load_model
 from segkit.checkpoint import load_checkpoint
 from segkit.config import Config, load_config
 from segkit.errors import ConfigError, UserError
+from segkit.predict import Predictor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Config",
     "ConfigError",
+    "Predictor",
     "UserError",
     "build_model",
     "config_from_checkpoint",

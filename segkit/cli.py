@@ -2,6 +2,7 @@
 
     segkit train CONFIG [key=value ...] [--resume CKPT]
     segkit eval CONFIG_OR_CKPT [CKPT] [key=value ...] [--split val|test] [--out FILE]
+    segkit predict CONFIG_OR_CKPT [CKPT] INPUT... [key=value ...] --out DIR [--score-thr F] [--device D]
     segkit list [KIND]
     segkit config CONFIG [key=value ...]
     segkit convert --from timm|torchvision IN OUT
@@ -46,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
 
+    p = sub.add_parser("predict", help="run a checkpoint on images and draw the results",
+                       description="Predict image files, folders (their images, sorted) or glob patterns with a "
+                                   "checkpoint (`segkit predict CKPT INPUT...` or `segkit predict CONFIG CKPT "
+                                   "INPUT...`; key=value arguments override the config). Writes DIR/<image name>.png "
+                                   "with the detections drawn and DIR/predictions.json, a list of COCO results "
+                                   "(file_name, image_id = position of the image, category_id, label, "
+                                   "category_name, bbox [x, y, w, h], score, and segmentation as RLE for mask models).")
+    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT")
+    p.add_argument("rest", nargs="+", metavar="INPUT",
+                   help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")
+    p.add_argument("--score-thr", type=float, default=0.3, metavar="F",
+                   help="keep detections scoring at least F (default 0.3; 0 keeps all the model returns)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass (default 4)")
+
     p = sub.add_parser("list", help="list registered components",
                        description="List every registered component, where it comes from and its signature.")
     p.add_argument("kind", nargs="?", help="backbones, necks, heads, models, datasets, transforms or evaluators")
@@ -75,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "list": _cmd_list, "config": _cmd_config,
-               "convert": _cmd_convert}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "list": _cmd_list,
+               "config": _cmd_config, "convert": _cmd_convert}[args.command]
     try:
         return handler(args) or 0
     except (UserError, FileNotFoundError) as exc:
@@ -146,6 +163,69 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         atomic_write_json(args.out, metrics)
         print(f"metrics written to {args.out}")
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from segkit.data.coco import load_image
+    from segkit.fileio import atomic_open, atomic_write_json
+    from segkit.predict import Predictor, coco_results, find_images, picture_paths
+    from segkit.visualize import draw_predictions
+
+    if not 0.0 <= args.score_thr <= 1.0:
+        raise UserError(f"--score-thr is a score in [0, 1], got {args.score_thr}.")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    ckpt, config, inputs, overrides = _predict_arguments(args.config_or_ckpt, args.rest)
+    files = find_images(inputs)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    predictor = Predictor(ckpt, config=config, overrides=overrides, device=device, score_threshold=args.score_thr,
+                          batch_size=args.batch_size)
+    os.makedirs(args.out, exist_ok=True)
+    pictures = picture_paths(files, args.out)
+    results: list[dict] = []
+    with tqdm(total=len(files), unit="img", desc="segkit predict", disable=None) as progress:
+        for start in range(0, len(files), args.batch_size):
+            images = [load_image(f) for f in files[start:start + args.batch_size]]
+            outputs = predictor.predict_many(images)
+            for offset, (image, output) in enumerate(zip(images, outputs)):
+                index = start + offset
+                picture = draw_predictions(image, output, predictor.class_names, score_threshold=args.score_thr,
+                                           mask_threshold=predictor.mask_threshold)
+                with atomic_open(pictures[index], "wb") as f:
+                    Image.fromarray(picture).save(f, format="PNG")
+                if "boxes" in output:
+                    results.extend(coco_results(output, file_name=files[index], image_id=index, predictor=predictor))
+                progress.update(1)
+    json_path = os.path.join(args.out, "predictions.json")
+    atomic_write_json(json_path, results)
+    print(f"predicted {len(files)} image(s) on {predictor.device}: {len(results)} detection(s) with score >= "
+          f"{args.score_thr:g}; pictures and predictions.json in {args.out}")
+    return 0
+
+
+def _predict_arguments(first: str, rest: list[str]) -> tuple[str, str | None, list[str], list[str]]:
+    """Split `segkit predict`'s positional arguments into (checkpoint, config or None, inputs, overrides)."""
+    import re
+
+    override = re.compile(r"^[A-Za-z_][\w.]*=")
+    overrides = [a for a in rest if override.match(a) and not os.path.exists(a)]
+    positional = [a for a in rest if a not in overrides]
+    if first.endswith(_CHECKPOINT_SUFFIXES):
+        ckpt, config = first, None
+    else:
+        if not positional or not positional[0].endswith(_CHECKPOINT_SUFFIXES):
+            raise UserError(f"`segkit predict {first}` needs a checkpoint after the config: "
+                            f"segkit predict CONFIG CKPT INPUT... --out DIR")
+        ckpt, config, positional = positional[0], first, positional[1:]
+    _require_file(ckpt, "checkpoint")
+    if not positional:
+        raise UserError("no input images given: segkit predict CKPT INPUT... --out DIR (INPUT: image files, "
+                        "folders or glob patterns).")
+    return ckpt, config, positional, overrides
 
 
 def _is_rank_zero() -> bool:

@@ -1,4 +1,5 @@
-"""Building blocks of the ResNet family: normalisation by name, squeeze-and-excitation, residual blocks.
+"""Building blocks of the ResNet family: squeeze-and-excitation and residual blocks (normalisation by
+name comes from :mod:`segkit.ops.norm`).
 
 Parameter names follow torchvision (``conv1``, ``bn1``, ``downsample.0``) and timm (``se.fc1``), so
 their state dicts load into :class:`~segkit_plugins.backbones.resnet.ResNet` unchanged.
@@ -6,29 +7,14 @@ their state dicts load into :class:`~segkit_plugins.backbones.resnet.ResNet` unc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
-from torchvision.ops.misc import FrozenBatchNorm2d
+
+from segkit.ops.norm import NORMS, make_norm
 
 __all__ = ["NORMS", "make_norm", "SqueezeExcite", "BasicBlock", "Bottleneck"]
-
-NORMS = ("BN", "SyncBN", "GN", "FrozenBN")
-
-
-def make_norm(norm: str, channels: int) -> nn.Module:
-    """A normalisation layer by name: ``"BN"``, ``"SyncBN"``, ``"FrozenBN"`` or ``"GN"`` (32 groups, fewer if needed)."""
-    if norm == "BN":
-        return nn.BatchNorm2d(channels)
-    if norm == "SyncBN":
-        return nn.SyncBatchNorm(channels)
-    if norm == "FrozenBN":
-        return FrozenBatchNorm2d(channels)
-    if norm == "GN":
-        return nn.GroupNorm(math.gcd(32, channels), channels)
-    raise ValueError(f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
 
 
 def se_channels(channels: int, reduction: int) -> int:

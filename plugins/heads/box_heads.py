@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.registry import HEADS
-from segkit_plugins.backbones.resnet_blocks import make_norm
+from segkit.ops.norm import make_norm
 
 __all__ = ["TwoFCHead", "ConvFCHead"]
 

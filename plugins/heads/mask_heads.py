@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from segkit.ops import MultiLevelRoIAlign, ShapeSpec, shared_channels
 from segkit.ops.masks import project_masks_on_boxes
 from segkit.registry import HEADS
-from segkit_plugins.backbones.resnet_blocks import NORMS, make_norm
+from segkit.ops.norm import NORMS, make_norm
 
 __all__ = ["MaskRCNNHead"]
 

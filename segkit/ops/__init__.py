@@ -4,6 +4,7 @@ from segkit.ops.anchors import AnchorGenerator, cell_anchors
 from segkit.ops.box_coder import BoxCoder
 from segkit.ops.losses import smooth_l1_loss
 from segkit.ops.matcher import Matcher
+from segkit.ops.norm import NORMS, make_norm
 from segkit.ops.poolers import MultiLevelRoIAlign, assign_boxes_to_levels, boxes_to_rois
 from segkit.ops.sampler import BalancedSampler
 from segkit.ops.shape_spec import ShapeSpec, shared_channels
@@ -14,10 +15,12 @@ __all__ = [
     "BoxCoder",
     "Matcher",
     "MultiLevelRoIAlign",
+    "NORMS",
     "ShapeSpec",
     "shared_channels",
     "assign_boxes_to_levels",
     "boxes_to_rois",
     "cell_anchors",
+    "make_norm",
     "smooth_l1_loss",
 ]

@@ -247,3 +247,67 @@ def test_unmapped_keys_of_a_detector_are_refused(mask_v2_state):
     state["roi_heads.keypoint_head.0.weight"] = torch.zeros(1, device="meta")
     with pytest.raises(CheckpointError, match="roi_heads.keypoint_head.0.weight"):
         convert_torchvision_detector(state)
+
+
+# ---------------------------------------------------------------------------- segkit eval CKPT
+def test_segkit_eval_of_a_converted_mask_rcnn_equals_cocoeval_of_torchvision_outputs(tmp_path: Path, capsys,
+                                                                                     monkeypatch):
+    """`SEGKIT_COCO=... segkit eval OUT` needs nothing but the data: its bbox and segm numbers equal
+    pycocotools' on torchvision's own detections (ground truth: some of them, under COCO ids)."""
+    import contextlib
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from segkit.evaluation.coco import COCO_METRIC_NAMES
+
+    reference = _torchvision_detector("maskrcnn_resnet50_fpn")
+    ckpt = _convert(reference, tmp_path)
+    root = tmp_path / "coco"
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    g = torch.Generator().manual_seed(3)
+    images, annotations, results = [], [], []
+    for image_id, (h, w) in enumerate(((200, 300), (240, 320)), start=1):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / "val2017" / f"{image_id:012d}.png")
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.png", "height": h, "width": w})
+        with torch.no_grad():
+            out = reference([torch.from_numpy(pixels).permute(2, 0, 1).float() / 255])[0]
+        for k, (box, label, score, mask) in enumerate(zip(out["boxes"], out["labels"], out["scores"], out["masks"])):
+            rle = mask_utils.encode(np.asfortranarray((mask[0] >= 0.5).numpy().astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            x1, y1, x2, y2 = box.tolist()
+            result = {"image_id": image_id, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                      "score": float(score), "segmentation": rle}
+            results.append(result)
+            if k % 2 == 0 and min(x2 - x1, y2 - y1) >= 4 and mask_utils.area(rle) >= 20:  # well-posed objects
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                    "bbox": result["bbox"], "area": float(mask_utils.area(rle)), "iscrowd": 0,
+                                    "segmentation": rle})
+    assert len(annotations) >= 3
+    categories = sorted({a["category_id"] for a in annotations})
+    gt_file = root / "annotations" / "instances_val2017.json"
+    gt_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                   "categories": [{"id": c, "name": f"c{c}"} for c in categories]}))
+    expected = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_file))
+        for iou_type in ("bbox", "segm"):
+            kept = [r for r in results if r["category_id"] in categories]
+            coco_eval = COCOeval(gt, gt.loadRes(kept), iouType=iou_type)
+            coco_eval.evaluate(), coco_eval.accumulate(), coco_eval.summarize()
+            expected.update({f"{iou_type}/{n}": float(v) for n, v in zip(COCO_METRIC_NAMES, coco_eval.stats)})
+    monkeypatch.setenv("SEGKIT_COCO", str(root))
+    out_file = tmp_path / "metrics.json"
+    # One image per batch, as the reference ran: a batch pads images to a common size.
+    assert main(["eval", str(ckpt), *TEST_OVERRIDES, "data.num_workers=0", "data.batch_size=1", "--out", str(out_file)]) == 0
+    metrics = json.loads(out_file.read_text())
+    assert expected["bbox/AP"] > 0.1 and expected["segm/AP"] > 0.1
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, abs=2e-3), name

@@ -1,12 +1,12 @@
-"""Side-by-side timing of segkit's Faster R-CNN R50-FPN and torchvision's, with the same weights.
+"""Side-by-side timing of segkit's Faster / Mask R-CNN R50-FPN and torchvision's, with the same weights.
 
 Both models are built in one process with identical settings (torchvision's random initialisation,
-copied into segkit's model with the key map of ``segkit.models.convert``), then timed alternately,
+converted into segkit's model by ``segkit.models.convert_detectors``), then timed alternately,
 so background load affects both alike. Reports the median, min and max per model and the
 segkit / torchvision ratios.
 
 Usage:
-    .venv/bin/python tools/bench_faster_rcnn.py [--image-size 320x480] [--batch-size 2]
+    .venv/bin/python tools/bench_rcnn.py [--model faster|mask] [--image-size 320x480] [--batch-size 2]
         [--iters 5] [--warmup 1] [--threads 2] [--out bench.json]
 """
 
@@ -21,33 +21,53 @@ from collections.abc import Callable
 
 import torch
 import torchvision
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import segkit
-from segkit.models.convert import convert_torchvision_faster_rcnn
+from segkit.models.convert_detectors import convert_torchvision_detector
+
+MODELS = {
+    "faster": ("Faster R-CNN R50-FPN", "fasterrcnn_resnet50_fpn", "configs/faster_rcnn_r50_fpn_coco.yaml"),
+    "mask": ("Mask R-CNN R50-FPN", "maskrcnn_resnet50_fpn", "configs/mask_rcnn_r50_fpn_coco.yaml"),
+}
 
 
-def build_models(height: int, width: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_models(kind: str, height: int, width: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    _, tv_name, config = MODELS[kind]
     size_kwargs = {"min_size": min(height, width), "max_size": max(height, width)}
     torch.manual_seed(0)
-    reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=91, **size_kwargs)
-    cfg = segkit.load_config("configs/faster_rcnn_r50_fpn_coco.yaml", [
+    # Built as torchvision builds its pretrained detectors (FrozenBatchNorm2d in the backbone, the
+    # first stage and the stem frozen), which is what a user runs; weights=None alone would give
+    # plain BatchNorm2d layers.
+    backbone = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    backbone = _resnet_fpn_extractor(backbone, trainable_layers=3)
+    detector = {"fasterrcnn_resnet50_fpn": FasterRCNN, "maskrcnn_resnet50_fpn": MaskRCNN}[tv_name]
+    reference = detector(backbone, num_classes=91, **size_kwargs)
+    cfg = segkit.load_config(config, [
         "model.backbone.pretrained=null", "model.roi_head.num_classes=90",
         f"model.min_size={size_kwargs['min_size']}", f"model.max_size={size_kwargs['max_size']}",
     ])
     ours = segkit.build_model(cfg)
-    ours.load_state_dict(convert_torchvision_faster_rcnn(reference.state_dict()), strict=True)
+    ours.load_state_dict(convert_torchvision_detector(reference.state_dict())[0], strict=True)
     return ours, reference
 
 
-def make_batch(batch_size: int, height: int, width: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+def make_batch(batch_size: int, height: int, width: int, masks: bool) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     gen = torch.Generator().manual_seed(0)
     images = [torch.rand(3, height, width, generator=gen) for _ in range(batch_size)]
     targets = []
     for _ in range(batch_size):
         xy = torch.rand(6, 2, generator=gen) * torch.tensor([width * 0.7, height * 0.7])
         wh = torch.rand(6, 2, generator=gen) * torch.tensor([width * 0.3, height * 0.3]) + 16
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 91, (6,), generator=gen)})
+        target = {"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 91, (6,), generator=gen)}
+        if masks:  # the boxes, filled
+            ys, xs = torch.arange(height)[:, None], torch.arange(width)[None, :]
+            b = target["boxes"]
+            target["masks"] = ((xs >= b[:, 0, None, None]) & (xs < b[:, 2, None, None])
+                               & (ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None])).to(torch.uint8)
+        targets.append(target)
     return images, targets
 
 
@@ -80,6 +100,7 @@ def time_alternating(fns: dict[str, Callable[[], None]], iters: int, warmup: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="faster")
     parser.add_argument("--image-size", default="320x480", help="HxW of the input images")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
@@ -89,21 +110,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.image_size.lower().split("x"))
-    ours, reference = build_models(height, width)
-    images, targets = make_batch(args.batch_size, height, width)
+    title = MODELS[args.model][0]
+    ours, reference = build_models(args.model, height, width)
+    images, targets = make_batch(args.batch_size, height, width, masks=args.model == "mask")
     opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
     opt_ref = torch.optim.SGD(reference.parameters(), lr=1e-4, momentum=0.9)
+    # Inference first, while both models hold the same weights (training steps move them apart, and
+    # the mask head's cost depends on how many detections pass the score threshold).
+    inference = time_alternating({"segkit": lambda: infer(ours, images[:1]), "reference": lambda: infer(reference, images[:1])},
+                                 args.iters, args.warmup)
     train = time_alternating({"segkit": lambda: train_step(ours, opt_ours, images, targets),
                               "reference": lambda: train_step(reference, opt_ref, images, targets)},
                              args.iters, args.warmup)
-    inference = time_alternating({"segkit": lambda: infer(ours, images[:1]), "reference": lambda: infer(reference, images[:1])},
-                                 args.iters, args.warmup)
     result: dict[str, object] = {
-        "model": "Faster R-CNN R50-FPN", "image_size": [height, width], "batch_size": args.batch_size,
+        "model": title, "image_size": [height, width], "batch_size": args.batch_size,
         "threads": args.threads, "iters": args.iters, "torch": torch.__version__,
         "torchvision": torchvision.__version__, "cpu": platform.processor() or platform.machine(),
     }
-    print(f"Faster R-CNN R50-FPN, {height}x{width}, train batch {args.batch_size}, inference batch 1, "
+    print(f"{title}, {height}x{width}, train batch {args.batch_size}, inference batch 1, "
           f"{args.threads} threads, {args.iters} iterations (median / min / max seconds)")
     for name in ("segkit", "reference"):
         t, i = train[name], inference[name]

@@ -165,6 +165,24 @@ def test_matcher_equals_torchvision_with_low_quality_matches():
     assert torch.equal(idx[labels == 1], expected[labels == 1])
 
 
+def test_pool_all_levels_pools_every_box_from_every_level():
+    from segkit.ops import MultiLevelRoIAlign
+
+    torch.manual_seed(0)
+    pooler = MultiLevelRoIAlign(strides=(4, 8, 16), output_size=5, sampling_ratio=2)
+    feats = [torch.rand(2, 6, 64 // s, 64 // s) for s in (4, 8, 16)]
+    boxes = [torch.tensor([[2.0, 3.0, 40.0, 50.0]]), torch.tensor([[0.0, 0.0, 10.0, 12.0], [5.0, 5.0, 60.0, 61.0]])]
+    pooled = pooler.pool_all_levels(feats, boxes)
+    assert pooled.shape == (3, 3, 6, 5, 5)
+    rois = torch.cat([torch.tensor([[0.0]]), torch.tensor([[1.0], [1.0]])])
+    rois = torch.cat([rois, torch.cat(boxes)], dim=1)
+    for level, (feat, stride) in enumerate(zip(feats, (4, 8, 16))):
+        expected = torchvision.ops.roi_align(feat, rois, 5, 1.0 / stride, 2, False)
+        torch.testing.assert_close(pooled[level], expected)
+    single = pooler(feats, boxes)  # the level-by-size pooling picks one of them per box
+    assert all(any(torch.equal(single[r], pooled[lv, r]) for lv in range(3)) for r in range(3))
+
+
 def test_box_coder_round_trip_and_clamp():
     coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
     ref = torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 8.0, 4.0]])

@@ -122,6 +122,10 @@ class MaskRCNNHead(nn.Module):
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
 
+    def pool(self, feats: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
+        """RoI features for :meth:`layers`: Tensor[R, C, S, S], each box from the level of its size."""
+        return self.pooler(feats, boxes)
+
     def layers(self, x: Tensor) -> Tensor:
         """Mask logits Tensor[R, K or 1, 2S, 2S] of pooled features Tensor[R, C, S, S]."""
         for conv in self.convs:
@@ -144,7 +148,7 @@ class MaskRCNNHead(nn.Module):
                 raise ValueError("the mask head needs targets in training mode")
             return self._loss(feats, instances, targets)
         boxes = [inst["boxes"] for inst in instances]
-        logits = self.layers(self.pooler(feats, boxes))
+        logits = self.layers(self.pool(feats, boxes))
         labels = torch.cat([inst["labels"] for inst in instances])
         probs = self._select(logits, labels).sigmoid()[:, None]
         return [{**inst, "roi_masks": p} for inst, p in zip(instances, probs.split([len(b) for b in boxes]))]
@@ -171,7 +175,7 @@ class MaskRCNNHead(nn.Module):
         if self.max_train_rois is not None:
             instances = [self._subsample(inst) for inst in instances]
         boxes = [inst["proposal_boxes"] for inst in instances]
-        logits = self.layers(self.pooler(feats, boxes))
+        logits = self.layers(self.pool(feats, boxes))
         labels = torch.cat([inst["labels"] for inst in instances])
         if labels.numel() == 0:
             return {"loss_mask": logits.sum() * 0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,11 @@ class StandardRoIHead(nn.Module):
     computed, boxes clipped to the image, background dropped, scores ``<= score_threshold`` and
     boxes with a side ``< min_box_size`` removed, NMS applied per class, and the
     ``detections_per_image`` best kept.
+
+    A box head whose ``adaptive_pooling`` attribute is true (PANet's adaptive feature pooling) gets
+    every RoI pooled from every level, Tensor[L, R, C, S, S] (finest first), instead of from the
+    level of its size; built from a config, a box head whose constructor takes ``num_levels`` is
+    given ``len(in_features)``.
 
     An optional ``mask_head`` (any module following this protocol) extends the head to instance
     masks: in training it is called as ``mask_head(features, instances, targets)`` with, per image,
@@ -131,12 +137,11 @@ class StandardRoIHead(nn.Module):
         if isinstance(box_cfg, nn.Module):
             kwargs["box_head"] = box_cfg
         else:
-            kwargs["box_head"] = HEADS.build(
-                box_cfg,
-                path=f"{path}.box_head",
-                in_channels=channels,
-                resolution=kwargs.get("pooler_resolution", _DEFAULT_RESOLUTION),
-            )
+            box_defaults: dict[str, Any] = {
+                "in_channels": channels, "resolution": kwargs.get("pooler_resolution", _DEFAULT_RESOLUTION)}
+            if isinstance(box_cfg, Mapping) and "num_levels" in _parameters(HEADS, box_cfg.get("type")):
+                box_defaults["num_levels"] = len(kwargs.get("in_features", _DEFAULT_FEATURES))
+            kwargs["box_head"] = HEADS.build(box_cfg, path=f"{path}.box_head", **box_defaults)
         if isinstance(mask_cfg, Mapping):
             kwargs["mask_head"] = HEADS.build(mask_cfg, path=f"{path}.mask_head", in_shapes=in_shapes,
                                               num_classes=kwargs.get("num_classes"))
@@ -172,7 +177,10 @@ class StandardRoIHead(nn.Module):
                 raise ValueError("the RoI head needs targets in training mode")
             self._check_labels(targets)
             proposals, labels, gt_boxes, matched_idxs = self._sample(proposals, targets)
-        x = self.box_head(self.pooler(feats, proposals))
+        if getattr(self.box_head, "adaptive_pooling", False):
+            x = self.box_head(self.pooler.pool_all_levels(feats, proposals))
+        else:
+            x = self.box_head(self.pooler(feats, proposals))
         class_logits, box_deltas = self.cls_score(x), self.bbox_pred(x)
         if not self.training:
             detections = self._postprocess(class_logits, box_deltas, proposals, image_sizes)
@@ -260,3 +268,11 @@ class StandardRoIHead(nn.Module):
             keep = batched_nms(boxes_i, scores_i, labels_i, self.nms_threshold)[: self.detections_per_image]
             results.append({"boxes": boxes_i[keep], "labels": labels_i[keep], "scores": scores_i[keep]})
         return results
+
+
+def _parameters(registry: Any, type_name: Any) -> set[str]:
+    """Constructor parameter names of a registered component (empty if it cannot be inspected)."""
+    try:
+        return set(inspect.signature(registry.get(str(type_name))).parameters)
+    except (TypeError, ValueError, ConfigError):
+        return set()

@@ -130,3 +130,21 @@ class MultiLevelRoIAlign(nn.Module):
                 continue
             out[idx] = roi_align(feature, rois[idx], self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
         return out
+
+    def pool_all_levels(self, features: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
+        """Pool every box from **every** level (PANet's adaptive feature pooling).
+
+        Args:
+            features: one Tensor[N, C, H_l, W_l] per stride given at construction.
+            boxes: one Tensor[R_i, 4] per image, xyxy input pixels.
+
+        Returns:
+            Tensor[L, sum R_i, C, *output_size]: level ``l`` (finest first) pooled at its own stride.
+        """
+        if len(features) != len(self.strides):
+            raise ValueError(f"expected {len(self.strides)} feature maps (strides {self.strides}), got {len(features)}")
+        rois = boxes_to_rois(boxes).to(features[0].dtype)
+        return torch.stack([
+            roi_align(feature, rois, self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
+            for feature, stride in zip(features, self.strides)
+        ])

@@ -24,15 +24,18 @@ def test_config_loads_and_model_builds(path: Path):
         assert "segm" in cfg["evaluation"]["iou_types"] and cfg["data"]["val"]["with_masks"]
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "quickstart_mask.yaml"])
-def test_quickstart_is_cpu_sized(name):
+# PANet's adaptive pooling gives each level its own first box-head layer and its fused mask branch a
+# 28x28-output FC layer: more parameters, on the same small backbone.
+@pytest.mark.parametrize("name,limit", [("quickstart.yaml", 5e6), ("quickstart_mask.yaml", 5e6),
+                                        ("quickstart_panet.yaml", 10e6)])
+def test_quickstart_is_cpu_sized(name, limit):
     cfg = segkit.load_config(CONFIGS[0].parent / name)
     params = sum(p.numel() for p in segkit.build_model(cfg).parameters())
-    assert params < 5_000_000  # torchvision's R50-FPN Faster R-CNN has about 41.8 million
+    assert params < limit  # torchvision's R50-FPN Faster R-CNN has about 41.8 million
     assert cfg["trainer"]["accelerator"] == "cpu"
 
 
-@pytest.mark.parametrize("name", ["faster_rcnn_r50_fpn_coco.yaml", "mask_rcnn_r50_fpn_coco.yaml"])
+@pytest.mark.parametrize("name", ["faster_rcnn_r50_fpn_coco.yaml", "mask_rcnn_r50_fpn_coco.yaml", "panet_r50_fpn_coco.yaml"])
 def test_coco_recipe_is_the_standard_1x(name):
     cfg = segkit.load_config(CONFIGS[0].parent / name)
     assert (cfg["model"]["min_size"], cfg["model"]["max_size"]) == (800, 1333)
@@ -54,3 +57,20 @@ def test_mask_rcnn_coco_config_matches_torchvision_maskrcnn_resnet50_fpn():
     model = segkit.build_model(cfg)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
     assert cfg["evaluation"]["iou_types"] == ["bbox", "segm"] and cfg["data"]["train"]["with_masks"]
+
+
+def test_panet_ablations_switch_exactly_one_part_on_over_mask_rcnn():
+    def parts(name):
+        model = segkit.build_model(segkit.load_config(CONFIGS[0].parent / name))
+        box, mask = model.roi_heads.box_head, model.roi_heads.mask_head
+        return {"bottom_up": getattr(model.neck, "bottom_up", False),
+                "afp": bool(getattr(box, "adaptive_pooling", False)) and bool(getattr(mask, "adaptive_pooling", False)),
+                "fused": bool(getattr(mask, "fused", False))}
+
+    assert parts("quickstart_panet.yaml") == {"bottom_up": True, "afp": True, "fused": True}
+    assert parts("quickstart_panet_bottom_up_only.yaml") == {"bottom_up": True, "afp": False, "fused": False}
+    assert parts("quickstart_panet_afp_only.yaml") == {"bottom_up": False, "afp": True, "fused": False}
+    assert parts("quickstart_panet_fused_only.yaml") == {"bottom_up": False, "afp": False, "fused": True}
+    assert parts("quickstart_mask.yaml") == {"bottom_up": False, "afp": False, "fused": False}
+    x101 = segkit.load_config(CONFIGS[0].parent / "panet_x101_64x4d_coco.yaml")["model"]["backbone"]
+    assert (x101["depth"], x101["groups"], x101["width_per_group"]) == (101, 64, 4)

@@ -222,6 +222,16 @@ class Registry:
         check_arguments(obj, merged, path=path, type_name=str(type_name), kind=self.kind)
         return obj(**merged)
 
+    def build_child(self, cfg: Mapping[str, Any], *, path: str, **defaults: Any) -> Any:
+        """:meth:`build`, with a constructor's ``ValueError`` (a bad value) re-raised as a
+        :class:`ConfigError` at ``path``; meta-architectures build their parts with it."""
+        try:
+            return self.build(cfg, path=path, **defaults)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc), key=path) from exc
+
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
 

@@ -15,6 +15,7 @@ from segkit.errors import ConfigError
 from segkit.models.convert import convert_torchvision_faster_rcnn
 from segkit.ops import AnchorGenerator, BoxCoder, Matcher, ShapeSpec
 from segkit.registry import BACKBONES, HEADS, MODELS, NECKS
+from tests.reference import torchvision_head_losses
 
 LOSS_NAMES = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}
 
@@ -117,29 +118,11 @@ def test_head_losses_equal_torchvision_given_the_same_random_sampling(parity_mod
         {"boxes": torch.tensor([[20.0, 30.0, 120.0, 150.0], [150.0, 40.0, 290.0, 110.0]]), "labels": torch.tensor([3, 17])},
         {"boxes": torch.tensor([[5.0, 5.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
     ]
-    with torch.no_grad():
-        tv_images, tv_targets = reference.transform(images, targets)
-        tv_features = reference.backbone(tv_images.tensors)
-        batch, sizes, our_targets = ours.preprocess(images, targets)
-        features = ours.extract_features(batch)
-    heads = (reference.rpn, reference.roi_heads, ours.rpn, ours.roi_heads)
-    try:
-        for head in heads:
-            head.train()
-        with torch.no_grad():
-            torch.manual_seed(1)
-            tv_proposals, tv_rpn = reference.rpn(tv_images, tv_features, tv_targets)
-            _, tv_roi = reference.roi_heads(tv_features, tv_proposals, tv_images.image_sizes, tv_targets)
-            torch.manual_seed(1)
-            proposals, rpn = ours.rpn(features, sizes, tuple(batch.shape[-2:]), our_targets)
-            _, roi = ours.roi_heads(features, proposals, sizes, our_targets)
-    finally:
-        for head in heads:
-            head.eval()
-    pairs = {"loss_rpn_cls": tv_rpn["loss_objectness"], "loss_rpn_box": tv_rpn["loss_rpn_box_reg"],
-             "loss_cls": tv_roi["loss_classifier"], "loss_box_reg": tv_roi["loss_box_reg"]}
-    for name, expected in pairs.items():
-        torch.testing.assert_close({**rpn, **roi}[name], expected, atol=1e-5, rtol=1e-4, msg=name)
+    expected, got = torchvision_head_losses(reference, ours, images, targets)
+    pairs = {"loss_rpn_cls": "loss_objectness", "loss_rpn_box": "loss_rpn_box_reg", "loss_cls": "loss_classifier",
+             "loss_box_reg": "loss_box_reg"}
+    for name, tv_name in pairs.items():
+        torch.testing.assert_close(got[name], expected[tv_name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------------------- ops against torchvision

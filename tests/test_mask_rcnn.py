@@ -13,6 +13,7 @@ from segkit.models.convert_detectors import convert_torchvision_detector
 from segkit.ops.masks import paste_masks_in_image, project_masks_on_boxes, resize_masks
 from segkit.registry import MODELS
 
+from tests.reference import torchvision_head_losses
 from test_detector import synthetic_batch, tiny_config
 
 SIZE = {"min_size": 192, "max_size": 320}
@@ -103,26 +104,7 @@ def test_mask_loss_equals_torchvision_given_the_same_sampling(parity_models):
             cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
             masks[k] = (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1).to(torch.uint8)
         targets.append({"boxes": b, "labels": labels, "masks": masks})
-    with torch.no_grad():
-        tv_images, tv_targets = reference.transform(images, targets)
-        tv_features = reference.backbone(tv_images.tensors)
-        batch, sizes, our_targets = ours.preprocess(images, targets)
-        features = ours.extract_features(batch)
-    heads = (reference.rpn, reference.roi_heads, ours.rpn, ours.roi_heads)
-    try:
-        for head in heads:
-            head.train()
-        with torch.no_grad():
-            torch.manual_seed(1)
-            tv_proposals, tv_rpn = reference.rpn(tv_images, tv_features, tv_targets)
-            _, tv_roi = reference.roi_heads(tv_features, tv_proposals, tv_images.image_sizes, tv_targets)
-            torch.manual_seed(1)
-            proposals, rpn = ours.rpn(features, sizes, tuple(batch.shape[-2:]), our_targets)
-            _, roi = ours.roi_heads(features, proposals, sizes, our_targets)
-    finally:
-        for head in heads:
-            head.eval()
-    expected, got = {**tv_rpn, **tv_roi}, {**rpn, **roi}
+    expected, got = torchvision_head_losses(reference, ours, images, targets)
     assert expected["loss_mask"] > 0.1
     pairs = {"loss_rpn_cls": "loss_objectness", "loss_rpn_box": "loss_rpn_box_reg", "loss_cls": "loss_classifier",
              "loss_box_reg": "loss_box_reg", "loss_mask": "loss_mask"}

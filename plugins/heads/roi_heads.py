@@ -141,10 +141,10 @@ class StandardRoIHead(nn.Module):
                 "in_channels": channels, "resolution": kwargs.get("pooler_resolution", _DEFAULT_RESOLUTION)}
             if isinstance(box_cfg, Mapping) and "num_levels" in _parameters(HEADS, box_cfg.get("type")):
                 box_defaults["num_levels"] = len(kwargs.get("in_features", _DEFAULT_FEATURES))
-            kwargs["box_head"] = _build_child(box_cfg, f"{path}.box_head", **box_defaults)
+            kwargs["box_head"] = HEADS.build_child(box_cfg, path=f"{path}.box_head", **box_defaults)
         if isinstance(mask_cfg, Mapping):
-            kwargs["mask_head"] = _build_child(mask_cfg, f"{path}.mask_head", in_shapes=in_shapes,
-                                               num_classes=kwargs.get("num_classes"))
+            kwargs["mask_head"] = HEADS.build_child(mask_cfg, path=f"{path}.mask_head", in_shapes=in_shapes,
+                                                    num_classes=kwargs.get("num_classes"))
         elif mask_cfg is not None:
             kwargs["mask_head"] = mask_cfg
         return cls(**kwargs)
@@ -276,13 +276,3 @@ def _parameters(registry: Any, type_name: Any) -> set[str]:
         return set(inspect.signature(registry.get(str(type_name))).parameters)
     except (TypeError, ValueError, ConfigError):
         return set()
-
-
-def _build_child(cfg: Any, path: str, **defaults: Any) -> nn.Module:
-    """Build a sub-head, reporting a constructor's ValueError (a bad value) at its config key."""
-    try:
-        return HEADS.build(cfg, path=path, **defaults)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(str(exc), key=path) from exc

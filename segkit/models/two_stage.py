@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from segkit.errors import ConfigError
 from segkit.ops.masks import paste_masks_in_image, resize_masks
-from segkit.registry import BACKBONES, HEADS, MODELS, NECKS, Registry, check_arguments
+from segkit.registry import BACKBONES, HEADS, MODELS, NECKS, check_arguments
 
 __all__ = ["TwoStageDetector"]
 
@@ -99,14 +99,14 @@ class TwoStageDetector(nn.Module):
                 raise ConfigError(f"TwoStageDetector needs a '{key}' section with a 'type'", key=_join(path, key))
         children = {k: kwargs.pop(k, None) for k in ("backbone", "neck", "rpn_head", "roi_head")}
         check_arguments(cls, {**kwargs, **dict.fromkeys(_CHILDREN)}, path=path, type_name=cls.__name__, kind="model")
-        backbone = _build(BACKBONES, children["backbone"], _join(path, "backbone"))
+        backbone = BACKBONES.build_child(children["backbone"], path=_join(path, "backbone"))
         shapes = backbone.output_shape()
         neck = None
         if children["neck"] is not None:
-            neck = _build(NECKS, children["neck"], _join(path, "neck"), in_shapes=shapes)
+            neck = NECKS.build_child(children["neck"], path=_join(path, "neck"), in_shapes=shapes)
             shapes = neck.output_shape()
-        rpn = _build(HEADS, children["rpn_head"], _join(path, "rpn_head"), in_shapes=shapes)
-        roi_heads = _build(HEADS, children["roi_head"], _join(path, "roi_head"), in_shapes=shapes)
+        rpn = HEADS.build_child(children["rpn_head"], path=_join(path, "rpn_head"), in_shapes=shapes)
+        roi_heads = HEADS.build_child(children["roi_head"], path=_join(path, "roi_head"), in_shapes=shapes)
         try:
             return cls(backbone=backbone, neck=neck, rpn=rpn, roi_heads=roi_heads, **kwargs)
         except ValueError as exc:
@@ -215,16 +215,6 @@ class TwoStageDetector(nn.Module):
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _build(registry: Registry, cfg: Any, path: str, **defaults: Any) -> nn.Module:
-    """Build a child, reporting a constructor's ValueError (a bad value) at its config key."""
-    try:
-        return registry.build(cfg, path=path, **defaults)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(str(exc), key=path) from exc
 
 
 def _scale_boxes(boxes: Tensor, old_size: Sequence[int], new_size: Sequence[int]) -> Tensor:

@@ -14,24 +14,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
+from segkit.ops.norm import make_norm
 from segkit.registry import NECKS
 
-__all__ = ["FPN"]
+__all__ = ["FPN", "conv_norm"]
 
 _EXTRA_BLOCKS = ("maxpool", None)
-_NORMS = (None, "BN", "GN")
+_NORMS = (None, "BN", "SyncBN", "GN")
 
 
-def _conv_norm(in_channels: int, out_channels: int, kernel_size: int, norm: str | None) -> nn.Sequential:
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm is None)
+def conv_norm(in_channels: int, out_channels: int, kernel_size: int, norm: str | None, *, stride: int = 1) -> nn.Sequential:
+    """``Sequential(conv[, norm])``: the FPN's conv layout and initialisation (the conv has a bias only
+    without a norm); necks built on the FPN reuse it."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+                     bias=norm is None)
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     layers: list[nn.Module] = [conv]
-    if norm == "BN":
-        layers.append(nn.BatchNorm2d(out_channels))
-    elif norm == "GN":
-        layers.append(nn.GroupNorm(math.gcd(32, out_channels), out_channels))
+    if norm is not None:
+        layers.append(make_norm(norm, out_channels))
     return nn.Sequential(*layers)
 
 
@@ -47,7 +49,7 @@ class FPN(nn.Module):
         in_features: names of the backbone maps to use, finest first; strides must be powers of two.
         out_channels: channels of every output map.
         extra_block: ``"maxpool"`` to add the subsampled extra level, or ``None``.
-        norm: ``None``, ``"BN"`` or ``"GN"`` after every conv (convs lose their bias with a norm).
+        norm: ``None``, ``"BN"``, ``"SyncBN"`` or ``"GN"`` after every conv (convs lose their bias with a norm).
 
     Example:
         >>> shapes = {"c2": ShapeSpec(64, 4), "c3": ShapeSpec(128, 8)}
@@ -77,8 +79,8 @@ class FPN(nn.Module):
             raise ValueError(f"FPN inputs must have increasing power-of-two strides, got {dict(zip(in_features, strides))}")
         self.in_features = tuple(in_features)
         self.extra_block = extra_block
-        self.lateral_convs = nn.ModuleList(_conv_norm(in_shapes[f].channels, out_channels, 1, norm) for f in in_features)
-        self.output_convs = nn.ModuleList(_conv_norm(out_channels, out_channels, 3, norm) for _ in in_features)
+        self.lateral_convs = nn.ModuleList(conv_norm(in_shapes[f].channels, out_channels, 1, norm) for f in in_features)
+        self.output_convs = nn.ModuleList(conv_norm(out_channels, out_channels, 3, norm) for _ in in_features)
         self._shapes = {f"p{int(math.log2(s))}": ShapeSpec(out_channels, s) for s in strides}
         if extra_block == "maxpool":
             self._shapes[f"p{int(math.log2(strides[-1])) + 1}"] = ShapeSpec(out_channels, strides[-1] * 2)

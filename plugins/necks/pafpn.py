@@ -31,26 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
-from segkit.ops.norm import make_norm
 from segkit.registry import NECKS
-from segkit_plugins.necks.fpn import FPN
+from segkit_plugins.necks.fpn import FPN, conv_norm
 
 __all__ = ["PAFPN"]
 
 _NORMS = (None, "BN", "SyncBN", "GN")
 _BOTTOM_UP_INPUTS = ("output", "sum")
-
-
-def _conv_norm(channels: int, *, stride: int, norm: str | None) -> nn.Sequential:
-    """3x3 conv (``channels`` -> ``channels``) [+ norm], initialised like the FPN's convs."""
-    conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=norm is None)
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    layers: list[nn.Module] = [conv]
-    if norm is not None:
-        layers.append(make_norm(norm, channels))
-    return nn.Sequential(*layers)
 
 
 @NECKS.register()
@@ -103,14 +90,10 @@ class PAFPN(FPN):
             raise ValueError(f"PAFPN norm must be one of {_NORMS}, got {norm!r}")
         if bottom_up_input not in _BOTTOM_UP_INPUTS:
             raise ValueError(f"PAFPN bottom_up_input must be one of {_BOTTOM_UP_INPUTS}, got {bottom_up_input!r}")
-        # FPN knows BN but not SyncBN: build with BN, then swap those layers (same parameter names).
         super().__init__(
             in_shapes=in_shapes, in_features=in_features, out_channels=out_channels,
-            extra_block=extra_block, norm="BN" if norm == "SyncBN" else norm,
+            extra_block=extra_block, norm=norm,
         )
-        if norm == "SyncBN":
-            nn.SyncBatchNorm.convert_sync_batchnorm(self.lateral_convs)
-            nn.SyncBatchNorm.convert_sync_batchnorm(self.output_convs)
         self.bottom_up = bool(bottom_up)
         self.bottom_up_input = bottom_up_input
         if not self.bottom_up:
@@ -123,8 +106,8 @@ class PAFPN(FPN):
                 "or set bottom_up: false"
             )
         num_steps = len(in_features) - 1
-        self.downsample_convs = nn.ModuleList(_conv_norm(out_channels, stride=2, norm=norm) for _ in range(num_steps))
-        self.bottom_up_convs = nn.ModuleList(_conv_norm(out_channels, stride=1, norm=norm) for _ in range(num_steps))
+        self.downsample_convs = nn.ModuleList(conv_norm(out_channels, out_channels, 3, norm, stride=2) for _ in range(num_steps))
+        self.bottom_up_convs = nn.ModuleList(conv_norm(out_channels, out_channels, 3, norm) for _ in range(num_steps))
 
     def forward(self, features: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
         """Build the top-down pyramid, then the augmented bottom-up one.

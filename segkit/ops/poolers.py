@@ -1,4 +1,4 @@
-"""RoIAlign over a feature pyramid, each box pooled from the level that fits its size."""
+"""RoIAlign over a feature pyramid, each box pooled from the level that fits its size (or from all)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+
+from segkit.ops.roi_align import roi_align
 
 __all__ = ["MultiLevelRoIAlign", "assign_boxes_to_levels", "boxes_to_rois"]
 

@@ -30,6 +30,26 @@ def test_optimizer_is_built_by_name_with_checked_arguments():
         build_optimizer(_net(), {"type": "AdamWW", "lr": 0.1})
 
 
+def test_fused_implementation_by_default_unless_configured():
+    torch.manual_seed(0)
+    # (no bias in front of a BatchNorm here: its gradient is rounding noise that Adam would amplify)
+    net, reference = (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)) for _ in range(2))
+    reference.load_state_dict(net.state_dict())
+    fused = build_optimizer(net, {"type": "AdamW", "lr": 0.1})
+    loop = build_optimizer(reference, {"type": "AdamW", "lr": 0.1, "fused": False})
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    assert not build_optimizer(_net(), {"type": "SGD", "lr": 0.1, "foreach": True}).defaults["fused"]
+    assert "fused" not in build_optimizer(_net(), {"type": "RMSprop", "lr": 0.1}).defaults
+    x = torch.rand(2, 3, 8, 8)
+    for model, opt in ((net, fused), (reference, loop)):  # the same update either way
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_norm_and_bias_weight_decay_make_parameter_groups():
     net = _net()
     opt = build_optimizer(net, {"type": "SGD", "lr": 0.1, "weight_decay": 1e-4, "norm_weight_decay": 0.0,

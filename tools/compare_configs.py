@@ -1,0 +1,105 @@
+"""Side-by-side training-step timing of two configs on the same batches of their training data.
+
+Both models are built in one process (same seed) and their training steps (forward, backward,
+optimizer step with the config's optimizer) are timed alternately on the
+same fixed batches, so background load affects both alike. Reports the median, min and max per
+config and the median ratio B / A; with ``--profile`` also prints the operators that take the most
+time in one step of each.
+
+Usage:
+    .venv/bin/python tools/compare_configs.py configs/quickstart_mask.yaml configs/quickstart_panet.yaml
+        [--iters 10] [--warmup 2] [--batches 4] [--threads 2] [--profile] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import segkit
+from segkit.data.collate import collate
+from segkit.engine.optim import build_optimizer
+from segkit.registry import DATASETS
+
+
+def build(config: str, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+    cfg = segkit.load_config(config)
+    torch.manual_seed(seed)
+    model = segkit.build_model(cfg).train()
+    opt_cfg = cfg.get("optimizer", {})
+    optimizer = build_optimizer(model, opt_cfg)
+    return model, optimizer, cfg
+
+
+def batches(cfg: dict, count: int, batch_size: int) -> list:
+    dataset = DATASETS.build(cfg["data"]["train"], path="data.train")
+    return [collate([dataset[i * batch_size + j] for j in range(batch_size)]) for i in range(count)]
+
+
+def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> float:
+    images, targets = batch
+    start = time.perf_counter()
+    losses = model(images, targets)
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config_a")
+    parser.add_argument("config_b")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's data.batch_size")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    runs = {}
+    for name in ("a", "b"):
+        config = getattr(args, f"config_{name}")
+        model, optimizer, cfg = build(config, args.seed)
+        batch_size = args.batch_size or cfg["data"].get("batch_size", 2)
+        runs[name] = {"config": config, "model": model, "optimizer": optimizer,
+                      "batches": batches(cfg, args.batches, batch_size), "times": []}
+    for it in range(args.warmup + args.iters):
+        for run in runs.values():
+            elapsed = step(run["model"], run["optimizer"], run["batches"][it % args.batches])
+            if it >= args.warmup:
+                run["times"].append(elapsed)
+
+    result = {"threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
+    print(f"{'config':<45} {'median s':>9} {'min s':>8} {'max s':>8} {'params M':>9}")
+    for name, run in runs.items():
+        times = run["times"]
+        params = sum(p.numel() for p in run["model"].parameters()) / 1e6
+        result[name] = {"config": run["config"], "train_step_s": statistics.median(times),
+                        "min_s": min(times), "max_s": max(times), "params_m": params}
+        print(f"{run['config']:<45} {statistics.median(times):9.3f} {min(times):8.3f} {max(times):8.3f} {params:9.2f}")
+    result["ratio_train_step"] = result["b"]["train_step_s"] / result["a"]["train_step_s"]
+    print(f"ratio B / A (median step time): {result['ratio_train_step']:.3f}")
+
+    if args.profile:
+        for run in runs.values():
+            with torch.autograd.profiler.profile() as prof:
+                step(run["model"], run["optimizer"], run["batches"][0])
+            print(f"\n{run['config']}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from segkit.ops.roi_align import roi_align
+from segkit.ops.roi_align import roi_align, roi_align_levels
 
 __all__ = ["MultiLevelRoIAlign", "assign_boxes_to_levels", "boxes_to_rois"]
 
@@ -145,7 +145,5 @@ class MultiLevelRoIAlign(nn.Module):
         if len(features) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature maps (strides {self.strides}), got {len(features)}")
         rois = boxes_to_rois(boxes).to(features[0].dtype)
-        return torch.stack([
-            roi_align(feature, rois, self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
-            for feature, stride in zip(features, self.strides)
-        ])
+        scales = [1.0 / stride for stride in self.strides]
+        return roi_align_levels(features, rois, self.output_size, scales, self.sampling_ratio, self.aligned)

@@ -1,13 +1,14 @@
-"""RoIAlign with a vectorised CPU backward.
+"""RoIAlign on the CPU as one weighted gather, for training.
 
-The forward pass is torchvision's ``roi_align``. On the CPU its backward kernel walks every output
-element in one thread, and at a Mask R-CNN's RoI counts it costs more than every convolution of the
-heads together. Here the backward is the same sum written as one scatter: each output bin's
-bilinear sampling weights are computed for all RoIs at once (the same float32 arithmetic, boundary
-rules and averaging as the kernel), and the weighted output gradients are accumulated into a
-channels-last gradient with ``index_add_``. The result equals torchvision's gradient up to
-float summation order (tested). CUDA tensors, ``sampling_ratio <= 0`` (a per-RoI adaptive grid)
-and inputs that need no gradient use torchvision's own kernels.
+torchvision's CPU ``roi_align`` kernels loop over every output element in one thread, and its
+backward costs more than every convolution of a Mask R-CNN's heads. For a CPU input that needs a
+gradient, this module writes RoIAlign as what it is, a weighted sum of feature-map pixels: each
+output bin's bilinear sampling positions and weights are computed for all RoIs at once (the
+kernel's float arithmetic, boundary rules and averaging), and ``F.embedding_bag`` gathers and sums
+the channels-last pixels (its backward is a vectorised scatter). Values equal torchvision's up to
+float summation order (tested, about 1e-6). Several pyramid levels pooled for the same RoIs
+(PANet's adaptive feature pooling) are one gather over the concatenated levels. CUDA tensors,
+``sampling_ratio <= 0`` (a per-RoI adaptive grid) and inference use torchvision's kernels.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align as tv_roi_align
 
-__all__ = ["roi_align", "roi_align_backward"]
+__all__ = ["roi_align", "roi_align_levels"]
 
 
-def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: int) -> tuple[Tensor, Tensor]:
     """Bilinear sample positions of one axis: ``low`` / ``high`` pixel indices and their weights.
 
     Args:
@@ -32,7 +34,7 @@ def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: int
         size: the feature map's extent along the axis.
 
     Returns:
-        ``index`` Tensor[R, bins, grid, 2] (int64, low then high), ``weight`` Tensor[R, bins, grid, 2]
+        ``index`` Tensor[R, bins, grid, 2] (int64, low then high) and ``weight`` of the same shape
         (zero for samples outside the map), in the kernel's float arithmetic.
     """
     bin_size = length / bins
@@ -52,81 +54,74 @@ def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: int
     return torch.stack([low, high], dim=-1), weight
 
 
-def roi_align_backward(
-    grad_output: Tensor,
-    rois: Tensor,
-    input_shape: Sequence[int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-) -> Tensor:
-    """Gradient of ``roi_align`` with respect to its input (``sampling_ratio > 0``).
-
-    Args:
-        grad_output: Tensor[R, C, PH, PW].
-        rois: Tensor[R, 5], (image index, x1, y1, x2, y2) in input pixels.
-        input_shape: ``(N, C, H, W)`` of the pooled feature map.
-        spatial_scale, sampling_ratio, aligned: as given to ``roi_align``.
+def _sampling(rois: Tensor, shape: Sequence[int], scale: float, size: tuple[int, int], grid: int,
+              aligned: bool, first_row: int) -> tuple[Tensor, Tensor]:
+    """Rows of the channels-last pixel table and weights summed by every output bin.
 
     Returns:
-        Tensor[N, C, H, W], the gradient, dtype and device of ``grad_output``.
+        ``index`` int64 and ``weight`` Tensor[R * PH * PW, 4 * grid**2]; ``index`` counts from
+        ``first_row``, the row of pixel (0, 0, 0) of this map in the table.
     """
-    if sampling_ratio <= 0:
-        raise ValueError(f"roi_align_backward needs a fixed sampling_ratio > 0, got {sampling_ratio}")
-    n, c, h, w = (int(s) for s in input_shape)
-    r, _, ph, pw = grad_output.shape
-    grad_input = grad_output.new_zeros((n * h * w, c))
-    if r == 0:
-        return grad_input.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
-    rois = rois.to(grad_output.dtype)
+    _, _, h, w = shape
+    (ph, pw), r = size, rois.shape[0]
     offset = 0.5 if aligned else 0.0
-    x1 = rois[:, 1] * spatial_scale - offset
-    y1 = rois[:, 2] * spatial_scale - offset
-    width = rois[:, 3] * spatial_scale - offset - x1
-    height = rois[:, 4] * spatial_scale - offset - y1
+    x1 = rois[:, 1] * scale - offset
+    y1 = rois[:, 2] * scale - offset
+    width = rois[:, 3] * scale - offset - x1
+    height = rois[:, 4] * scale - offset - y1
     if not aligned:
         width, height = width.clamp(min=1.0), height.clamp(min=1.0)
-    s = sampling_ratio
-    y_idx, y_w = _axis_samples(y1, height, ph, s, h)  # [R, PH, S, 2]
-    x_idx, x_w = _axis_samples(x1, width, pw, s, w)  # [R, PW, S, 2]
-    # every (RoI, bin y, bin x, sample y, sample x, corner y, corner x): flat pixel index and weight
-    base = rois[:, 0].to(torch.int64) * (h * w)
+    y_idx, y_w = _axis_samples(y1, height, ph, grid, h)  # [R, PH, S, 2]
+    x_idx, x_w = _axis_samples(x1, width, pw, grid, w)  # [R, PW, S, 2]
+    # every (RoI, bin y, bin x, sample y, sample x, corner y, corner x)
+    base = rois[:, 0].to(torch.int64) * (h * w) + first_row
     index = (base[:, None, None, None, None, None, None]
              + y_idx[:, :, None, :, None, :, None] * w
              + x_idx[:, None, :, None, :, None, :])
-    weight = y_w[:, :, None, :, None, :, None] * x_w[:, None, :, None, :, None, :] / float(s * s)
-    index = index.expand(r, ph, pw, s, s, 2, 2).reshape(r * ph * pw, -1)
-    weight = weight.expand(r, ph, pw, s, s, 2, 2).reshape(r * ph * pw, -1)
-    rows = grad_output.permute(0, 2, 3, 1).reshape(r * ph * pw, 1, c)
-    source = (rows * weight[:, :, None]).reshape(-1, c)
-    grad_input.index_add_(0, index.reshape(-1), source)
-    return grad_input.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+    weight = y_w[:, :, None, :, None, :, None] * x_w[:, None, :, None, :, None, :] / float(grid * grid)
+    shape7 = (r, ph, pw, grid, grid, 2, 2)
+    per_bin = 4 * grid * grid
+    return index.expand(shape7).reshape(r * ph * pw, per_bin), weight.expand(shape7).reshape(r * ph * pw, per_bin)
 
 
-class _RoIAlign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):  # noqa: D102
-        ctx.save_for_backward(rois)
-        ctx.settings = (tuple(input.shape), spatial_scale, sampling_ratio, aligned)
-        return tv_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+def _use_gather(features: Sequence[Tensor], sampling_ratio: int) -> bool:
+    return (sampling_ratio > 0 and torch.is_grad_enabled()
+            and all(f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) for f in features)
+            and any(f.requires_grad for f in features))
 
-    @staticmethod
-    def backward(ctx, grad_output):  # noqa: D102
-        (rois,) = ctx.saved_tensors
-        shape, spatial_scale, sampling_ratio, aligned = ctx.settings
-        grad = roi_align_backward(grad_output, rois, shape, spatial_scale, sampling_ratio, aligned)
-        return grad, None, None, None, None, None
+
+def _gather(features: Sequence[Tensor], rois: Tensor, size: tuple[int, int], scales: Sequence[float],
+            sampling_ratio: int, aligned: bool) -> Tensor:
+    """Pool every RoI from every map in one ``embedding_bag``: Tensor[L, R, C, PH, PW]."""
+    channels = features[0].shape[1]
+    rois = rois.to(features[0].dtype)
+    indices, weights, tables, first_row = [], [], [], 0
+    for feature, scale in zip(features, scales):
+        index, weight = _sampling(rois, feature.shape, scale, size, sampling_ratio, aligned, first_row)
+        indices.append(index)
+        weights.append(weight)
+        tables.append(feature.permute(0, 2, 3, 1).reshape(-1, channels))
+        first_row += tables[-1].shape[0]
+    table = tables[0] if len(tables) == 1 else torch.cat(tables)
+    index = indices[0] if len(indices) == 1 else torch.cat(indices)
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    out = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum")
+    return out.view(len(features), rois.shape[0], *size, channels).permute(0, 1, 4, 2, 3)
+
+
+def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
+    return (output_size, output_size) if isinstance(output_size, int) else (int(output_size[0]), int(output_size[1]))
 
 
 def roi_align(
     input: Tensor,
     rois: Tensor,
-    output_size: int | tuple[int, int],
+    output_size: int | Sequence[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> Tensor:
-    """``torchvision.ops.roi_align`` (same arguments and values) with a fast CPU backward.
+    """``torchvision.ops.roi_align`` (same arguments and values) with fast CPU training.
 
     Args:
         input: Tensor[N, C, H, W].
@@ -141,12 +136,38 @@ def roi_align(
 
     Example:
         >>> x = torch.rand(1, 4, 16, 16, requires_grad=True)
-        >>> out = roi_align(x, torch.tensor([[0.0, 1.0, 1.0, 9.0, 9.0]]), 7, 1.0, 2)
-        >>> out.shape
+        >>> roi_align(x, torch.tensor([[0.0, 1.0, 1.0, 9.0, 9.0]]), 7, 1.0, 2).shape
         torch.Size([1, 4, 7, 7])
     """
-    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if (input.device.type == "cpu" and input.requires_grad and torch.is_grad_enabled()
-            and sampling_ratio > 0 and input.dtype in (torch.float32, torch.float64)):
-        return _RoIAlign.apply(input, rois, size, float(spatial_scale), int(sampling_ratio), bool(aligned))
+    size = _pair(output_size)
+    if _use_gather([input], sampling_ratio):
+        return _gather([input], rois, size, [float(spatial_scale)], int(sampling_ratio), bool(aligned))[0]
     return tv_roi_align(input, rois, size, spatial_scale, sampling_ratio, aligned)
+
+
+def roi_align_levels(
+    features: Sequence[Tensor],
+    rois: Tensor,
+    output_size: int | Sequence[int],
+    spatial_scales: Sequence[float],
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign of the same RoIs from several maps of a pyramid (same channels, own scales).
+
+    Args:
+        features: L maps Tensor[N, C, H_l, W_l].
+        rois: Tensor[R, 5], (image index, x1, y1, x2, y2) in input pixels.
+        output_size: ``(PH, PW)`` or one int.
+        spatial_scales: one per map (``1 / stride``).
+        sampling_ratio, aligned: as in :func:`roi_align`.
+
+    Returns:
+        Tensor[L, R, C, PH, PW]; ``[l]`` equals ``roi_align(features[l], rois, ..., spatial_scales[l])``.
+    """
+    size = _pair(output_size)
+    if len(features) != len(spatial_scales):
+        raise ValueError(f"got {len(features)} feature maps but {len(spatial_scales)} spatial scales")
+    if _use_gather(features, sampling_ratio):
+        return _gather(features, rois, size, [float(s) for s in spatial_scales], int(sampling_ratio), bool(aligned))
+    return torch.stack([tv_roi_align(f, rois, size, s, sampling_ratio, aligned) for f, s in zip(features, spatial_scales)])

@@ -6,9 +6,15 @@ same fixed batches, so background load affects both alike. Reports the median, m
 config and the median ratio B / A; with ``--profile`` also prints the operators that take the most
 time in one step of each.
 
+With ``--synthetic HxW`` the batches are random images of that size with random boxes (and
+filled-box masks), so configs whose data is not on this machine (COCO) can be compared;
+``--set KEY=VALUE`` overrides both configs (e.g. ``model.backbone.pretrained=null``).
+
 Usage:
     .venv/bin/python tools/compare_configs.py configs/quickstart_mask.yaml configs/quickstart_panet.yaml
         [--iters 10] [--warmup 2] [--batches 4] [--threads 2] [--profile] [--out FILE]
+    .venv/bin/python tools/compare_configs.py configs/mask_rcnn_r50_fpn_coco.yaml configs/panet_r50_fpn_coco.yaml
+        --synthetic 320x480 --batch-size 2 --set model.backbone.pretrained=null
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from segkit.engine.optim import build_optimizer
 from segkit.registry import DATASETS
 
 
-def build(config: str, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
-    cfg = segkit.load_config(config)
+def build(config: str, seed: int, overrides: list[str]) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+    cfg = segkit.load_config(config, overrides)
     torch.manual_seed(seed)
     model = segkit.build_model(cfg).train()
     opt_cfg = cfg.get("optimizer", {})
@@ -39,6 +45,24 @@ def build(config: str, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimize
 def batches(cfg: dict, count: int, batch_size: int) -> list:
     dataset = DATASETS.build(cfg["data"]["train"], path="data.train")
     return [collate([dataset[i * batch_size + j] for j in range(batch_size)]) for i in range(count)]
+
+
+def synthetic_batches(size: str, count: int, batch_size: int, num_classes: int, seed: int) -> list:
+    height, width = (int(v) for v in size.lower().split("x"))
+    gen = torch.Generator().manual_seed(seed)
+    ys, xs = torch.arange(height)[:, None], torch.arange(width)[None, :]
+    out = []
+    for _ in range(count):
+        images, targets = [], []
+        for _ in range(batch_size):
+            images.append(torch.rand(3, height, width, generator=gen))
+            xy = torch.rand(6, 2, generator=gen) * torch.tensor([width * 0.7, height * 0.7])
+            boxes = torch.cat([xy, xy + torch.rand(6, 2, generator=gen) * torch.tensor([width * 0.3, height * 0.3]) + 16], 1)
+            masks = ((xs >= boxes[:, 0, None, None]) & (xs < boxes[:, 2, None, None])
+                     & (ys >= boxes[:, 1, None, None]) & (ys < boxes[:, 3, None, None])).to(torch.uint8)
+            targets.append({"boxes": boxes, "labels": torch.randint(1, num_classes + 1, (6,), generator=gen), "masks": masks})
+        out.append((images, targets))
+    return out
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> float:
@@ -61,6 +85,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's data.batch_size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", default=None, metavar="HxW", help="random images of this size instead of the data")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in both configs")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -69,10 +95,14 @@ def main() -> None:
     runs = {}
     for name in ("a", "b"):
         config = getattr(args, f"config_{name}")
-        model, optimizer, cfg = build(config, args.seed)
+        model, optimizer, cfg = build(config, args.seed, args.set)
         batch_size = args.batch_size or cfg["data"].get("batch_size", 2)
-        runs[name] = {"config": config, "model": model, "optimizer": optimizer,
-                      "batches": batches(cfg, args.batches, batch_size), "times": []}
+        if args.synthetic:
+            num_classes = cfg["model"]["roi_head"]["num_classes"]
+            data = synthetic_batches(args.synthetic, args.batches, batch_size, num_classes, args.seed)
+        else:
+            data = batches(cfg, args.batches, batch_size)
+        runs[name] = {"config": config, "model": model, "optimizer": optimizer, "batches": data, "times": []}
     for it in range(args.warmup + args.iters):
         for run in runs.values():
             elapsed = step(run["model"], run["optimizer"], run["batches"][it % args.batches])

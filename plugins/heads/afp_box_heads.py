@@ -111,8 +111,12 @@ class AFPTwoFCHead(TwoFCHead):
         if not self.adaptive_pooling:
             return super().forward(x)
         _check_levels(type(self).__name__, x, self.num_levels)
-        per_level = [F.relu(fc(x_level.flatten(1))) for fc, x_level in zip(self.fc6, x)]
-        return F.relu(self.fc7(_fuse(per_level, self.fusion)))
+        # every level's fc6 in one batched matrix product (faster than L separate ones on a CPU)
+        weight = torch.stack([fc.weight for fc in self.fc6]).transpose(1, 2)  # [L, C*S*S, fc_dim]
+        bias = torch.stack([fc.bias for fc in self.fc6])[:, None]  # [L, 1, fc_dim]
+        per_level = F.relu(torch.baddbmm(bias, x.flatten(2), weight))  # [L, R, fc_dim]
+        fused = per_level.amax(0) if self.fusion == "max" else per_level.sum(0)
+        return F.relu(self.fc7(fused))
 
 
 @HEADS.register()

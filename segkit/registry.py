@@ -49,8 +49,11 @@ ENTRY_POINT_GROUP = "segkit.plugins"
 # datasets, evaluators). Plugins come only through entry points and ``imports:``.
 _CORE_MODULES = (
     "segkit.models.two_stage",
+    "segkit.models.segmentor",
     "segkit.data.coco",
     "segkit.data.shapes",
+    "segkit.data.semseg",
+    "segkit.data.semseg_formats",
     "segkit.data.transforms",
     "segkit.evaluation.coco",
 )

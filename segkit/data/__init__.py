@@ -27,6 +27,14 @@ _EXPORTS = {
     "prepare_shapes": "segkit.data.shapes",
     "build_transforms": "segkit.data.transforms",
     "apply_transforms": "segkit.data.transforms",
+    "SemSegFolder": "segkit.data.semseg",
+    "default_palette": "segkit.data.semseg",
+    "VOCSegmentation": "segkit.data.semseg_formats",
+    "PascalContext": "segkit.data.semseg_formats",
+    "ADE20K": "segkit.data.semseg_formats",
+    "ShapesSegmentation": "segkit.data.semseg_formats",
+    "build_seg_transforms": "segkit.data.transforms",
+    "apply_seg_transforms": "segkit.data.transforms",
 }
 
 __all__ = [*_EXPORTS, "collate"]

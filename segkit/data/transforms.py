@@ -15,22 +15,52 @@ Box filtering policy:
       of it remains, as torchvision and MMDetection do for random crops;
     * ``min_size=1.0`` pixel: a box left thinner or shorter than one pixel (for example an object
       that a crop removes entirely) is dropped together with its label and mask.
+
+Semantic segmentation uses a second path: :func:`build_seg_transforms` builds a pipeline without
+box handling and :func:`apply_seg_transforms` moves an image and its label map (class indices,
+``ignore_index`` for unlabelled pixels) through it together. Label maps are always resampled with
+nearest-neighbour interpolation (a transform configured otherwise is rejected), and every transform
+that pads or fills the map (``PadIfNeeded``, ``RandomCrop`` with ``pad_if_needed``, ``Affine``,
+``Rotate``...) gets ``fill_mask: ignore_index`` unless the config sets ``fill_mask`` itself, so
+padding never invents background pixels. Two transforms fill gaps in albumentations:
+:class:`RandomShortSideResize` (short side drawn from a range of pixel sizes) and
+:class:`SegRandomCrop` (pad with ``fill`` / ``ignore_index`` up to the crop size, then crop at random,
+retrying so that no class covers more than ``cat_max_ratio`` of the crop, as MMSegmentation does).
+EncNet's training pipeline (random scale 0.5-2.0, 480 px crop with ignore padding, flip, colour
+jitter) reads, in a dataset config::
+
+    transforms:
+      - {type: RandomScale, scale_limit: [-0.5, 1.0], p: 1.0}      # scale factor 0.5 .. 2.0
+      - {type: PadIfNeeded, min_height: 480, min_width: 480, position: top_left, fill: 0}
+      - {type: RandomCrop, height: 480, width: 480}
+      - {type: HorizontalFlip, p: 0.5}
+      - {type: ColorJitter, brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.0, p: 0.5}
+
+``PadIfNeeded`` pads the map with ``ignore_index`` (the default ``fill_mask``). The middle two items
+may be replaced by ``{type: SegRandomCrop, height: 480, width: 480, cat_max_ratio: 0.75}``, and the
+first by ``{type: RandomShortSideResize, min_size: 260, max_size: 1040}`` to scale the short side
+to 0.5-2.0 times EncNet's base size of 520 px instead of scaling the image by a ratio.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 
 from segkit.errors import ConfigError
 from segkit.registry import TRANSFORMS
 
-__all__ = ["build_transforms", "apply_transforms", "follow_torch_seed", "to_tensor_image"]
+__all__ = [
+    "build_transforms", "apply_transforms", "follow_torch_seed", "to_tensor_image",
+    "build_seg_transforms", "apply_seg_transforms", "RandomShortSideResize", "SegRandomCrop",
+]
 
 # Transforms that would break the dataset contract (float image in [0, 1], numpy in, tensors out).
 _FORBIDDEN = {
@@ -193,3 +223,219 @@ def apply_transforms(
     if masks is not None:
         masks_t = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8))
     return image_t, torch.from_numpy(boxes.copy()), torch.from_numpy(labels.copy()), masks_t
+
+
+# ---------------------------------------------------------------------- label-map pipelines
+_NEAREST = (cv2.INTER_NEAREST, cv2.INTER_NEAREST_EXACT)
+
+
+def build_seg_transforms(
+    cfgs: Sequence[Mapping[str, Any]] | None,
+    *,
+    path: str = "transforms",
+    ignore_index: int = 255,
+) -> A.Compose:
+    """Build an albumentations pipeline for an image and its semantic label map.
+
+    Transforms that fill the label map get ``fill_mask=ignore_index`` (and :class:`SegRandomCrop`
+    its ``ignore_index``) unless the item sets them; see the module docstring.
+
+    Args:
+        cfgs: list of ``{"type": name, **kwargs}``; ``None`` or ``[]`` gives the identity pipeline.
+        path: dotted config path of the list, used in errors.
+        ignore_index: label of unlabelled pixels, used to pad and fill the map.
+
+    Returns:
+        ``A.Compose`` (no box handling); apply it with :func:`apply_seg_transforms`.
+
+    Raises:
+        ConfigError: as :func:`build_transforms`, or an item that sets a ``mask_interpolation``
+            other than nearest-neighbour (it would blend class indices into other classes).
+
+    Example:
+        >>> pipeline = build_seg_transforms([{"type": "PadIfNeeded", "min_height": 480, "min_width": 480},
+        ...                                  {"type": "RandomCrop", "height": 480, "width": 480}])
+    """
+    if cfgs is None:
+        cfgs = []
+    if isinstance(cfgs, (Mapping, str)) or not isinstance(cfgs, Sequence):
+        raise ConfigError(
+            f"transforms must be a list of {{type: Name, ...}} items, got {type(cfgs).__name__} {cfgs!r}",
+            key=path,
+        )
+    items = [_seg_defaults(item, path=f"{path}[{i}]", ignore_index=ignore_index) for i, item in enumerate(cfgs)]
+    return A.Compose([_build_one(item, path=f"{path}[{i}]") for i, item in enumerate(items)])
+
+
+def _seg_defaults(item: Any, *, path: str, ignore_index: int) -> Any:
+    """``item`` with label-map fill values defaulted to ``ignore_index``; children are handled too."""
+    if not isinstance(item, Mapping):
+        return item  # _build_one reports it
+    cfg = dict(item)
+    children = cfg.get(_CONTAINER_KEY)
+    if isinstance(children, Sequence) and not isinstance(children, str):
+        cfg[_CONTAINER_KEY] = [_seg_defaults(child, path=f"{path}.{_CONTAINER_KEY}[{j}]", ignore_index=ignore_index)
+                               for j, child in enumerate(children)]
+    name = cfg.get("type")
+    if not isinstance(name, str) or name not in TRANSFORMS:
+        return cfg
+    try:
+        params = inspect.signature(TRANSFORMS.get(name)).parameters
+    except (TypeError, ValueError):
+        return cfg
+    for key in ("fill_mask", "ignore_index"):
+        if key in params and key not in cfg:
+            cfg[key] = ignore_index
+    if cfg.get("mask_interpolation", cv2.INTER_NEAREST) not in _NEAREST:
+        raise ConfigError(f"label maps must be resampled with nearest-neighbour interpolation (0), got "
+                          f"mask_interpolation={cfg['mask_interpolation']!r}; remove the key.",
+                          key=f"{path}.mask_interpolation")
+    return cfg
+
+
+def apply_seg_transforms(
+    pipeline: A.Compose | None,
+    *,
+    image: np.ndarray,
+    label: np.ndarray,
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``pipeline`` to an image and its label map together, and convert both to tensors.
+
+    Args:
+        pipeline: from :func:`build_seg_transforms`, or ``None`` for no transform.
+        image: uint8 ``[H, W, 3]`` RGB.
+        label: integer ``[H, W]`` class indices, ``ignore_index`` for unlabelled pixels; values
+            in ``0..65535``.
+        ignore_index: the pipeline's ignore value (decides whether the map fits in uint8).
+
+    Returns:
+        ``(image, label)``: float32 ``[3, H', W']`` in ``[0, 1]`` and int64 ``[H', W']``.
+
+    Raises:
+        ValueError: the map's size differs from the image's, or it holds values outside 0..65535.
+    """
+    label = np.asarray(label)
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"label map of shape {label.shape} does not match the image's {image.shape[:2]}")
+    low, high = (int(label.min()), int(label.max())) if label.size else (0, 0)
+    if low < 0 or max(high, ignore_index) > 65535:
+        raise ValueError(f"label values must lie in 0..65535, got {low}..{high} (ignore_index {ignore_index})")
+    dtype = np.uint8 if max(high, ignore_index) <= 255 else np.uint16  # the dtypes OpenCV resamples
+    label = label.astype(dtype, copy=False)
+    if pipeline is not None:
+        out = pipeline(image=image, mask=label)
+        image, label = out["image"], out["mask"]
+    return to_tensor_image(image), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+
+
+@TRANSFORMS.register()
+class RandomShortSideResize(A.DualTransform):
+    """Resize so that the short side is a random whole number of pixels in ``[min_size, max_size]``.
+
+    The aspect ratio is kept; ``max_long_side`` caps the long side (then the short side ends up
+    smaller). Label maps use nearest-neighbour interpolation.
+
+    Args:
+        min_size / max_size: range of the short side in pixels (inclusive).
+        max_long_side: upper bound of the long side in pixels, or ``None``.
+        interpolation: OpenCV interpolation flag for the image.
+        p: probability of applying the transform.
+
+    Example:
+        >>> resize = RandomShortSideResize(min_size=260, max_size=1040)  # EncNet: 520 px x 0.5..2.0
+    """
+
+    def __init__(self, *, min_size: int, max_size: int, max_long_side: int | None = None,
+                 interpolation: int = cv2.INTER_LINEAR, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if not 1 <= int(min_size) <= int(max_size):
+            raise ValueError(f"need 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+        if max_long_side is not None and int(max_long_side) < 1:
+            raise ValueError(f"max_long_side must be a positive number of pixels or None, got {max_long_side}")
+        self.min_size, self.max_size = int(min_size), int(max_size)
+        self.max_long_side = None if max_long_side is None else int(max_long_side)
+        self.interpolation = interpolation
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        scale = self.py_random.randint(self.min_size, self.max_size) / min(height, width)
+        if self.max_long_side is not None:
+            scale = min(scale, self.max_long_side / max(height, width))
+        return {"size": (max(1, round(height * scale)), max(1, round(width * scale)))}
+
+    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(img, (size[1], size[0]), interpolation=self.interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_size", "max_size", "max_long_side", "interpolation")
+
+
+@TRANSFORMS.register()
+class SegRandomCrop(A.DualTransform):
+    """Pad to at least the crop size, then crop a random ``height x width`` window.
+
+    The image is padded with ``fill`` and the label map with ``ignore_index`` at the bottom and
+    right. With ``cat_max_ratio < 1``, up to ``max_tries`` windows are drawn until one holds at
+    least two classes and none covers ``cat_max_ratio`` or more of its labelled pixels (ignored
+    pixels do not count); otherwise the last window drawn is used (MMSegmentation's rule).
+
+    Args:
+        height / width: crop size in pixels.
+        cat_max_ratio: largest share of one class in an accepted crop; ``1.0`` accepts any crop.
+        ignore_index: label of unlabelled pixels, used for padding and not counted.
+        max_tries: windows drawn at most when ``cat_max_ratio < 1``.
+        fill: padding value of the image.
+        p: probability of applying the transform.
+
+    Example:
+        >>> crop = SegRandomCrop(height=480, width=480, cat_max_ratio=0.75)
+    """
+
+    def __init__(self, *, height: int, width: int, cat_max_ratio: float = 1.0, ignore_index: int = 255,
+                 max_tries: int = 10, fill: float = 0.0, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if int(height) < 1 or int(width) < 1:
+            raise ValueError(f"height and width must be positive, got {height}x{width}")
+        if not 0.0 < float(cat_max_ratio) <= 1.0:
+            raise ValueError(f"cat_max_ratio must lie in (0, 1], got {cat_max_ratio}")
+        if int(max_tries) < 1:
+            raise ValueError(f"max_tries must be at least 1, got {max_tries}")
+        self.height, self.width = int(height), int(width)
+        self.cat_max_ratio, self.ignore_index = float(cat_max_ratio), int(ignore_index)
+        self.max_tries, self.fill = int(max_tries), fill
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        pad = (max(self.height - height, 0), max(self.width - width, 0))
+        mask = data.get("mask")
+        for _ in range(self.max_tries):
+            top = self.py_random.randint(0, height + pad[0] - self.height)
+            left = self.py_random.randint(0, width + pad[1] - self.width)
+            if self.cat_max_ratio >= 1.0 or mask is None or self._balanced(mask, top, left):
+                break
+        return {"pad": pad, "top": top, "left": left}
+
+    def _balanced(self, mask: np.ndarray, top: int, left: int) -> bool:
+        window = mask[top:top + self.height, left:left + self.width]  # the padding is ignored anyway
+        counts = np.bincount(window[window != self.ignore_index].ravel().astype(np.int64))
+        counts = counts[counts > 0]
+        return len(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum()
+
+    def _pad_crop(self, array: np.ndarray, pad: tuple[int, int], top: int, left: int, value: float) -> np.ndarray:
+        if pad[0] or pad[1]:
+            widths = [(0, pad[0]), (0, pad[1])] + [(0, 0)] * (array.ndim - 2)
+            array = np.pad(array, widths, constant_values=value)
+        return array[top:top + self.height, left:left + self.width]
+
+    def apply(self, img: np.ndarray, pad: tuple[int, int], top: int, left: int, **params: Any) -> np.ndarray:
+        return self._pad_crop(img, pad, top, left, self.fill)
+
+    def apply_to_mask(self, mask: np.ndarray, pad: tuple[int, int], top: int, left: int, **params: Any) -> np.ndarray:
+        return self._pad_crop(mask, pad, top, left, self.ignore_index)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "cat_max_ratio", "ignore_index", "max_tries", "fill")

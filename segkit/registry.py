@@ -56,6 +56,7 @@ _CORE_MODULES = (
     "segkit.data.semseg_formats",
     "segkit.data.transforms",
     "segkit.evaluation.coco",
+    "segkit.evaluation.semseg",
 )
 
 

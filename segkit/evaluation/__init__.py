@@ -15,6 +15,9 @@ from typing import Any
 __all__ = [
     "CocoEvaluator",
     "COCO_METRIC_NAMES",
+    "SemSegEvaluator",
+    "confusion_matrix",
+    "segmentation_metrics",
     "encode_masks",
     "evaluate_coco_results",
     "format_metrics_table",
@@ -25,6 +28,9 @@ __all__ = [
 
 _LOCATIONS = {
     "CocoEvaluator": "segkit.evaluation.coco",
+    "SemSegEvaluator": "segkit.evaluation.semseg",
+    "confusion_matrix": "segkit.evaluation.semseg",
+    "segmentation_metrics": "segkit.evaluation.semseg",
     "COCO_METRIC_NAMES": "segkit.evaluation.table",
     "encode_masks": "segkit.evaluation.coco",
     "evaluate_coco_results": "segkit.evaluation.coco",

@@ -1,20 +1,33 @@
 """Semantic-segmentation metrics from a confusion matrix: mIoU, pixel and class accuracy.
 
-Metric names (fractions in [0, 1], as every segkit metric):
+For a confusion matrix ``C`` (int64 ``[K, K]``, rows ground truth, columns prediction, ignored
+pixels left out) let ``TP_k = C[k, k]``, ``GT_k`` its row sum, ``P_k`` its column sum,
+``U_k = GT_k + P_k - TP_k`` and ``N`` the number of scored pixels. The metrics, all fractions in
+``[0, 1]`` with stable names:
 
-* ``aAcc``: pixel accuracy over the pixels that are not ignored;
-* ``mIoU``, ``mAcc``: mean of the per-class IoU / accuracy over the classes for which it is defined
-  (MMSegmentation's convention): a class absent from both the ground truth and the predictions has
-  no IoU, a class absent from the ground truth no accuracy;
-* ``fwIoU``: IoU weighted by each class's share of the ground-truth pixels;
+* ``aAcc`` = ``sum_k TP_k / N``: pixel accuracy.
+* ``IoU-<class>`` = ``TP_k / U_k``, NaN for a class absent from both ground truth and prediction;
+  ``Acc-<class>`` = ``TP_k / GT_k``, NaN for a class absent from the ground truth.
+* ``mIoU``, ``mAcc``: means of the defined per-class values (MMSegmentation's convention): a class
+  absent from ground truth and prediction does not count in ``mIoU``, a class absent from the ground
+  truth does not count in ``mAcc``. A class only predicted has IoU 0 and counts.
+* ``fwIoU`` = ``sum_k (GT_k / N) * IoU_k`` over the classes present in the ground truth.
 * ``mIoU_all`` and ``pixAcc``: PyTorch-Encoding's convention, in which the EncNet paper reports its
-  numbers: ``mean_k TP_k / (union_k + eps)`` over **all** K classes (an absent class counts as 0)
-  and ``TP / (labelled pixels + eps)``, with ``eps = np.spacing(1)``;
-* ``IoU-<class>``, ``Acc-<class>`` per class (NaN where undefined), with ``per_class=True``.
+  numbers. Its ``SegmentationMetric`` sums intersections ``TP_k`` and unions ``U_k`` over the whole
+  evaluation set, then takes ``mean_k TP_k / (eps + U_k)`` over **all** K classes, so a class absent
+  from both ground truth and prediction counts as 0; ``pixAcc = sum_k TP_k / (eps + N)``; with
+  ``eps = np.spacing(1)`` (about 2.2e-16). Its labelled pixels are those that are not ignored, as here.
 
-Distributed evaluation: each image's confusion matrix is kept by ``image_id`` (only its non-zero
-entries, moved to the CPU), so the distributed sampler's padding duplicates collapse when the
-processes' states are merged and the numbers equal a single-process evaluation.
+A number with nothing to average (no scored pixel) is NaN, except ``mIoU_all`` and ``pixAcc``,
+which are 0 as in PyTorch-Encoding.
+
+Distributed evaluation: :class:`SemSegEvaluator` keeps one confusion matrix per image, keyed by
+``image_id``, computed on the device of the model's outputs. Only its non-zero entries are kept
+(flat indices and counts, a handful per image even for 150 classes), so memory stays small for any
+K. :meth:`~SemSegEvaluator.state` moves them to the CPU in one transfer; merging the states of all
+processes keeps the first entry of each image id, so the images a distributed sampler repeats to pad
+its shards count once and the numbers equal a single-process evaluation. The per-image matrices are
+summed, exactly in int64, only in :meth:`~SemSegEvaluator.evaluate`.
 """
 
 from __future__ import annotations
@@ -27,166 +40,324 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segkit.evaluation.table import SEMSEG_METRIC_NAMES as SEMSEG_SUMMARY_NAMES
 from segkit.registry import EVALUATORS
 
-__all__ = ["SemSegEvaluator", "confusion_matrix", "segmentation_metrics"]
+__all__ = ["SEMSEG_SUMMARY_NAMES", "SemSegEvaluator", "confusion_matrix", "segmentation_metrics"]
+
+# Offending values listed in an error message, at most.
+_MAX_LISTED = 10
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
     """Count (ground truth, prediction) pairs over the pixels whose target is not ``ignore_index``.
 
     Args:
-        pred: integer Tensor of predicted class indices, any shape.
-        target: integer Tensor of the same shape, class indices or ``ignore_index``.
+        pred (Tensor[...], integer): predicted class indices ``0..K-1``, any shape. Values at
+            ignored pixels are not read.
+        target (Tensor[...], integer): same shape; class indices ``0..K-1`` or ``ignore_index``.
+            Moved to ``pred``'s device if it is elsewhere.
         num_classes: K.
         ignore_index: target value of pixels that are not scored.
 
     Returns:
-        int64 Tensor[K, K] on the inputs' device; rows are ground truth, columns predictions.
+        Tensor[K, K], int64, on ``pred``'s device: ``[i, j]`` counts pixels of class ``i`` predicted
+        as ``j``.
 
     Raises:
-        ValueError: shapes differ, or a value is outside ``0..K-1`` (and, in the target, is not
-            ``ignore_index``); the message lists the offending values.
+        ValueError: shapes differ, a tensor is not of an integer type, or a scored value is outside
+            ``0..K-1``; the message lists the offending values.
 
     Example:
         >>> confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 255]), 2)
         tensor([[1, 0],
                 [0, 1]])
     """
+    _check_num_classes(num_classes)
     if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from the label shape {tuple(target.shape)}")
-    keep = target != ignore_index
-    target = target[keep].long()
-    pred = pred[keep].long()
-    for name, values in (("label", target), ("prediction", pred)):
-        bad = (values < 0) | (values >= num_classes)
-        if bool(bad.any()):
-            found = torch.unique(values[bad])[:10].tolist()
-            raise ValueError(f"{name} values {found} are outside the {num_classes} classes 0..{num_classes - 1}"
-                             + (f" and are not the ignore value {ignore_index}" if name == "label" else ""))
-    counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes)
+        raise ValueError(f"the prediction has shape {tuple(pred.shape)} but the label map {tuple(target.shape)}; "
+                         f"they must match pixel for pixel.")
+    for name, values in (("prediction", pred), ("label", target)):
+        if values.is_floating_point() or values.is_complex():
+            raise ValueError(f"the {name} must hold integer class indices, got dtype {values.dtype}; "
+                             f"take argmax over the class scores first.")
+    target = target.to(pred.device).long()
+    pred = pred.long()
+    scored = target != ignore_index
+    bad_target = scored & ((target < 0) | (target >= num_classes))
+    bad_pred = scored & ((pred < 0) | (pred >= num_classes))
+    if any(torch.stack([bad_target.any(), bad_pred.any()]).tolist()):  # one device sync for both checks
+        _raise_out_of_range(pred, target, bad_pred, bad_target, num_classes, ignore_index)
+    # Ignored pixels go to one extra bin that is dropped; no boolean indexing, so no sync here.
+    flat = torch.where(scored, target * num_classes + pred, num_classes * num_classes)
+    counts = torch.bincount(flat.reshape(-1), minlength=num_classes * num_classes + 1)
+    return counts[: num_classes * num_classes].view(num_classes, num_classes)
 
 
-def segmentation_metrics(confusion: torch.Tensor | np.ndarray, class_names: Sequence[str] | None = None,
-                         *, per_class: bool = True) -> dict[str, float]:
-    """The metrics of the module docstring from a confusion matrix (rows ground truth).
+def _raise_out_of_range(pred: torch.Tensor, target: torch.Tensor, bad_pred: torch.Tensor,
+                        bad_target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    label = bool(bad_target.any())
+    found = torch.unique(target[bad_target] if label else pred[bad_pred]).tolist()[:_MAX_LISTED]
+    fix = (f" and are not the ignore value {ignore_index}; check the dataset's classes, label_map or ignore_index "
+           f"(or the evaluator's num_classes)." if label else "; check that the model's num_classes equals the dataset's.")
+    raise ValueError(f"{'label' if label else 'prediction'} values {found} are outside the {num_classes} classes "
+                     f"0..{num_classes - 1}{fix}")
+
+
+def segmentation_metrics(confusion: torch.Tensor | np.ndarray, class_names: Sequence[str] | None = None, *,
+                         per_class: bool = True) -> dict[str, float]:
+    """The metrics of the module docstring from a confusion matrix.
 
     Args:
-        confusion: Tensor or array [K, K] of counts.
-        class_names: K names for the per-class keys (default ``"0"``..``"K-1"``).
+        confusion (Tensor or ndarray ``[K, K]``, non-negative counts): rows ground truth, columns
+            prediction, ignored pixels left out (as :func:`confusion_matrix` gives).
+        class_names: K distinct names for the per-class keys (default ``"0"`` .. ``"K-1"``).
         per_class: include ``IoU-<class>`` and ``Acc-<class>``.
 
     Returns:
-        ``{"aAcc", "mIoU", "mAcc", "fwIoU", "mIoU_all", "pixAcc", ...}``; NaN where nothing is defined
-        (no labelled pixel at all).
+        ``{"aAcc", "mIoU", "mAcc", "fwIoU", "mIoU_all", "pixAcc"}`` as floats in ``[0, 1]`` (NaN
+        where undefined), then ``IoU-<class>`` for every class and ``Acc-<class>`` for every class.
+
+    Raises:
+        ValueError: a matrix that is not square or has negative entries, or wrong class names.
+
+    Example:
+        >>> segmentation_metrics(np.array([[3, 1], [0, 0]]), ["road", "car"])["mIoU"]
+        0.375
     """
-    cm = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.float64)
-    num_classes = cm.shape[0]
-    names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for a {num_classes}-class confusion matrix")
-    tp, gt, pred = np.diag(cm), cm.sum(1), cm.sum(0)
+    cm = confusion.detach().cpu().numpy() if isinstance(confusion, torch.Tensor) else np.asarray(confusion)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+        raise ValueError(f"a confusion matrix is [K, K] with K >= 1, got shape {tuple(cm.shape)}.")
+    if (cm < 0).any():
+        raise ValueError("a confusion matrix holds pixel counts, but this one has negative entries.")
+    names = _class_names(class_names, cm.shape[0])
+    cm = cm.astype(np.float64)
+    tp, gt, pred = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
     union = gt + pred - tp
     total = cm.sum()
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(union > 0, tp / union, np.nan)
         acc = np.where(gt > 0, tp / gt, np.nan)
+        frequency = gt / total
     eps = np.spacing(1)
     metrics = {
         "aAcc": float(tp.sum() / total) if total > 0 else math.nan,
         "mIoU": _nanmean(iou),
         "mAcc": _nanmean(acc),
-        "fwIoU": float(np.nansum(gt / total * iou)) if total > 0 else math.nan,
-        "mIoU_all": float(np.mean(tp / (union + eps))),
-        "pixAcc": float(tp.sum() / (total + eps)),
+        "fwIoU": float(np.sum(frequency[gt > 0] * iou[gt > 0])) if total > 0 else math.nan,
+        "mIoU_all": float(np.mean(tp / (eps + union))),
+        "pixAcc": float(tp.sum() / (eps + total)),
     }
     if per_class:
-        metrics.update({f"IoU-{n}": float(v) for n, v in zip(names, iou)})
-        metrics.update({f"Acc-{n}": float(v) for n, v in zip(names, acc)})
+        metrics.update({f"IoU-{name}": float(value) for name, value in zip(names, iou)})
+        metrics.update({f"Acc-{name}": float(value) for name, value in zip(names, acc)})
     return metrics
-
-
-def _nanmean(values: np.ndarray) -> float:
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else math.nan
 
 
 @EVALUATORS.register()
 class SemSegEvaluator:
-    """mIoU, pixel and class accuracy of ``sem_seg`` predictions against the dataset's label maps.
+    """mIoU, pixel and class accuracy of ``sem_seg`` scores against the dataset's label maps.
 
     Args:
-        dataset: the evaluated dataset; gives ``num_classes``, ``classes`` and ``ignore_index``.
-        num_classes: K, when the dataset does not say (or to override it).
+        dataset: the evaluated dataset; gives ``num_classes`` (else ``len(classes)``), ``classes``
+            (names for the per-class keys) and ``ignore_index`` when it has them.
+        num_classes: K, for a dataset that does not say; must agree with ``dataset.classes``.
         ignore_index: label value that is not scored (default: the dataset's, else 255).
         per_class: also report ``IoU-<class>`` and ``Acc-<class>``.
 
+    The metrics and the way per-image results survive distributed evaluation are described in the
+    module docstring.
+
     Example:
-        >>> evaluator = SemSegEvaluator(dataset=ShapesSegmentation(split="val", num_images=4))
-        >>> evaluator.process(targets, model(images))  # per batch
-        >>> evaluator.evaluate()["mIoU"]
+        >>> evaluator = EVALUATORS.build({"type": "SemSegEvaluator"}, path="evaluation", dataset=val_set)
+        >>> for images, targets in loader:
+        ...     evaluator.process(targets, model(images))
+        >>> print(format_metrics_table(evaluator.evaluate()))  # segkit.evaluation.table
     """
 
     def __init__(self, *, dataset: Any, num_classes: int | None = None, ignore_index: int | None = None,
                  per_class: bool = True) -> None:
-        num_classes = num_classes if num_classes is not None else getattr(dataset, "num_classes", None)
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"SemSegEvaluator needs num_classes (a positive int) from the dataset or the config, "
-                             f"got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes, self.class_names = _dataset_classes(dataset, num_classes)
         if ignore_index is None:
-            ignore_index = getattr(dataset, "ignore_index", 255)
+            ignore_index = getattr(dataset, "ignore_index", None)
+        ignore_index = 255 if ignore_index is None else ignore_index
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+            raise ValueError(f"ignore_index must be an int (the label value of unscored pixels), got {ignore_index!r}.")
         self.ignore_index = int(ignore_index)
-        classes = getattr(dataset, "classes", None)
-        self.class_names = [str(c) for c in classes] if classes is not None and len(classes) == num_classes else None
         self.per_class = bool(per_class)
-        self._images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # image id -> (flat indices int64 [M], counts int64 [M]) of the non-zero confusion entries.
+        self._images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset(self) -> None:
         """Forget every processed image."""
         self._images = {}
 
-    def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        """Score a batch: ``targets[i]["sem_seg"]`` (int64 Tensor[H, W]) and ``image_id`` against
-        ``outputs[i]["sem_seg"]`` (float Tensor[K, H', W'] scores; resized to H x W if they differ)."""
-        for index, (target, output) in enumerate(zip(targets, outputs)):
-            scores = output["sem_seg"]
-            if scores.dim() != 3 or scores.shape[0] != self.num_classes:
-                raise ValueError(f"output {index}: sem_seg must be Tensor[K={self.num_classes}, H, W] scores, "
-                                 f"got shape {tuple(scores.shape)}")
-            label = torch.as_tensor(target["sem_seg"]).to(scores.device)
-            if tuple(scores.shape[-2:]) != tuple(label.shape[-2:]):
-                scores = F.interpolate(scores[None].float(), size=tuple(label.shape[-2:]), mode="bilinear",
-                                       align_corners=False)[0]
-            cm = confusion_matrix(scores.argmax(0), label, self.num_classes, self.ignore_index).flatten()
-            nonzero = torch.nonzero(cm).squeeze(1)
-            image_id = int(target.get("image_id", len(self._images)))
-            self._images[image_id] = (nonzero.to(torch.int32).cpu().numpy(), cm[nonzero].cpu().numpy())
-
-    def state(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Picklable per-image confusion entries, keyed by image id."""
-        return dict(self._images)
-
-    def merge(self, states: Sequence[Mapping[int, tuple[np.ndarray, np.ndarray]]]) -> None:
-        """Take the images of every process's :meth:`state`; an image seen twice counts once."""
-        merged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for state in states:
-            merged.update(state)
-        self._images = merged
-
     @property
-    def confusion(self) -> np.ndarray:
-        """The summed confusion matrix int64 [K, K] (rows ground truth) of the processed images."""
-        flat = np.zeros(self.num_classes * self.num_classes, dtype=np.int64)
-        for index, counts in self._images.values():
-            np.add.at(flat, index, counts)
-        return flat.reshape(self.num_classes, self.num_classes)
+    def image_ids(self) -> list[int]:
+        """Sorted ids of the images processed so far (or merged in)."""
+        return sorted(self._images)
+
+    def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
+        """Compute and keep the confusion matrix of each image of a batch.
+
+        Args:
+            targets: one dict per image with ``sem_seg`` (int64 Tensor[H, W], ``0..K-1`` or
+                ``ignore_index``, the label map at the size of the image given to the model) and
+                ``image_id`` (int or 0-d tensor).
+            outputs: one dict per image with ``sem_seg`` (float Tensor[K, H', W'] class scores).
+                Scores of another size than the label map are resized bilinearly to ``[H, W]``
+                before the argmax over K.
+
+        An image id seen before keeps its first result.
+
+        Raises:
+            ValueError: mismatched lengths, a missing key, scores that are not ``[K, H', W']``, or
+                label / predicted values outside ``0..K-1`` (naming the image).
+        """
+        if len(targets) != len(outputs):
+            raise ValueError(f"process() got {len(targets)} targets but {len(outputs)} outputs; pass the batch's "
+                             f"targets together with the model's outputs for the same images.")
+        for target, output in zip(targets, outputs):
+            image_id = _image_id(target)
+            if image_id not in self._images:
+                self._images[image_id] = self._sparse_confusion(image_id, target, output)
+
+    def _sparse_confusion(self, image_id: int, target: Mapping[str, Any],
+                          output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = output.get("sem_seg")
+        if not isinstance(scores, torch.Tensor) or scores.ndim != 3 or scores.shape[0] != self.num_classes:
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"the output of image {image_id} must have 'sem_seg' scores Tensor[K={self.num_classes}, "
+                             f"H, W], got {shape}; check that the model's num_classes equals the dataset's.")
+        if "sem_seg" not in target:
+            raise ValueError(f"the target of image {image_id} has no 'sem_seg' label map (int64 [H, W]).")
+        label = torch.as_tensor(target["sem_seg"], device=scores.device)
+        if label.ndim != 2:
+            raise ValueError(f"the 'sem_seg' label map of image {image_id} must be [H, W], got {tuple(label.shape)}.")
+        if scores.shape[-2:] != label.shape:
+            scores = scores if scores.is_floating_point() else scores.float()
+            scores = F.interpolate(scores[None], size=tuple(label.shape), mode="bilinear", align_corners=False)[0]
+        try:
+            flat = confusion_matrix(scores.argmax(0), label, self.num_classes, self.ignore_index).reshape(-1)
+        except ValueError as exc:
+            raise ValueError(f"image {image_id}: {exc}") from exc
+        index = flat.nonzero().squeeze(1)
+        return index, flat[index]
+
+    # ---------------------------------------------------------------- processes
+    def state(self) -> dict[str, Any]:
+        """The per-image confusion entries, on the CPU and picklable, for :meth:`merge`.
+
+        Returns:
+            ``{"num_classes": K, "image_ids": list[int], "lengths": int64 ndarray [I],
+            "indices": int64 ndarray [M], "counts": int64 ndarray [M]}``: image ``i``'s non-zero
+            entries (flat indices into ``[K * K]``) are the ``lengths[i]`` entries after those of
+            the images before it.
+        """
+        # Grouped by device (a stable sort), the order in which _concat_cpu lays out the entries.
+        ids = sorted(self._images, key=lambda image_id: str(self._images[image_id][0].device))
+        entries = [self._images[i] for i in ids]
+        indices, counts = _concat_cpu([e[0] for e in entries]), _concat_cpu([e[1] for e in entries])
+        return {"num_classes": self.num_classes, "image_ids": ids,
+                "lengths": np.array([len(e[0]) for e in entries], dtype=np.int64),
+                "indices": indices.numpy(), "counts": counts.numpy()}
+
+    def merge(self, states: Sequence[Mapping[str, Any]]) -> None:
+        """Add the images of other processes' :meth:`state`; an image id already present is skipped.
+
+        Gathering every process's state (this one's included) and merging it gives exactly the
+        result of one process that saw each image once.
+
+        Raises:
+            ValueError: a state that is not a ``SemSegEvaluator`` state with the same ``num_classes``.
+        """
+        for state in states:
+            if not isinstance(state, Mapping) or not {"image_ids", "lengths", "indices", "counts"} <= set(state):
+                raise ValueError("merge() takes a list of SemSegEvaluator.state() dicts, e.g. from all_gather_objects().")
+            if state.get("num_classes") != self.num_classes:
+                raise ValueError(f"a merged state has num_classes={state.get('num_classes')} but this evaluator "
+                                 f"{self.num_classes}; every process must evaluate the same dataset.")
+            lengths = [int(n) for n in state["lengths"]]
+            indices = torch.as_tensor(np.asarray(state["indices"], dtype=np.int64)).split(lengths)
+            counts = torch.as_tensor(np.asarray(state["counts"], dtype=np.int64)).split(lengths)
+            for image_id, index, count in zip(state["image_ids"], indices, counts):
+                self._images.setdefault(int(image_id), (index, count))
+
+    # ---------------------------------------------------------------- scoring
+    @property
+    def confusion(self) -> torch.Tensor:
+        """int64 Tensor[K, K] on the CPU: the sum of the processed images' confusion matrices."""
+        entries = list(self._images.values())
+        flat = torch.zeros(self.num_classes * self.num_classes, dtype=torch.int64)
+        flat.index_add_(0, _concat_cpu([e[0] for e in entries]), _concat_cpu([e[1] for e in entries]))
+        return flat.view(self.num_classes, self.num_classes)
 
     def evaluate(self) -> dict[str, float]:
-        """The metrics of the processed images (see the module docstring)."""
+        """Score the processed images; returns ``{"mIoU": ..., ...}`` (see the module docstring).
+
+        Raises:
+            RuntimeError: if no image was processed.
+        """
+        if not self._images:
+            raise RuntimeError("SemSegEvaluator.evaluate() found no processed images; call process(targets, outputs) "
+                               "on the evaluation batches (and merge() the other processes' states) first.")
         return segmentation_metrics(self.confusion, self.class_names, per_class=self.per_class)
 
     def __repr__(self) -> str:
-        return f"SemSegEvaluator(num_classes={self.num_classes}, ignore_index={self.ignore_index}, images={len(self._images)})"
+        return (f"{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
+                f"per_class={self.per_class}, processed_images={len(self._images)})")
 
+
+# -------------------------------------------------------------------- helpers
+def _check_num_classes(num_classes: Any) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+
+
+def _dataset_classes(dataset: Any, num_classes: int | None) -> tuple[int, list[str]]:
+    """K and the class names, from the dataset and an optional override."""
+    classes = getattr(dataset, "classes", None)
+    if num_classes is None:
+        num_classes = getattr(dataset, "num_classes", None)
+    if num_classes is None and classes is not None:
+        num_classes = len(classes)
+    if num_classes is None:
+        raise ValueError(f"SemSegEvaluator needs the number of classes: {type(dataset).__name__} has neither "
+                         f"'num_classes' nor 'classes'; set evaluation.num_classes.")
+    _check_num_classes(num_classes)
+    if classes is not None and len(classes) != num_classes:
+        raise ValueError(f"num_classes={num_classes} but the dataset has {len(classes)} classes {list(classes)[:5]}...; "
+                         f"remove evaluation.num_classes or make it equal the dataset's.")
+    return int(num_classes), _class_names(classes, int(num_classes))
+
+
+def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    names = [str(i) for i in range(num_classes)] if class_names is None else [str(n) for n in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a {num_classes}-class confusion matrix.")
+    if len(set(names)) != len(names):
+        repeated = sorted({n for i, n in enumerate(names) if n in names[:i]})
+        raise ValueError(f"class names must be distinct to name per-class metrics; repeated: {repeated}.")
+    return names
+
+
+def _image_id(target: Mapping[str, Any]) -> int:
+    if "image_id" not in target:
+        raise ValueError("a target has no 'image_id'; semantic-segmentation evaluation keys images by it so that "
+                         "images repeated by a distributed sampler count once.")
+    return int(target["image_id"])
+
+
+def _concat_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One int64 CPU tensor from 1-D tensors on any devices, with one transfer per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    parts = [torch.cat(group).cpu() for group in by_device.values()]
+    return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan

@@ -9,7 +9,7 @@ __all__ = ["COCO_METRIC_NAMES", "SEMSEG_METRIC_NAMES", "format_metrics_table"]
 
 # The 12 standard COCO numbers, in pycocotools' order; metric keys are "<iou type>/<name>".
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-# Semantic segmentation's summary numbers, printed on one row (segkit.evaluation.semseg).
+# Semantic segmentation's summary numbers, printed on one row (see segkit.evaluation.semseg).
 SEMSEG_METRIC_NAMES = ("aAcc", "mIoU", "mAcc", "fwIoU", "mIoU_all", "pixAcc")
 
 

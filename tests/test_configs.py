@@ -18,6 +18,10 @@ def test_config_loads_and_model_builds(path: Path):
     model = segkit.build_model(cfg).eval()
     with torch.no_grad():
         out = model([torch.rand(3, 96, 128)])
+    if cfg["model"]["type"] == "EncoderDecoder":
+        assert out[0]["sem_seg"].shape == (model.num_classes, 96, 128)
+        assert cfg["evaluation"]["type"] == "SemSegEvaluator" and cfg["evaluation"]["main_metric"] == "mIoU"
+        return
     assert set(out[0]) >= {"boxes", "labels", "scores"}
     if "mask_head" in (cfg["model"].get("roi_head") or {}):
         assert out[0]["masks"].shape == (len(out[0]["boxes"]), 1, 96, 128)
@@ -27,7 +31,7 @@ def test_config_loads_and_model_builds(path: Path):
 # PANet's adaptive pooling gives each level its own first box-head layer and its fused mask branch a
 # 28x28-output FC layer: more parameters, on the same small backbone.
 @pytest.mark.parametrize("name,limit", [("quickstart.yaml", 5e6), ("quickstart_mask.yaml", 5e6),
-                                        ("quickstart_panet.yaml", 10e6)])
+                                        ("quickstart_panet.yaml", 10e6), ("quickstart_seg.yaml", 2e6)])
 def test_quickstart_is_cpu_sized(name, limit):
     cfg = segkit.load_config(CONFIGS[0].parent / name)
     params = sum(p.numel() for p in segkit.build_model(cfg).parameters())
@@ -74,3 +78,20 @@ def test_panet_ablations_switch_exactly_one_part_on_over_mask_rcnn():
     assert parts("quickstart_mask.yaml") == {"bottom_up": False, "afp": False, "fused": False}
     x101 = segkit.load_config(CONFIGS[0].parent / "panet_x101_64x4d_coco.yaml")["model"]["backbone"]
     assert (x101["depth"], x101["groups"], x101["width_per_group"]) == (101, 64, 4)
+
+
+def test_encnet_configs_follow_the_paper():
+    for name, classes, depth in (("encnet_r50_d8_voc.yaml", 21, 50), ("encnet_r101_d8_pcontext.yaml", 59, 101)):
+        cfg = segkit.load_config(CONFIGS[0].parent / name)
+        model, backbone = cfg["model"], cfg["model"]["backbone"]
+        assert (backbone["depth"], backbone["strides"], backbone["dilations"]) == (depth, [1, 2, 1, 1], [1, 1, 2, 4])
+        head, aux = model["decode_head"], model["auxiliary_head"]
+        assert (head["type"], head["num_codes"], head["use_se_loss"], head["se_loss_weight"]) == ("EncHead", 32, True, 0.2)
+        assert (aux["type"], aux["in_features"], aux["loss_weight"]) == ("FCNHead", "c4", 0.2)
+        assert head["num_classes"] == aux["num_classes"] == classes
+        assert cfg["optimizer"]["type"] == "SGD" and cfg["optimizer"]["lr"] == 0.001 * cfg["data"]["batch_size"] / 16
+        assert (cfg["scheduler"]["type"], cfg["scheduler"]["power"]) == ("Poly", 0.9)
+        crop = next(t for t in cfg["data"]["train"]["transforms"] if t["type"] == "SegRandomCrop")
+        assert (crop["height"], crop["width"]) == (480, 480)
+    fcn = segkit.load_config(CONFIGS[0].parent / "fcn_r50_d8_voc.yaml")["model"]
+    assert fcn["decode_head"]["type"] == "FCNHead" and "num_codes" not in fcn["decode_head"]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.errors import ConfigError, did_you_mean
-from segkit.models.two_stage import _check_images
-from segkit.registry import BACKBONES, HEADS, MODELS, NECKS
+from segkit.models.two_stage import _check_images, _join, build_backbone_and_neck
+from segkit.registry import HEADS, MODELS
 
 __all__ = ["EncoderDecoder", "SegTestConfig"]
 
@@ -185,12 +185,7 @@ class EncoderDecoder(nn.Module):
             kwargs["test_cfg"] = SegTestConfig.from_mapping(kwargs.get("test_cfg"))
         except _TestConfigError as exc:
             raise ConfigError(exc.message, key=_join(path, f"test_cfg.{exc.key}")) from exc
-        backbone = BACKBONES.build_child(children["backbone"], path=_join(path, "backbone"))
-        shapes = backbone.output_shape()
-        neck = None
-        if children["neck"] is not None:
-            neck = NECKS.build_child(children["neck"], path=_join(path, "neck"), in_shapes=shapes)
-            shapes = neck.output_shape()
+        backbone, neck, shapes = build_backbone_and_neck(children["backbone"], children["neck"], path=path)
         decode_head = HEADS.build_child(children["decode_head"], path=_join(path, "decode_head"), in_shapes=shapes)
         auxiliary = [
             HEADS.build_child(item, path=key, in_shapes=shapes)
@@ -332,10 +327,6 @@ class EncoderDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 def _round_up(value: int, divisor: int) -> int:
     return int(math.ceil(value / divisor) * divisor)
 

@@ -99,12 +99,7 @@ class TwoStageDetector(nn.Module):
                 raise ConfigError(f"TwoStageDetector needs a '{key}' section with a 'type'", key=_join(path, key))
         children = {k: kwargs.pop(k, None) for k in ("backbone", "neck", "rpn_head", "roi_head")}
         check_arguments(cls, {**kwargs, **dict.fromkeys(_CHILDREN)}, path=path, type_name=cls.__name__, kind="model")
-        backbone = BACKBONES.build_child(children["backbone"], path=_join(path, "backbone"))
-        shapes = backbone.output_shape()
-        neck = None
-        if children["neck"] is not None:
-            neck = NECKS.build_child(children["neck"], path=_join(path, "neck"), in_shapes=shapes)
-            shapes = neck.output_shape()
+        backbone, neck, shapes = build_backbone_and_neck(children["backbone"], children["neck"], path=path)
         rpn = HEADS.build_child(children["rpn_head"], path=_join(path, "rpn_head"), in_shapes=shapes)
         roi_heads = HEADS.build_child(children["roi_head"], path=_join(path, "roi_head"), in_shapes=shapes)
         try:
@@ -211,6 +206,24 @@ class TwoStageDetector(nn.Module):
         """Probability from which a mask pixel belongs to the object (``None`` without a mask head)."""
         mask_head = getattr(self.roi_heads, "mask_head", None)
         return None if mask_head is None else float(getattr(mask_head, "mask_threshold", 0.5))
+
+
+def build_backbone_and_neck(
+    backbone_cfg: Mapping[str, Any], neck_cfg: Mapping[str, Any] | None, *, path: str
+) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
+    """Build a meta-architecture's backbone and optional neck from their config sections.
+
+    Returns:
+        ``(backbone, neck or None, shapes)``: ``shapes`` is the neck's ``output_shape()`` (the
+        backbone's without a neck), what the heads are built with.
+    """
+    backbone = BACKBONES.build_child(backbone_cfg, path=_join(path, "backbone"))
+    shapes = backbone.output_shape()
+    neck = None
+    if neck_cfg is not None:
+        neck = NECKS.build_child(neck_cfg, path=_join(path, "neck"), in_shapes=shapes)
+        shapes = neck.output_shape()
+    return backbone, neck, shapes
 
 
 def _join(path: str, key: str) -> str:

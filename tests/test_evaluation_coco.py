@@ -1,8 +1,10 @@
-"""CocoEvaluator gives pycocotools' own numbers for the results it builds from model outputs."""
+"""CocoEvaluator gives pycocotools' own numbers for the results it builds from model outputs, with
+either backend (pycocotools or faster-coco-eval)."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -18,11 +20,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import segkit.evaluation.coco as coco_module
 from segkit.evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvaluator,
     encode_masks,
+    evaluate_coco_results,
     format_metrics_table,
+    resolve_backend,
 )
 from segkit.evaluation.distributed import all_gather_objects, broadcast_object, evaluate_distributed
 
@@ -398,3 +403,63 @@ def test_two_process_evaluation_equals_single_process(dataset, detections, tmp_p
     expected = single.evaluate()
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+# ------------------------------------------------------------------------ backends
+BACKEND_NAMES = ["pycocotools", pytest.param("faster_coco_eval", marks=pytest.mark.skipif(
+    importlib.util.find_spec("faster_coco_eval") is None, reason="faster-coco-eval is not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("subset", [False, True], ids=["all_images", "some_images"])
+def test_every_backend_gives_pycocotools_numbers_and_per_class_ap(dataset, detections, backend, subset):
+    image_ids = all_ids(dataset)[::2] if subset else all_ids(dataset)
+    evaluator = CocoEvaluator(dataset=dataset, iou_types=("bbox", "segm"), per_class=True, backend=backend)
+    assert evaluator.backend == backend
+    segm_results = []
+    for image_id in image_ids:
+        targets, outputs = batch_for(dataset, detections, [image_id])
+        outputs[0]["masks"] = masks = synthetic_masks(dataset, detections, image_id, seed=image_id)
+        evaluator.process(targets, outputs)
+        for d, rle in zip((d for d in detections if d["image_id"] == image_id), encode_masks(masks[:, 0] >= 0.5)):
+            segm_results.append({"image_id": image_id, "category_id": d["category_id"], "segmentation": rle,
+                                 "score": d["score"]})
+    metrics = evaluator.evaluate()
+    bbox_results = [d for d in detections if d["image_id"] in image_ids]
+    for iou_type, results in (("bbox", bbox_results), ("segm", segm_results)):
+        reference = reference_eval(dataset.coco, results, iou_type, image_ids)
+        np.testing.assert_allclose(stats_of(metrics, iou_type), reference.stats, rtol=0, atol=1e-9)
+        for k, cat_id in enumerate(reference.params.catIds):
+            expected = reference.eval["precision"][:, :, k, 0, 2]
+            expected = expected[expected > -1]
+            name = dataset.coco.cats[cat_id]["name"]
+            if expected.size:
+                assert metrics[f"{iou_type}/AP-{name}"] == pytest.approx(expected.mean(), abs=1e-9)
+            else:
+                assert math.isnan(metrics[f"{iou_type}/AP-{name}"])
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_every_backend_scores_zero_detections_like_pycocotools(dataset, backend):
+    ids = all_ids(dataset)
+    metrics = evaluate_coco_results(dataset.coco, [], iou_type="bbox", image_ids=ids, backend=backend)
+    reference = evaluate_coco_results(dataset.coco, [], iou_type="bbox", image_ids=ids, backend="pycocotools")
+    assert metrics == reference
+    assert metrics["bbox/AP"] == 0.0
+
+
+def test_auto_backend_prefers_faster_coco_eval_and_falls_back_to_pycocotools(monkeypatch):
+    installed = importlib.util.find_spec("faster_coco_eval") is not None
+    assert resolve_backend("auto") == ("faster_coco_eval" if installed else "pycocotools")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(coco_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "faster_coco_eval" else real_find_spec(name, *a))
+    assert resolve_backend("auto") == "pycocotools"
+    with pytest.warns(UserWarning, match=r"'faster_coco_eval' is not installed.*pip install 'segkit\[fast-eval\]'"):
+        assert resolve_backend("faster_coco_eval") == "pycocotools"
+
+
+def test_unknown_backend_names_the_choices(dataset):
+    with pytest.raises(ValueError, match=r"evaluation.backend must be one of 'auto', 'pycocotools', "
+                                         r"'faster_coco_eval', got 'fast'"):
+        CocoEvaluator(dataset=dataset, backend="fast")

@@ -14,7 +14,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -35,15 +35,29 @@ class DatasetError(UserError):
 
 
 def load_image(path: str, *, image_id: int | None = None) -> np.ndarray:
-    """Read an image file as a uint8 ``[H, W, 3]`` RGB array.
+    """Read an image file as a uint8 ``[H, W, 3]`` RGB array, as a viewer shows it.
+
+    Every mode becomes RGB: grayscale is repeated over the channels, palette images are expanded,
+    an alpha channel is dropped (not composited), 16-bit images (PNG ``I;16`` and 32-bit integer
+    ``I`` holding 16-bit values) are scaled to 8 bits (``value / 257``, rounded) rather than clipped
+    at 255. A JPEG's EXIF orientation is applied (as cameras and viewers do), so the height and
+    width are those of the upright image; annotations must be made on the upright image too.
 
     Raises:
-        DatasetError: the file does not exist or cannot be decoded; the message names the path and
-            the image id.
+        DatasetError: the file does not exist, cannot be decoded or has a mode with no RGB meaning
+            (floating point); the message names the path and the image id.
     """
     which = f"image file '{path}'" + (f" (image id {image_id})" if image_id is not None else "")
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                wide = np.asarray(im, dtype=np.int64)
+                gray = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
+            if im.mode == "F":
+                raise DatasetError(f"{which} holds floating-point pixels (PIL mode 'F'), which have no fixed "
+                                   f"mapping to RGB; convert it to an 8-bit RGB or grayscale image.")
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError as exc:
         raise DatasetError(f"{which} does not exist. Check the dataset's img_dir and the file_name in the "

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from segkit.config import config_errors
+from segkit.data.coco import DatasetError
 from segkit.errors import ConfigError
 from segkit.registry import DATASETS, check_arguments
 
@@ -44,7 +45,13 @@ class SegkitDataModule(pl.LightningDataModule):
         if cfg is None:
             raise ConfigError(f"the config defines no '{split}' dataset (data.{split})", key=f"data.{split}")
         if split not in self.datasets:
-            self.datasets[split] = DATASETS.build(cfg, path=f"data.{split}")
+            dataset = DATASETS.build(cfg, path=f"data.{split}")
+            if len(dataset) == 0:
+                raise DatasetError(
+                    f"the {split} dataset (data.{split}, {cfg.get('type')}) has no images{_source(dataset)}: "
+                    f"check its paths and split, and that filters such as skip_empty leave some images."
+                )
+            self.datasets[split] = dataset
         return self.datasets[split]
 
     def prepare_data(self) -> None:
@@ -81,6 +88,15 @@ class SegkitDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test" if self.split_cfgs.get("test") else "val", train=False)
+
+
+def _source(dataset: Any) -> str:
+    """`` from <file or folder>`` for the first of a dataset's usual source attributes it has."""
+    for name in ("ann_file", "img_dir", "root"):
+        value = getattr(dataset, name, None)
+        if isinstance(value, str):
+            return f" (read from {value})"
+    return ""
 
 
 def build_datamodule(cfg: Mapping[str, Any]) -> SegkitDataModule:

@@ -50,16 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="run a checkpoint on images and draw the results",
                        description="Predict image files, folders (their images, sorted) or glob patterns with a "
                                    "checkpoint (`segkit predict CKPT INPUT...` or `segkit predict CONFIG CKPT "
-                                   "INPUT...`; key=value arguments override the config). Writes DIR/<image name>.png "
+                                   "INPUT...`; key=value arguments override the config). A detector writes DIR/<image name>.png "
                                    "with the detections drawn and DIR/predictions.json, a list of COCO results "
                                    "(file_name, image_id = position of the image, category_id, label, "
-                                   "category_name, bbox [x, y, w, h], score, and segmentation as RLE for mask models).")
+                                   "category_name, bbox [x, y, w, h], score, and segmentation as RLE for mask models). "
+                                   "A semantic segmentor writes DIR/<image name>.png with the classes coloured and a "
+                                   "legend, and DIR/labels/<image name>.png, the label map (pixel = class index; "
+                                   "16-bit above 255 classes).")
     p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT")
     p.add_argument("rest", nargs="+", metavar="INPUT",
                    help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
     p.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")
     p.add_argument("--score-thr", type=float, default=0.3, metavar="F",
-                   help="keep detections scoring at least F (default 0.3; 0 keeps all the model returns)")
+                   help="keep detections scoring at least F (default 0.3; 0 keeps all the model returns; "
+                        "unused by segmentors)")
     p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass (default 4)")
 
@@ -172,7 +176,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from segkit.data.coco import load_image
     from segkit.fileio import atomic_open, atomic_write_json
-    from segkit.predict import Predictor, coco_results, find_images, picture_paths
+    from segkit.predict import Predictor, coco_results, find_images, label_map, picture_paths, save_label_map
     from segkit.visualize import draw_predictions
 
     if not 0.0 <= args.score_thr <= 1.0:
@@ -186,6 +190,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size)
     os.makedirs(args.out, exist_ok=True)
     pictures = picture_paths(files, args.out)
+    label_dir = os.path.join(args.out, "labels")
+    if predictor.is_segmentor:
+        os.makedirs(label_dir, exist_ok=True)
+        label_maps = [os.path.join(label_dir, os.path.basename(p)) for p in pictures]
     results: list[dict] = []
     with tqdm(total=len(files), unit="img", desc="segkit predict", disable=None) as progress:
         for start in range(0, len(files), args.batch_size):
@@ -197,9 +205,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                            mask_threshold=predictor.mask_threshold)
                 with atomic_open(pictures[index], "wb") as f:
                     Image.fromarray(picture).save(f, format="PNG")
-                if "boxes" in output:
+                if predictor.is_segmentor:
+                    save_label_map(label_map(output), label_maps[index])
+                else:
                     results.extend(coco_results(output, file_name=files[index], image_id=index, predictor=predictor))
                 progress.update(1)
+    if predictor.is_segmentor:
+        print(f"predicted {len(files)} image(s) on {predictor.device}: pictures in {args.out}, label maps "
+              f"(PNG, pixel = class index) in {label_dir}")
+        return 0
     json_path = os.path.join(args.out, "predictions.json")
     atomic_write_json(json_path, results)
     print(f"predicted {len(files)} image(s) on {predictor.device}: {len(results)} detection(s) with score >= "

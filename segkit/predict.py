@@ -4,8 +4,9 @@ A :class:`Predictor` holds a model loaded with :func:`segkit.load_model` (eval m
 together with the class names the checkpoint carries, and accepts images in the forms people have
 at hand: a path, a uint8 ``[H, W, 3]`` RGB array, a PIL image or a float ``[3, H, W]`` tensor.
 Outputs follow the model I/O contract (one dict per image, in the image's own pixels) and are
-moved to the CPU; detections below the predictor's ``score_threshold`` are dropped, with their
-masks.
+moved to the CPU: detections (``boxes``, ``labels``, ``scores``, ``masks``) for a detector, with
+those below the predictor's ``score_threshold`` dropped, and class scores ``sem_seg`` for a
+semantic segmentor (:func:`label_map` turns them into a label map).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from segkit.errors import UserError
 if TYPE_CHECKING:
     import PIL.Image
 
-__all__ = ["Predictor", "ImageInput", "as_image_array", "as_image_tensor", "filter_detections"]
+__all__ = ["Predictor", "ImageInput", "as_image_array", "as_image_tensor", "filter_detections", "label_map",
+           "save_label_map"]
 
 #: What a :class:`Predictor` accepts as one image.
 ImageInput = Union[str, os.PathLike, np.ndarray, Tensor, "PIL.Image.Image"]
@@ -47,8 +49,10 @@ class Predictor:
     Attributes:
         model: the ``nn.Module`` in eval mode on ``device``.
         config: the config the model was built from.
-        class_names: ``class_names[label - 1]`` names detection label ``label``: the checkpoint's
-            ``segkit_classes``, else ``class_1 .. class_K`` (the dataset is never built for this).
+        class_names: the checkpoint's ``segkit_classes`` (the dataset is never built for this). For
+            a detector ``class_names[label - 1]`` names detection label ``label`` (default names
+            ``class_1 .. class_K``); for a segmentor ``class_names[c]`` names class index ``c``,
+            background included when it is a class (default ``class_0 .. class_{K-1}``).
         category_ids: the dataset category id of each label (``category_ids[label - 1]``) when the
             config's ``data.val`` (or ``data.test``) fixes them, else ``None`` (label = category id).
 
@@ -56,6 +60,8 @@ class Predictor:
         >>> predictor = segkit.Predictor("work_dirs/quickstart/checkpoints/best.ckpt", score_threshold=0.5)
         >>> out = predictor("demo.jpg")  # dict: boxes [N, 4] xyxy, labels [N], scores [N] (, masks)
         >>> names = [predictor.class_name(label) for label in out["labels"].tolist()]
+        >>> segmenter = segkit.Predictor("work_dirs/quickstart_seg/checkpoints/best.ckpt")
+        >>> labels = label_map(segmenter("demo.jpg"))  # int64 [H, W] class indices
     """
 
     def __init__(self, checkpoint: str | os.PathLike[str], *,
@@ -73,8 +79,15 @@ class Predictor:
         self.model = load_model(checkpoint, config=self.config).to(self.device).eval()
         self.score_threshold = None if score_threshold is None else float(score_threshold)
         self.batch_size = int(batch_size)
-        self.class_names = _class_names(checkpoint, self.model, self.config)
+        self.class_names = _class_names(checkpoint, self.model, self.config, segmentor=self.is_segmentor)
         self.category_ids = _category_ids(self.config)
+
+    @property
+    def is_segmentor(self) -> bool:
+        """Whether the model is a semantic segmentor (its outputs hold ``sem_seg``, not detections)."""
+        from segkit.models.segmentor import EncoderDecoder
+
+        return isinstance(self.model, EncoderDecoder)
 
     @property
     def mask_threshold(self) -> float:
@@ -94,9 +107,11 @@ class Predictor:
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Predict one image (returns a dict) or a list of images (returns a list of dicts).
 
-        Each dict has ``boxes`` (float32 ``[N, 4]``, xyxy pixels of the image), ``labels`` (int64
-        ``[N]``, 1..K), ``scores`` (float32 ``[N]``) and, for a model with a mask head, ``masks``
-        (float32 ``[N, 1, H, W]`` probabilities at the image's size); all on the CPU.
+        For a detector each dict has ``boxes`` (float32 ``[N, 4]``, xyxy pixels of the image),
+        ``labels`` (int64 ``[N]``, 1..K), ``scores`` (float32 ``[N]``) and, for a model with a mask
+        head, ``masks`` (float32 ``[N, 1, H, W]`` probabilities at the image's size); for a
+        segmentor, ``sem_seg`` (float32 ``[C, H, W]`` class scores at the image's size, inferred
+        with the config's ``model.test_cfg``); all on the CPU.
         """
         if _is_single(images):
             return self.predict_many([images])[0]  # type: ignore[list-item]
@@ -239,14 +254,29 @@ def _resolve_config(checkpoint: str | os.PathLike[str], config: Any, overrides: 
     return cfg
 
 
-def _class_names(checkpoint: str | os.PathLike[str], model: torch.nn.Module, cfg: Mapping[str, Any]) -> list[str]:
+def _class_names(checkpoint: str | os.PathLike[str], model: torch.nn.Module, cfg: Mapping[str, Any], *,
+                 segmentor: bool) -> list[str]:
     from segkit.checkpoint import CLASSES_KEY
 
     names = _read_checkpoint_entry(checkpoint, CLASSES_KEY)
     if isinstance(names, (list, tuple)) and names:
         return [str(n) for n in names]
     num_classes = _num_classes(model, cfg)
-    return [f"class_{i}" for i in range(1, num_classes + 1)]
+    first = 0 if segmentor else 1  # segmentation class indices start at 0, detection labels at 1
+    return [f"class_{i}" for i in range(first, num_classes + first)]
+
+
+def label_map(output: Mapping[str, Any]) -> Tensor:
+    """The class index of every pixel (int64 ``[H, W]``) of a segmentor's output (arg-max of ``sem_seg``).
+
+    Raises:
+        ValueError: the output has no ``sem_seg`` (a detector's output).
+    """
+    scores = output.get("sem_seg")
+    if not isinstance(scores, Tensor) or scores.dim() != 3:
+        raise ValueError("label_map() needs a segmentor's output with 'sem_seg' scores [C, H, W]; "
+                         f"got an output with {sorted(output)}")
+    return scores.argmax(0)
 
 
 def _read_checkpoint_entry(checkpoint: str | os.PathLike[str], key: str) -> Any:
@@ -338,6 +368,22 @@ def _folder_images(folder: str) -> list[str]:
 
 def _is_image_file(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def save_label_map(labels: Tensor | np.ndarray, path: str) -> None:
+    """Write a label map as a PNG, atomically: 8-bit grayscale (mode ``L``) for class indices up to
+    255, 16-bit (mode ``I;16``) above; pixel value = class index."""
+    from PIL import Image
+
+    from segkit.fileio import atomic_open
+
+    values = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"class indices must lie in [0, 65535] to be saved as PNG, got {values.min()}..{values.max()}")
+    wide = values.size and values.max() > 255
+    picture = Image.fromarray(values.astype(np.uint16 if wide else np.uint8))  # mode I;16 or L
+    with atomic_open(path, "wb") as f:
+        picture.save(f, format="PNG")
 
 
 def picture_paths(files: Sequence[str], out_dir: str) -> list[str]:

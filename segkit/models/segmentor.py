@@ -253,12 +253,22 @@ class EncoderDecoder(nn.Module):
     # ------------------------------------------------------------------ inference
     def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Class probabilities ``{"sem_seg": float32 Tensor[K, H, W]}`` per input image, following
-        ``test_cfg``; one whole-image batch when there is one scale of 1 and no flip."""
+        ``test_cfg``. With whole-image inference at one scale of 1 and no flip, images of the same
+        size go through the model as one batch; images are never padded to another image's size, so
+        an image's result does not depend on the other images of the batch (the context encoding
+        pools over the whole map, padding included)."""
         cfg = self.test_cfg
-        if cfg.mode == "whole" and cfg.scales == (1.0,) and not cfg.flip:
-            batch, sizes = self.preprocess(images)
-            return [{"sem_seg": logits.float().softmax(0)} for logits in self.whole_inference(batch, sizes)]
-        return [{"sem_seg": self._predict_one(image)} for image in images]
+        if not (cfg.mode == "whole" and cfg.scales == (1.0,) and not cfg.flip):
+            return [{"sem_seg": self._predict_one(image)} for image in images]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(index)
+        outputs: list[dict[str, Tensor]] = [{} for _ in images]
+        for indices in by_size.values():
+            batch, sizes = self.preprocess([images[i] for i in indices])
+            for index, logits in zip(indices, self.whole_inference(batch, sizes)):
+                outputs[index] = {"sem_seg": logits.float().softmax(0)}
+        return outputs
 
     def _predict_one(self, image: Tensor) -> Tensor:
         size = (int(image.shape[-2]), int(image.shape[-1]))

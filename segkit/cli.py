@@ -7,6 +7,10 @@
     segkit config CONFIG [key=value ...]
     segkit convert --from timm|torchvision IN OUT
 
+``predict`` draws each image's results as DIR/<image name>.png; a detector also writes its
+detections as COCO results (DIR/predictions.json), a semantic segmentor its label maps
+(DIR/labels/<image name>.png, pixel = class index).
+
 User errors (a bad config, a missing file, a checkpoint that does not fit) print one paragraph and
 exit with status 2; ``--debug`` shows the traceback instead.
 """
@@ -50,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="run a checkpoint on images and draw the results",
                        description="Predict image files, folders (their images, sorted) or glob patterns with a "
                                    "checkpoint (`segkit predict CKPT INPUT...` or `segkit predict CONFIG CKPT "
-                                   "INPUT...`; key=value arguments override the config). A detector writes DIR/<image name>.png "
-                                   "with the detections drawn and DIR/predictions.json, a list of COCO results "
-                                   "(file_name, image_id = position of the image, category_id, label, "
-                                   "category_name, bbox [x, y, w, h], score, and segmentation as RLE for mask models). "
-                                   "A semantic segmentor writes DIR/<image name>.png with the classes coloured and a "
+                                   "INPUT...`; key=value arguments override the config). A detector writes "
+                                   "DIR/<image name>.png with the detections drawn and DIR/predictions.json, a list "
+                                   "of COCO results (file_name, image_id = position of the image, category_id, "
+                                   "label, category_name, bbox [x, y, w, h], score, and segmentation as RLE for mask "
+                                   "models). A semantic segmentor (inferring as `segkit eval` does, with the config's "
+                                   "model.test_cfg) writes DIR/<image name>.png with the classes coloured and a "
                                    "legend, and DIR/labels/<image name>.png, the label map (pixel = class index; "
                                    "16-bit above 255 classes).")
     p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT")
@@ -188,12 +193,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(ckpt, config=config, overrides=overrides, device=device, score_threshold=args.score_thr,
                           batch_size=args.batch_size)
-    os.makedirs(args.out, exist_ok=True)
-    pictures = picture_paths(files, args.out)
-    label_dir = os.path.join(args.out, "labels")
-    if predictor.is_segmentor:
-        os.makedirs(label_dir, exist_ok=True)
-        label_maps = [os.path.join(label_dir, os.path.basename(p)) for p in pictures]
+    label_dir = os.path.join(args.out, "labels") if predictor.is_segmentor else None
+    pictures = picture_paths(files, args.out, label_dir=label_dir)
+    _make_folder(args.out)
+    if label_dir is not None:
+        _make_folder(label_dir)
     results: list[dict] = []
     with tqdm(total=len(files), unit="img", desc="segkit predict", disable=None) as progress:
         for start in range(0, len(files), args.batch_size):
@@ -205,12 +209,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                            mask_threshold=predictor.mask_threshold)
                 with atomic_open(pictures[index], "wb") as f:
                     Image.fromarray(picture).save(f, format="PNG")
-                if predictor.is_segmentor:
-                    save_label_map(label_map(output), label_maps[index])
+                if label_dir is not None:
+                    save_label_map(label_map(output), os.path.join(label_dir, os.path.basename(pictures[index])))
                 else:
                     results.extend(coco_results(output, file_name=files[index], image_id=index, predictor=predictor))
                 progress.update(1)
-    if predictor.is_segmentor:
+    if label_dir is not None:
         print(f"predicted {len(files)} image(s) on {predictor.device}: pictures in {args.out}, label maps "
               f"(PNG, pixel = class index) in {label_dir}")
         return 0
@@ -219,6 +223,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"predicted {len(files)} image(s) on {predictor.device}: {len(results)} detection(s) with score >= "
           f"{args.score_thr:g}; pictures and predictions.json in {args.out}")
     return 0
+
+
+def _make_folder(path: str) -> None:
+    """Create an output folder (and its parents) unless it exists; a UserError if that is impossible."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder '{path}': {exc.strerror or exc}.") from exc
 
 
 def _predict_arguments(first: str, rest: list[str]) -> tuple[str, str | None, list[str], list[str]]:

@@ -96,8 +96,12 @@ class Predictor:
         return 0.5 if value is None else float(value)
 
     def class_name(self, label: int) -> str:
-        """The name of detection label ``label`` (1..K); ``class_<label>`` where none is known."""
-        return _name_of(self.class_names, int(label))
+        """The name of detection label ``label`` (1..K) or, for a segmentor, of class index ``label``
+        (0..K-1); ``class_<label>`` where none is known."""
+        label = int(label)
+        if self.is_segmentor:
+            return self.class_names[label] if 0 <= label < len(self.class_names) else f"class_{label}"
+        return _name_of(self.class_names, label)
 
     def category_id(self, label: int) -> int:
         """The dataset category id of ``label`` (the label itself unless the config maps it)."""
@@ -319,7 +323,6 @@ def _name_of(names: Sequence[str], label: int) -> str:
     return names[label - 1] if 1 <= label <= len(names) else f"class_{label}"
 
 
-
 # ------------------------------------------------------------------------------- files and results
 #: File extensions taken from folders and glob patterns (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -386,19 +389,22 @@ def save_label_map(labels: Tensor | np.ndarray, path: str) -> None:
         picture.save(f, format="PNG")
 
 
-def picture_paths(files: Sequence[str], out_dir: str) -> list[str]:
+def picture_paths(files: Sequence[str], out_dir: str, *, label_dir: str | None = None) -> list[str]:
     """``out_dir/<stem>.png`` for each file; a stem seen before (or a name that is one of the inputs)
-    gets ``_1``, ``_2``, ... so that no picture overwrites another or an input."""
+    gets ``_1``, ``_2``, ... so that no picture overwrites another or an input. With ``label_dir``
+    (where a segmentor's label maps go, as ``label_dir/<picture name>``) a name is also chosen so
+    that no label map overwrites an input."""
     taken = {os.path.realpath(f) for f in files}
+    folders = [out_dir] if label_dir is None else [out_dir, label_dir]
     paths = []
     for file in files:
         stem = os.path.splitext(os.path.basename(file))[0]
-        candidate, n = os.path.join(out_dir, f"{stem}.png"), 0
-        while os.path.realpath(candidate) in taken:
+        name, n = f"{stem}.png", 0
+        while any(os.path.realpath(os.path.join(folder, name)) in taken for folder in folders):
             n += 1
-            candidate = os.path.join(out_dir, f"{stem}_{n}.png")
-        taken.add(os.path.realpath(candidate))
-        paths.append(candidate)
+            name = f"{stem}_{n}.png"
+        taken.update(os.path.realpath(os.path.join(folder, name)) for folder in folders)
+        paths.append(os.path.join(out_dir, name))
     return paths
 
 

@@ -5,6 +5,7 @@ label maps written as PNG, pictures with the classes coloured and a legend. The 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,7 @@ def images(root: Path) -> list[Path]:
 def test_predictor_returns_class_scores_at_each_image_size_for_every_input_form(seg_ckpt: Path, images: list[Path]):
     predictor = segkit.Predictor(seg_ckpt)
     assert predictor.is_segmentor and predictor.class_names == CLASSES
+    assert [predictor.class_name(c) for c in (0, 3, 4)] == ["background", "triangle", "class_4"]
     outputs = predictor(images)
     for path, output in zip(images, outputs):
         array = np.asarray(Image.open(path))
@@ -132,6 +134,22 @@ def test_cli_writes_pictures_and_label_maps_equal_to_the_predictor(
         assert (picture != original).any(axis=2).mean() > 0.5  # coloured by class
         legend = picture[:10, :20].astype(int)
         assert (legend >= 240).all(axis=2).mean() > 0.3  # the white legend panel in the top-left corner
+
+
+def test_cli_keeps_equal_stems_apart_and_never_overwrites_an_input(seg_ckpt: Path, images: list[Path], tmp_path: Path):
+    out = tmp_path / "out"
+    for folder, source in ((tmp_path / "a", images[0]), (tmp_path / "b", images[1]), (out / "labels", images[0])):
+        folder.mkdir(parents=True)
+        shutil.copy(source, folder / "same.png")
+    inside = (out / "labels" / "same.png").read_bytes()
+    inputs = [tmp_path / "a", tmp_path / "b", out / "labels" / "same.png"]
+    assert main(["predict", str(seg_ckpt), *map(str, inputs), "--out", str(out), "--device", "cpu"]) == 0
+    names = ["same_1.png", "same_2.png", "same_3.png"]  # same.png: the label map would overwrite an input
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    assert (out / "labels" / "same.png").read_bytes() == inside
+    for name, source in zip(names, (images[0], images[1], images[0])):
+        with Image.open(out / name) as picture, Image.open(out / "labels" / name) as labels:
+            assert picture.size == labels.size == Image.open(source).size and labels.mode == "L"
 
 
 def test_cli_with_a_missing_input_exits_2(seg_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):

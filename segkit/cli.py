@@ -5,7 +5,10 @@
     segkit predict CONFIG_OR_CKPT [CKPT] INPUT... [key=value ...] --out DIR [--score-thr F] [--device D]
     segkit list [KIND]
     segkit config CONFIG [key=value ...]
+    segkit score --task bbox|segm|voc|semseg --gt GT --pred PRED [--out FILE] [options]
     segkit convert --from timm|torchvision IN OUT
+    segkit convert voc2coco VOC_ROOT [VOC_ROOT ...] --split NAME [--split NAME ...] --out FILE
+    segkit convert coco2voc ANN_FILE IMG_DIR OUT_ROOT --split NAME
 
 ``predict`` draws each image's results as DIR/<image name>.png; a detector also writes its
 detections as COCO results (DIR/predictions.json), a semantic segmentor its label maps
@@ -82,7 +85,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
-    p = sub.add_parser("convert", help="convert torchvision / timm weights to a segkit checkpoint",
+    p = sub.add_parser("score", help="score existing predictions (COCO, VOC, label maps) without a model",
+                       description="Score predictions against ground truth and print the metrics under the names "
+                                   "training uses. bbox/segm: --gt a COCO instances JSON, --pred a COCO results JSON "
+                                   "(every ground-truth image is scored, as pycocotools does). voc: --gt a VOC year "
+                                   "folder, --split its image list, --pred a folder of per-class files "
+                                   "comp4_det_<split>_<class>.txt or a COCO results JSON. semseg: --gt and --pred "
+                                   "folders of label maps (PNG, pixel = class index) matched by file stem.")
+    p.add_argument("--task", required=True, choices=("bbox", "segm", "voc", "semseg"))
+    p.add_argument("--gt", required=True, metavar="PATH", help="ground truth: COCO JSON, VOC year folder or label folder")
+    p.add_argument("--pred", required=True, metavar="PATH", help="predictions: results JSON, detection-file folder "
+                   "or label folder")
+    p.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
+    p.add_argument("--per-class", action="store_true", help="bbox/segm: also print the AP of every category")
+    p.add_argument("--backend", default="pycocotools", choices=("auto", "pycocotools", "faster_coco_eval"),
+                   help="bbox/segm: COCO evaluation backend (default pycocotools, whose numbers are the reference; "
+                        "faster_coco_eval agrees to about 1e-15 and is several times faster)")
+    p.add_argument("--split", default="test", help="voc: the image list ImageSets/Main/<split>.txt (default test)")
+    p.add_argument("--method", choices=("area", "11points"), default=None,
+                   help="voc: AP definition (default: 11points for a VOC2007 folder, area otherwise)")
+    p.add_argument("--iou-thr", type=float, nargs="+", default=[0.5], metavar="T", help="voc: IoU threshold(s) (0.5)")
+    p.add_argument("--plus-one", action="store_true", help="voc: the +1 pixel convention on the boxes as given "
+                   "(see docs/evaluation.md; the default already equals the devkit on VOC files)")
+    p.add_argument("--classes", metavar="FILE|a,b,c", help="voc/semseg: class names (voc default: the 20 VOC classes)")
+    p.add_argument("--num-classes", type=int, metavar="N", help="semseg: number of classes (required)")
+    p.add_argument("--ignore-index", type=int, default=255, metavar="V", help="semseg: ignored label value (255)")
+    p.add_argument("--reduce-zero-label", action="store_true", help="semseg: raw 0 is ignored, raw v is class v-1")
+
+    p = sub.add_parser("convert", help="convert weights (torchvision / timm) or datasets (voc2coco, coco2voc)",
                        description="Rename a torchvision or timm state dict for segkit. A ResNet-family backbone "
                                    "(resnet*, resnext*, seresnet*, seresnext*, legacy_senet154) is written with its "
                                    "architecture, {'state_dict': ..., 'segkit_backbone': {...}}, for use as "
@@ -90,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(fasterrcnn_resnet50_fpn[_v2], maskrcnn_resnet50_fpn[_v2]; --from torchvision) "
                                    "is written with a complete config and its class names, {'state_dict', "
                                    "'segkit_config', 'segkit_classes'}, so `segkit eval OUT` and "
-                                   "segkit.load_model(OUT) need nothing else.")
+                                   "segkit.load_model(OUT) need nothing else. Datasets: `segkit convert voc2coco "
+                                   "--help` and `segkit convert coco2voc --help`.")
     p.add_argument("--from", dest="source", choices=("timm", "torchvision"), required=True,
                    help="the library whose key names IN uses")
     p.add_argument("input", metavar="IN", help="state dict file (raw, or under 'state_dict' / 'model')")
@@ -99,10 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = [a for a in argv if a != "--debug"]
+    if len(words) >= 2 and words[0] == "convert" and words[1] in _DATASET_CONVERTERS:
+        # `segkit convert voc2coco ...`: a dataset converter with its own options.
+        converter = _DATASET_CONVERTERS[words[1]]
+        try:
+            return converter(words[2:])
+        except (UserError, FileNotFoundError) as exc:
+            if "--debug" in argv:
+                raise
+            _fail(str(exc))
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "list": _cmd_list,
-               "config": _cmd_config, "convert": _cmd_convert}[args.command]
+               "config": _cmd_config, "convert": _cmd_convert, "score": _cmd_score}[args.command]
     try:
         return handler(args) or 0
     except (UserError, FileNotFoundError) as exc:
@@ -360,6 +402,91 @@ def _convert_detector(args: argparse.Namespace, state: dict) -> int:
     print(f"wrote {args.output}: {describe_detector_config(cfg)}, {len(state)} tensors; evaluate with "
           f"`segkit eval {args.output}` (COCO from $SEGKIT_COCO, default data/coco)")
     return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from segkit.evaluation import score
+    from segkit.evaluation.table import format_metrics_table
+    from segkit.fileio import atomic_write_json
+
+    classes = score.read_class_names(args.classes)
+    if args.task in ("bbox", "segm"):
+        metrics = score.score_coco(args.gt, args.pred, iou_type=args.task, per_class=args.per_class,
+                                   backend=args.backend)
+    elif args.task == "voc":
+        method = args.method or score.guess_voc_method(args.gt)
+        metrics, missing = score.score_voc(args.gt, args.pred, split=args.split, classes=classes, method=method,
+                                           iou_thrs=args.iou_thr, plus_one=args.plus_one)
+        if missing:
+            print(f"no detection file for {len(missing)} class(es) ({', '.join(missing)}): scored as no detections",
+                  file=sys.stderr)
+        print(f"VOC AP ({method}, IoU > {', '.join(f'{t:g}' for t in args.iou_thr)}, split {args.split})")
+    else:
+        if args.num_classes is None:
+            raise UserError("--task semseg needs --num-classes N (the number of classes, background included "
+                            "when it is a class).")
+        metrics = score.score_semseg(args.gt, args.pred, num_classes=args.num_classes, ignore_index=args.ignore_index,
+                                     reduce_zero_label=args.reduce_zero_label, class_names=classes)
+    print(format_metrics_table(metrics))
+    if args.out:
+        atomic_write_json(args.out, metrics)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _convert_voc2coco(argv: list[str]) -> int:
+    from segkit.data.voc import VOC_DETECTION_CLASSES, voc_to_coco
+    from segkit.evaluation.score import read_class_names
+    from segkit.fileio import atomic_write_json
+
+    p = argparse.ArgumentParser(prog="segkit convert voc2coco",
+                                description="Write VOC detection annotations (one or more year folders) as one "
+                                            "COCO instances JSON. Boxes become [xmin - 1, ymin - 1, w, h] with "
+                                            "w = xmax - xmin + 1; difficult objects are crowd regions (iscrowd 1) "
+                                            "unless --use-difficult, and keep 'difficult' and 'truncated' flags; "
+                                            "images keep their VOC name as 'voc_id'.")
+    p.add_argument("roots", nargs="+", metavar="VOC_ROOT", help="year folder(s), e.g. VOCdevkit/VOC2007")
+    p.add_argument("--split", action="append", metavar="NAME", help="image list per root (or one for all; "
+                   "default trainval)")
+    p.add_argument("--out", required=True, metavar="FILE", help="COCO JSON to write")
+    p.add_argument("--classes", metavar="FILE|a,b,c", help="class names (default: the 20 VOC classes)")
+    p.add_argument("--use-difficult", action="store_true", help="difficult objects as normal objects")
+    p.add_argument("--skip-unknown", action="store_true", help="leave out objects of classes not listed")
+    args = p.parse_args(argv)
+    splits = args.split or ["trainval"]
+    if len(splits) not in (1, len(args.roots)):
+        p.error(f"give one --split, or one per root ({len(args.roots)})")
+    data = voc_to_coco(args.roots, splits[0] if len(splits) == 1 else splits,
+                       read_class_names(args.classes) or VOC_DETECTION_CLASSES, use_difficult=args.use_difficult,
+                       unknown_classes="skip" if args.skip_unknown else "error", progress=None)
+    atomic_write_json(args.out, data)
+    img_root = os.path.join(args.roots[0], "JPEGImages") if len(args.roots) == 1 else \
+        os.path.commonpath([os.path.abspath(r) for r in args.roots])
+    print(f"wrote {args.out}: {len(data['images'])} images, {len(data['annotations'])} objects, "
+          f"{len(data['categories'])} categories; file names are relative to {img_root}")
+    return 0
+
+
+def _convert_coco2voc(argv: list[str]) -> int:
+    from segkit.data.coco import _read_coco
+    from segkit.data.voc import coco_to_voc
+
+    p = argparse.ArgumentParser(prog="segkit convert coco2voc",
+                                description="Write a COCO detection dataset in VOC's layout (JPEGImages/, "
+                                            "Annotations/, ImageSets/Main/<split>.txt). Crowd annotations become "
+                                            "difficult objects.")
+    p.add_argument("ann_file", metavar="ANN_FILE", help="COCO instances JSON")
+    p.add_argument("img_dir", metavar="IMG_DIR", help="folder the images' file_name entries are relative to")
+    p.add_argument("out_root", metavar="OUT_ROOT", help="VOC year folder to write (created if needed)")
+    p.add_argument("--split", required=True, metavar="NAME", help="name of the image list to write")
+    args = p.parse_args(argv)
+    coco = _read_coco(args.ann_file)
+    ids = coco_to_voc(coco.dataset, args.img_dir, args.out_root, split=args.split, progress=None)
+    print(f"wrote {len(ids)} images to {args.out_root} (split {args.split})")
+    return 0
+
+
+_DATASET_CONVERTERS = {"voc2coco": _convert_voc2coco, "coco2voc": _convert_coco2voc}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,9 +54,11 @@ _CORE_MODULES = (
     "segkit.data.shapes",
     "segkit.data.semseg",
     "segkit.data.semseg_formats",
+    "segkit.data.voc",
     "segkit.data.transforms",
     "segkit.evaluation.coco",
     "segkit.evaluation.semseg",
+    "segkit.evaluation.voc",
 )
 
 

@@ -33,6 +33,10 @@ _EXPORTS = {
     "PascalContext": "segkit.data.semseg_formats",
     "ADE20K": "segkit.data.semseg_formats",
     "ShapesSegmentation": "segkit.data.semseg_formats",
+    "VOCDetection": "segkit.data.voc",
+    "VOC_DETECTION_CLASSES": "segkit.data.voc",
+    "voc_to_coco": "segkit.data.voc",
+    "coco_to_voc": "segkit.data.voc",
     "build_seg_transforms": "segkit.data.transforms",
     "apply_seg_transforms": "segkit.data.transforms",
 }

@@ -156,7 +156,7 @@ class CocoDataset(torch.utils.data.Dataset):
             self.transforms = transforms
         else:
             self.transforms = build_transforms(transforms, path="transforms")
-        self.coco = _read_coco(self.ann_file)
+        self.coco = self._load_coco()
         cat_ids = label_cat_ids if label_cat_ids is not None else sorted(self.coco.cats)
         self.classes = [str(self.coco.cats[c].get("name", c)) if c in self.coco.cats else "N/A" for c in cat_ids]
         self.label_to_cat_id = {label: cat_id for label, cat_id in enumerate(cat_ids, start=1)}
@@ -167,6 +167,14 @@ class CocoDataset(torch.utils.data.Dataset):
             all_ids = [i for i in all_ids if len(self._records[i][0]) > 0]
         self.image_ids: list[int] = all_ids
         self._transform_seed: int | None = None
+
+    def _load_coco(self) -> COCO:
+        """The ground truth (subclasses that read other formats build it here)."""
+        return _read_coco(self.ann_file)
+
+    def annotation_source(self, image_id: int) -> str:
+        """The file holding the annotations of ``image_id`` (named in error messages)."""
+        return self.ann_file
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, path: str = "", **defaults: Any) -> CocoDataset:
@@ -318,7 +326,7 @@ class CocoDataset(torch.utils.data.Dataset):
         if (height, width) != tuple(expected):
             raise DatasetError(
                 f"image file '{path}' (image id {image_id}) is {height}x{width} (HxW) but the annotation "
-                f"file says {expected[0]}x{expected[1]}; fix 'height'/'width' in {self.ann_file}."
+                f"file says {expected[0]}x{expected[1]}; fix 'height'/'width' in {self.annotation_source(image_id)}."
             )
         boxes, labels, ann_ids = self._records[image_id]
         masks = self._decode_masks(ann_ids, height, width) if self.with_masks else None
@@ -412,6 +420,11 @@ def _read_coco(ann_file: str) -> COCO:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"annotation file '{ann_file}' is not valid JSON: {exc}") from exc
+    return _read_coco_dict(data, ann_file)
+
+
+def _read_coco_dict(data: Any, ann_file: str) -> COCO:
+    """A pycocotools ``COCO`` of an instances dict, checked; ``ann_file`` names it in errors."""
     if not isinstance(data, dict):
         raise DatasetError(f"annotation file '{ann_file}' must hold a JSON object with 'images', "
                            f"'annotations' and 'categories', got a {type(data).__name__}.")

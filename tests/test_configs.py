@@ -95,3 +95,13 @@ def test_encnet_configs_follow_the_paper():
         assert (crop["height"], crop["width"]) == (480, 480)
     fcn = segkit.load_config(CONFIGS[0].parent / "fcn_r50_d8_voc.yaml")["model"]
     assert fcn["decode_head"]["type"] == "FCNHead" and "num_codes" not in fcn["decode_head"]
+
+
+def test_voc0712_recipe():
+    cfg = segkit.load_config(CONFIGS[0].parent / "faster_rcnn_r50_fpn_voc0712.yaml")
+    assert cfg["model"]["roi_head"]["num_classes"] == 20
+    assert (cfg["model"]["min_size"], cfg["model"]["max_size"]) == (600, 1000)
+    assert [r.rsplit("/", 1)[-1] for r in cfg["data"]["train"]["root"]] == ["VOC2007", "VOC2012"]
+    assert cfg["data"]["train"]["split"] == "trainval" and cfg["data"]["test"]["split"] == "test"
+    assert cfg["evaluation"] == {"type": "VOCEvaluator", "method": "11points", "main_metric": "voc/mAP"}
+    assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 16 and cfg["optimizer"]["lr"] == 0.01

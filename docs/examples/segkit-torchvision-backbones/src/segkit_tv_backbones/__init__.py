@@ -1,0 +1,1 @@
+"""torchvision feature extractors as segkit backbones (registered by ``segkit_tv_backbones.backbones``)."""

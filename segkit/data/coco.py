@@ -423,6 +423,40 @@ def _read_coco(ann_file: str) -> COCO:
     return _read_coco_dict(data, ann_file)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_fields(data: Mapping[str, Any], ann_file: str) -> None:
+    """Types of the fields segkit and pycocotools read; a :class:`DatasetError` names the first bad one."""
+    for image in data["images"]:
+        where = f"image id {image['id']} in '{ann_file}'"
+        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            raise DatasetError(f"{where} has file_name {image.get('file_name')!r}; it needs the image's path "
+                               f"relative to img_dir.")
+        for side in ("height", "width"):
+            if side in image and not (_is_int(image[side]) and image[side] > 0):
+                raise DatasetError(f"{where} has {side} {image[side]!r}; it must be a positive integer "
+                                   f"(or left out, to be read from the image file).")
+    for ann in data["annotations"]:
+        where = f"annotation id {ann['id']} in '{ann_file}'"
+        for key in ("image_id", "category_id"):
+            if not _is_int(ann.get(key)):
+                raise DatasetError(f"{where} has {key} {ann.get(key)!r}; it must be an integer id.")
+        if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+            raise DatasetError(f"{where} has iscrowd {ann['iscrowd']!r}; it must be 0 or 1.")
+        bbox = ann.get("bbox")
+        if bbox is not None and not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                                     and all(_is_number(v) for v in bbox)):
+            raise DatasetError(f"{where} has bbox {bbox!r}; it must be four finite numbers [x, y, width, height].")
+        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+            raise DatasetError(f"{where} has area {ann['area']!r}; it must be a non-negative number.")
+
+
 def _read_coco_dict(data: Any, ann_file: str) -> COCO:
     """A pycocotools ``COCO`` of an instances dict, checked; ``ann_file`` names it in errors."""
     if not isinstance(data, dict):
@@ -439,10 +473,14 @@ def _read_coco_dict(data: Any, ann_file: str) -> COCO:
         ids = [item.get("id") if isinstance(item, dict) else None for item in data[key]]
         if None in ids:
             raise DatasetError(f"entry {ids.index(None)} of '{key}' in '{ann_file}' is not an object with an 'id'.")
+        bad = next((k for k, i in enumerate(ids) if not _is_int(i)), None)
+        if bad is not None:
+            raise DatasetError(f"entry {bad} of '{key}' in '{ann_file}' has the id {ids[bad]!r}; ids are integers.")
         if len(set(ids)) != len(ids):
             seen: set[Any] = set()
             twice = next(i for i in ids if i in seen or seen.add(i))
             raise DatasetError(f"'{key}' in '{ann_file}' uses the id {twice!r} more than once; ids must be unique.")
+    _check_fields(data, ann_file)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines

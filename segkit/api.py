@@ -30,8 +30,12 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     if "model" not in cfg:
         raise ConfigError("the config has no 'model' section", key="model",
                           file=getattr(cfg, "filename", None) or None)
+    model_cfg = cfg["model"]
+    if isinstance(model_cfg, Mapping) and "sync_bn" in model_cfg:
+        # A training option (synchronised BatchNorm across processes) that the engine reads, not a model argument.
+        model_cfg = {k: v for k, v in model_cfg.items() if k != "sync_bn"}
     with config_errors(cfg):
-        return MODELS.build(cfg["model"], path="model")
+        return MODELS.build(model_cfg, path="model")
 
 
 def config_from_checkpoint(path: str | os.PathLike[str]) -> Config:

@@ -150,7 +150,7 @@ class MaskRCNNHead(nn.Module):
         boxes = [inst["boxes"] for inst in instances]
         logits = self.layers(self.pool(feats, boxes))
         labels = torch.cat([inst["labels"] for inst in instances])
-        probs = self._select(logits, labels).sigmoid()[:, None]
+        probs = self._select(logits, labels).float().sigmoid()[:, None]  # float32 under mixed precision too
         return [{**inst, "roi_masks": p} for inst, p in zip(instances, probs.split([len(b) for b in boxes]))]
 
     def _select(self, logits: Tensor, labels: Tensor) -> Tensor:

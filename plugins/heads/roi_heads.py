@@ -256,7 +256,7 @@ class StandardRoIHead(nn.Module):
         num_per_image = [len(p) for p in proposals]
         boxes = self.box_coder.decode(box_deltas, torch.cat(list(proposals)))
         boxes = boxes.view(len(boxes), -1, 4).split(num_per_image)
-        scores = F.softmax(class_logits, -1).split(num_per_image)
+        scores = F.softmax(class_logits.float(), -1).split(num_per_image)  # float32 under mixed precision too
         results = []
         for boxes_i, scores_i, size in zip(boxes, scores, image_sizes):
             boxes_i = clip_boxes_to_image(boxes_i, size)[:, 1:].reshape(-1, 4)

@@ -193,7 +193,7 @@ class RPN(nn.Module):
         top_idx = torch.cat(top_idx, dim=1)
         level_ids = torch.cat(levels)
         batch_idx = torch.arange(len(proposals), device=proposals.device)[:, None]
-        scores = torch.sigmoid(logits[batch_idx, top_idx])
+        scores = torch.sigmoid(logits[batch_idx, top_idx].float())  # float32 under mixed precision too
         boxes = proposals[batch_idx, top_idx]
 
         results = []

@@ -6,7 +6,16 @@ parameter groups: ``norm_weight_decay`` and ``bias_weight_decay`` (weight decay 
 layers' parameters and for biases; unset means the optimizer's own ``weight_decay``). Optimizers
 that have a fused implementation (SGD, Adam, AdamW, Adagrad) use it when every parameter is a
 float tensor on the CPU or a CUDA device (several times faster on the CPU than the per-tensor
-loop); ``fused: false`` or an explicit ``foreach`` turns that off.
+loop), except with gradient clipping under mixed precision, which Lightning cannot do for an
+optimizer that unscales its own gradients; ``fused: false`` or an explicit ``foreach`` turns it off.
+
+``backbone_lr_mult: 0.1`` trains the parameters of ``model.backbone`` at ``lr × 0.1`` (combined
+with the weight-decay groups above: a backbone BatchNorm weight gets both the reduced rate and
+``norm_weight_decay``). ``auto_scale_lr: {base_batch_size: 16}`` applies the linear scaling rule:
+``lr`` is multiplied by the images one optimizer step sees (``data.batch_size`` per process × the
+number of processes over all nodes × ``trainer.accumulate_grad_batches``) divided by
+``base_batch_size``, the batch the configured ``lr`` was tuned for. It is off unless given
+(``enable: false`` also turns it off); the scaled rate is printed once when training starts.
 
 ``scheduler:`` is applied every iteration as a factor on the base learning rate:
 
@@ -21,8 +30,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -30,7 +39,8 @@ from torch import nn
 from segkit.errors import ConfigError, did_you_mean
 from segkit.registry import check_arguments
 
-__all__ = ["build_optimizer", "LRSchedule", "build_scheduler", "SCHEDULE_TYPES"]
+__all__ = ["build_optimizer", "BatchSize", "scale_lr", "fused_allowed", "LRSchedule", "build_scheduler",
+           "SCHEDULE_TYPES"]
 
 SCHEDULE_TYPES = ("MultiStep", "Cosine", "Poly", "Constant")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -44,8 +54,62 @@ def _optimizer_classes() -> dict[str, type]:
     }
 
 
-def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], *, path: str = "optimizer") -> torch.optim.Optimizer:
-    """Build the optimizer named by ``cfg["type"]`` over the trainable parameters of ``model``."""
+class BatchSize(NamedTuple):
+    """The images one optimizer step sees: ``per_process × processes × accumulate``.
+
+    Args:
+        per_process: ``data.batch_size``, the images each process loads per step.
+        processes: training processes over all nodes (``trainer.devices × trainer.num_nodes``).
+        accumulate: ``trainer.accumulate_grad_batches``.
+    """
+
+    per_process: int
+    processes: int = 1
+    accumulate: int = 1
+
+    @property
+    def total(self) -> int:
+        return self.per_process * self.processes * self.accumulate
+
+    def __str__(self) -> str:
+        return (f"{self.total} = {self.per_process} per process x {self.processes} process(es) x "
+                f"{self.accumulate} accumulated")
+
+    @classmethod
+    def of_trainer(cls, trainer: Any) -> BatchSize | None:
+        """The batch of a ``pytorch_lightning.Trainer`` running a segkit datamodule (``None`` without one)."""
+        per_process = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if not isinstance(per_process, int):
+            return None
+        return cls(per_process, int(trainer.world_size), int(trainer.accumulate_grad_batches))
+
+
+def fused_allowed(trainer: Any) -> bool:
+    """Whether ``trainer`` can step a fused optimizer: Lightning's mixed precision refuses to clip the
+    gradients of an optimizer that unscales them inside its step (fused Adam, AdamW, SGD)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    clipping = (getattr(trainer, "gradient_clip_val", None) or 0) > 0
+    return not (clipping and isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision))
+
+
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], *, path: str = "optimizer",
+                    batch_size: BatchSize | None = None, allow_fused: bool = True) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``cfg["type"]`` over the trainable parameters of ``model``.
+
+    Args:
+        model: the model; with ``backbone_lr_mult`` it must have a ``backbone`` submodule.
+        cfg: the ``optimizer:`` section (see the module docstring for the extra keys).
+        path: the section's dotted name, for error messages.
+        batch_size: the batch one step sees; needed by ``auto_scale_lr``.
+        allow_fused: use a fused implementation when there is one (unless ``cfg`` decides).
+
+    Raises:
+        ConfigError: an unknown optimizer or argument, a bad ``backbone_lr_mult`` or ``auto_scale_lr``.
+
+    Example:
+        >>> build_optimizer(model, {"type": "SGD", "lr": 0.02, "momentum": 0.9, "backbone_lr_mult": 0.1})
+    """
     kwargs = dict(cfg)
     name = kwargs.pop("type", "SGD")
     classes = _optimizer_classes()
@@ -53,11 +117,80 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], *, path: str = "op
         raise ConfigError(f"unknown optimizer '{name}'." + did_you_mean(str(name), classes), key=f"{path}.type")
     norm_wd = kwargs.pop("norm_weight_decay", None)
     bias_wd = kwargs.pop("bias_weight_decay", None)
+    backbone_mult = _backbone_lr_mult(kwargs.pop("backbone_lr_mult", None), path)
+    auto_scale = kwargs.pop("auto_scale_lr", None)
     check_arguments(classes[name], {"params": None, **kwargs}, path=path, type_name=name, kind="optimizer")
-    groups = _param_groups(model, norm_wd, bias_wd)
-    if "fused" not in kwargs and "foreach" not in kwargs and _can_fuse(classes[name], groups):
+    base_lr = kwargs.get("lr", _default_lr(classes[name]))
+    if _auto_scale_enabled(auto_scale, path):
+        kwargs["lr"] = base_lr = scale_lr(base_lr, auto_scale, batch_size, path=path)
+    backbone = _backbone_parameters(model, path) if backbone_mult is not None else set()
+    groups = _param_groups(model, norm_wd, bias_wd, backbone=backbone,
+                           backbone_lr=None if backbone_mult is None else base_lr * backbone_mult)
+    if allow_fused and "fused" not in kwargs and "foreach" not in kwargs and _can_fuse(classes[name], groups):
         kwargs["fused"] = True
     return classes[name](groups, **kwargs)
+
+
+def _auto_scale_options(*, base_batch_size: int, enable: bool = True) -> None:
+    """The keys of ``optimizer.auto_scale_lr`` (a signature for ``check_arguments``)."""
+
+
+def _auto_scale_enabled(value: Any, path: str) -> bool:
+    if value is None or value is False:
+        return False
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"auto_scale_lr takes a mapping such as {{base_batch_size: 16}}, got {value!r}",
+                          key=f"{path}.auto_scale_lr")
+    check_arguments(_auto_scale_options, value, path=f"{path}.auto_scale_lr", type_name="auto_scale_lr",
+                    kind="option")
+    base = value["base_batch_size"]
+    if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+        raise ConfigError(f"base_batch_size is the batch the configured lr was tuned for, a positive integer; "
+                          f"got {base!r}", key=f"{path}.auto_scale_lr.base_batch_size")
+    if not isinstance(value.get("enable", True), bool):
+        raise ConfigError(f"enable must be true or false, got {value['enable']!r}", key=f"{path}.auto_scale_lr.enable")
+    return bool(value.get("enable", True))
+
+
+def scale_lr(lr: float, options: Mapping[str, Any], batch_size: BatchSize | None, *, path: str = "optimizer") -> float:
+    """The linear scaling rule: ``lr × batch_size.total / options["base_batch_size"]`` (printed once).
+
+    Raises:
+        ConfigError: when the batch size is unknown (a model trained without a segkit datamodule).
+    """
+    if batch_size is None:
+        raise ConfigError("auto_scale_lr needs the training batch size, which is known only when training with "
+                          "segkit's data section (data.batch_size); remove auto_scale_lr or set lr yourself",
+                          key=f"{path}.auto_scale_lr")
+    base = int(options["base_batch_size"])
+    scaled = float(lr) * batch_size.total / base
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    rank_zero_info(f"{path}.auto_scale_lr: lr {float(lr):g} x {batch_size.total} / {base} = {scaled:g} "
+                   f"(batch {batch_size}; base_batch_size {base})")
+    return scaled
+
+
+def _default_lr(optimizer: type) -> float:
+    param = inspect.signature(optimizer).parameters.get("lr")
+    return float(param.default) if param is not None and isinstance(param.default, (int, float)) else 1e-3
+
+
+def _backbone_lr_mult(value: Any, path: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"backbone_lr_mult is a factor on lr for the backbone's parameters (e.g. 0.1), "
+                          f"a number >= 0; got {value!r}", key=f"{path}.backbone_lr_mult")
+    return float(value)
+
+
+def _backbone_parameters(model: nn.Module, path: str) -> set[int]:
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ConfigError(f"backbone_lr_mult needs a model with a backbone, but {type(model).__name__} has no "
+                          f"'backbone' submodule", key=f"{path}.backbone_lr_mult")
+    return {id(p) for p in backbone.parameters()}
 
 
 def _can_fuse(optimizer: type, groups: list[dict[str, Any]]) -> bool:
@@ -67,9 +200,16 @@ def _can_fuse(optimizer: type, groups: list[dict[str, Any]]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def _param_groups(model: nn.Module, norm_wd: float | None, bias_wd: float | None) -> list[dict[str, Any]]:
-    default: list[nn.Parameter] = []
-    special: dict[float, list[nn.Parameter]] = {}
+def _param_groups(model: nn.Module, norm_wd: float | None, bias_wd: float | None, *,
+                  backbone: Collection[int] = (), backbone_lr: float | None = None) -> list[dict[str, Any]]:
+    """Parameter groups by (backbone or not, weight decay).
+
+    A parameter's weight decay is ``norm_wd`` in a normalisation layer, else ``bias_wd`` for a bias,
+    else the optimizer's; ``backbone`` (parameter ids) get ``backbone_lr``. Groups come in a fixed
+    order (the rest of the model before the backbone, the optimizer's weight decay first), so a
+    checkpoint's optimizer state fits the next run's groups.
+    """
+    buckets: dict[tuple[bool, float | None], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module in model.modules():
         is_norm = isinstance(module, _NORM_TYPES)
@@ -80,11 +220,20 @@ def _param_groups(model: nn.Module, norm_wd: float | None, bias_wd: float | None
             wd = norm_wd if is_norm and norm_wd is not None else None
             if wd is None and pname == "bias" and bias_wd is not None:
                 wd = bias_wd
-            (special.setdefault(wd, []) if wd is not None else default).append(param)
-    groups: list[dict[str, Any]] = [{"params": default}] if default else []
-    groups += [{"params": params, "weight_decay": wd} for wd, params in special.items()]
-    if not groups:
+            buckets.setdefault((id(param) in backbone, wd), []).append(param)
+    if not buckets:
         raise ConfigError("the model has no trainable parameters (are all stages frozen?)", key="model")
+    order = sorted(buckets, key=lambda k: (k[0], k[1] is not None))  # stable sort keeps first-seen order
+    groups: list[dict[str, Any]] = []
+    for in_backbone, wd in order:
+        group: dict[str, Any] = {"params": buckets[(in_backbone, wd)]}
+        if wd is not None:
+            group["weight_decay"] = wd
+        if backbone_lr is not None:  # named, so the logged learning rates say which part they belong to
+            if in_backbone:
+                group["lr"] = backbone_lr
+            group["name"] = ("backbone" if in_backbone else "rest") + ("" if wd is None else f"_wd{wd:g}")
+        groups.append(group)
     return groups
 
 

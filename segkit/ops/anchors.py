@@ -89,7 +89,9 @@ class AnchorGenerator(nn.Module):
             padded_size: ``(height, width)`` of the padded batch the features were computed from.
 
         Returns:
-            One Tensor[H * W * A, 4] per level, the dtype of the features, xyxy input pixels.
+            One Tensor[H * W * A, 4] per level, the dtype of the features (float32 for half-precision
+            features under autocast: bfloat16 would round the coordinates to several pixels), xyxy
+            input pixels.
         """
         if len(features) != self.num_levels:
             raise ValueError(
@@ -105,7 +107,10 @@ class AnchorGenerator(nn.Module):
             shift_y = torch.arange(grid_h, dtype=torch.int32, device=device) * stride_h
             yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
             xx, yy = xx.reshape(-1), yy.reshape(-1)
-            shifts = torch.stack((xx, yy, xx, yy), dim=1).to(feature.dtype)
-            cells = cells.to(dtype=feature.dtype, device=device)
+            dtype = feature.dtype
+            if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
+                dtype = torch.float32
+            shifts = torch.stack((xx, yy, xx, yy), dim=1).to(dtype)
+            cells = cells.to(dtype=dtype, device=device)
             anchors.append((shifts[:, None, :] + cells[None, :, :]).reshape(-1, 4))
         return anchors

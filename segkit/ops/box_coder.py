@@ -78,9 +78,11 @@ class BoxCoder:
             references: Tensor[N, 4], xyxy reference boxes.
 
         Returns:
-            Tensor[N, 4 * K], xyxy boxes, the dtype of ``deltas``.
+            Tensor[N, 4 * K], xyxy boxes, the wider of the two dtypes (float32 reference boxes keep
+            bfloat16 deltas of mixed precision from rounding the boxes to several pixels).
         """
-        references = references.to(deltas.dtype)
+        dtype = torch.promote_types(deltas.dtype, references.dtype)
+        deltas, references = deltas.to(dtype), references.to(dtype)
         wx, wy, ww, wh = self.weights
         widths = (references[:, 2] - references[:, 0])[:, None]
         heights = (references[:, 3] - references[:, 1])[:, None]

@@ -20,8 +20,11 @@ def smooth_l1_loss(input: Tensor, target: Tensor, *, beta: float, reduction: str
         reduction: ``"sum"``, ``"mean"`` or ``"none"``.
 
     Returns:
-        The reduced loss (a scalar unless ``reduction="none"``), the dtype of ``input``.
+        The reduced loss (a scalar unless ``reduction="none"``), the dtype of ``input``; float32 for
+        half-precision inputs (mixed precision), which are computed in float32.
     """
+    if input.dtype in (torch.float16, torch.bfloat16) or target.dtype in (torch.float16, torch.bfloat16):
+        input, target = input.float(), target.float()
     if beta < 1e-5:
         loss = torch.abs(input - target)
         if reduction == "sum":

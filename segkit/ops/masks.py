@@ -74,7 +74,8 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: Sequence[int]
     grown = torch.cat([centre - half, centre + half], dim=1).to(torch.int64)
     rows = _interpolation_matrix(grown[:, 1], grown[:, 3], height, masks.shape[-2], masks.dtype)
     cols = _interpolation_matrix(grown[:, 0], grown[:, 2], width, masks.shape[-1], masks.dtype)
-    return rows @ masks @ cols.transpose(1, 2)
+    with torch.autocast(masks.device.type, enabled=False):  # probabilities stay float32 under mixed precision
+        return rows @ masks @ cols.transpose(1, 2)
 
 
 def _interpolation_matrix(start: Tensor, end: Tensor, out_len: int, in_len: int, dtype: torch.dtype) -> Tensor:

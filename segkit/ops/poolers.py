@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from segkit.ops.roi_align import roi_align, roi_align_levels
+from segkit.ops.roi_align import float32_under_autocast, roi_align, roi_align_levels
 
 __all__ = ["MultiLevelRoIAlign", "assign_boxes_to_levels", "boxes_to_rois"]
 
@@ -112,6 +112,7 @@ class MultiLevelRoIAlign(nn.Module):
         """
         if len(features) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature maps (strides {self.strides}), got {len(features)}")
+        features = float32_under_autocast(features)  # pooled in float32 under mixed precision
         rois = boxes_to_rois(boxes).to(features[0].dtype)
         if len(features) == 1:
             return roi_align(
@@ -144,6 +145,7 @@ class MultiLevelRoIAlign(nn.Module):
         """
         if len(features) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature maps (strides {self.strides}), got {len(features)}")
+        features = float32_under_autocast(features)  # pooled in float32 under mixed precision
         rois = boxes_to_rois(boxes).to(features[0].dtype)
         scales = [1.0 / stride for stride in self.strides]
         return roi_align_levels(features, rois, self.output_size, scales, self.sampling_ratio, self.aligned)

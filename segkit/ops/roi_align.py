@@ -9,6 +9,9 @@ the channels-last pixels (its backward is a vectorised scatter). Values equal to
 float summation order (tested, about 1e-6). Several pyramid levels pooled for the same RoIs
 (PANet's adaptive feature pooling) are one gather over the concatenated levels. CUDA tensors,
 ``sampling_ratio <= 0`` (a per-RoI adaptive grid) and inference use torchvision's kernels.
+
+Under autocast (mixed precision) half-precision features are pooled in float32 and the result is
+float32: bilinear weights and box coordinates in bfloat16 would be off by whole pixels.
 """
 
 from __future__ import annotations
@@ -20,7 +23,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align as tv_roi_align
 
-__all__ = ["roi_align", "roi_align_levels"]
+__all__ = ["roi_align", "roi_align_levels", "float32_under_autocast"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def float32_under_autocast(features: Sequence[Tensor]) -> list[Tensor]:
+    """``features`` in float32 when autocast is on for their device and they are half precision.
+
+    RoI pooling and box geometry stay in float32 under mixed precision (torchvision's autocast rule
+    for ``roi_align`` casts to float32 too); outside autocast the tensors are returned as they are.
+    """
+    features = list(features)
+    if features and any(f.dtype in _HALF for f in features) and torch.is_autocast_enabled(features[0].device.type):
+        return [f.float() if f.dtype in _HALF else f for f in features]
+    return features
 
 
 def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, size: int) -> tuple[Tensor, Tensor]:
@@ -140,6 +157,8 @@ def roi_align(
         torch.Size([1, 4, 7, 7])
     """
     size = _pair(output_size)
+    (input,) = float32_under_autocast([input])
+    rois = rois.to(input.dtype) if rois.dtype in _HALF and input.dtype not in _HALF else rois
     if _use_gather([input], sampling_ratio):
         return _gather([input], rois, size, [float(spatial_scale)], int(sampling_ratio), bool(aligned))[0]
     return tv_roi_align(input, rois, size, spatial_scale, sampling_ratio, aligned)
@@ -168,6 +187,8 @@ def roi_align_levels(
     size = _pair(output_size)
     if len(features) != len(spatial_scales):
         raise ValueError(f"got {len(features)} feature maps but {len(spatial_scales)} spatial scales")
+    features = float32_under_autocast(features)
+    rois = rois.to(features[0].dtype) if rois.dtype in _HALF and features[0].dtype not in _HALF else rois
     if _use_gather(features, sampling_ratio):
         return _gather(features, rois, size, [float(s) for s in spatial_scales], int(sampling_ratio), bool(aligned))
     return torch.stack([tv_roi_align(f, rois, size, s, sampling_ratio, aligned) for f, s in zip(features, spatial_scales)])

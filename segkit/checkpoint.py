@@ -17,11 +17,13 @@ from torch import nn
 from segkit.errors import UserError
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_state_dict_checked", "load_checkpoint",
-           "checkpoint_config", "CONFIG_KEY", "CLASSES_KEY"]
+           "checkpoint_config", "CONFIG_KEY", "CLASSES_KEY", "EMA_KEY"]
 
 CONFIG_KEY = "segkit_config"
 #: Key of the class names (``names[label - 1]`` names label ``label``) in a segkit checkpoint.
 CLASSES_KEY = "segkit_classes"
+#: Key of the averaged weights (``engine.ema``): ``{"state_dict": {...}, "updates": n, ...}``.
+EMA_KEY = "segkit_ema"
 _MODEL_PREFIX = "model."
 
 
@@ -54,8 +56,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(ckpt)
 
 
-def extract_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The model's state dict inside a checkpoint (Lightning's ``model.`` prefix removed)."""
+def extract_state_dict(ckpt: Mapping[str, Any], *, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The model's state dict inside a checkpoint (Lightning's ``model.`` prefix removed).
+
+    Args:
+        use_ema: take the averaged weights of a run trained with ``engine.ema`` when the
+            checkpoint has them (``False``: the weights the optimizer trained).
+    """
+    ema = ckpt.get(EMA_KEY)
+    if use_ema and isinstance(ema, Mapping) and isinstance(ema.get("state_dict"), Mapping):
+        return extract_state_dict(ema, use_ema=False)
     state = ckpt.get("state_dict", ckpt.get("model", ckpt))
     if not isinstance(state, Mapping):
         raise CheckpointError("checkpoint has no state dict of tensors.")
@@ -78,13 +88,16 @@ def checkpoint_config(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict
     return dict(cfg)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> dict[str, list[str]]:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True,
+                    use_ema: bool = True) -> dict[str, list[str]]:
     """Load weights from ``path`` into ``model``.
 
     Args:
         model: the built model.
         path: a Lightning checkpoint written by ``segkit train`` or a segkit-native checkpoint.
         strict: refuse missing or unexpected keys (shape mismatches are always refused).
+        use_ema: load the averaged weights of a run trained with ``engine.ema`` when the file has
+            them (the weights training evaluated); ``False`` loads the optimizer's weights.
 
     Returns:
         ``{"missing": [...], "unexpected": [...]}``.
@@ -94,8 +107,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: b
             unexpected keys when ``strict``.
     """
     path = os.fspath(path)
-    return load_state_dict_checked(model, extract_state_dict(read_checkpoint(path)), source=f"checkpoint '{path}'",
-                                   strict=strict)
+    return load_state_dict_checked(model, extract_state_dict(read_checkpoint(path), use_ema=use_ema),
+                                   source=f"checkpoint '{path}'", strict=strict)
 
 
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, strict: bool,

@@ -36,7 +36,7 @@ DELETE_KEY = "_delete_"
 COMMAND_LINE = "command line"
 TOP_LEVEL_KEYS = (
     "imports", "model", "data", "optimizer", "scheduler", "trainer", "evaluation", "work_dir", "seed",
-    "checkpoint",
+    "checkpoint", "engine",
 )
 _REF = re.compile(r"\$\{([^{}]+)\}")
 

@@ -39,6 +39,7 @@ class SegkitDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.drop_last = drop_last
         self.datasets: dict[str, Dataset] = {}
+        self.seed = 0  # orders the training set with the epoch (the config's seed, set by the engine)
 
     def build_dataset(self, split: str) -> Dataset:
         cfg = self.split_cfgs.get(split)
@@ -68,11 +69,17 @@ class SegkitDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, *, train: bool) -> DataLoader:
         from segkit.data.collate import collate
+        from segkit.engine.callbacks import EpochSampler
 
+        dataset = self.build_dataset(split)
+        # In training the order and the workers' seeds depend on (seed, epoch) only, so a resumed run replays.
+        sampler = EpochSampler.for_trainer(dataset, self.trainer, seed=self.seed) if train else None
         return DataLoader(
-            self.build_dataset(split),
+            dataset,
             batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            generator=None if sampler is None else sampler.generator,
             drop_last=self.drop_last if train else False,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,

@@ -2,6 +2,12 @@
 
 The *system* (losses summed and logged, optimizer and schedule, evaluation across processes) lives
 here; the *model* is a plain ``nn.Module`` built from the registries.
+
+A step whose loss (on any process) or gradients are not finite is skipped: no weight update, a
+warning with the step and each loss, ``train/nonfinite_steps`` counts them; after
+``engine.max_nonfinite_steps`` in a row training stops with :class:`TrainingDivergedError`. With
+``engine.ema`` an average of the weights is updated after every optimizer step, evaluated in their
+place, and stored in checkpoints (see :mod:`segkit.engine.callbacks`).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,15 +23,22 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY
-from segkit.engine.optim import build_optimizer, build_scheduler
-from segkit.errors import ConfigError
+from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY, EMA_KEY
+from segkit.engine.callbacks import EngineOptions, ModelEMA, engine_options
+from segkit.engine.optim import BatchSize, build_optimizer, build_scheduler, fused_allowed
+from segkit.errors import ConfigError, UserError
 from segkit.fileio import atomic_write_json
 
-__all__ = ["SegkitModule", "EVALUATION_RESERVED_KEYS", "check_num_classes"]
+__all__ = ["SegkitModule", "TrainingDivergedError", "EVALUATION_RESERVED_KEYS", "check_num_classes"]
 
 # Keys of the ``evaluation:`` section read by the engine; the rest configure the evaluator.
 EVALUATION_RESERVED_KEYS = ("main_metric", "interval")
+#: Checkpoint key of the non-finite step counts (``{"total": n, "in_a_row": m}``).
+NONFINITE_KEY = "segkit_nonfinite_steps"
+
+
+class TrainingDivergedError(UserError):
+    """Training stopped because too many steps in a row had a non-finite loss or gradients."""
 
 
 class SegkitModule(pl.LightningModule):
@@ -34,13 +48,21 @@ class SegkitModule(pl.LightningModule):
         model: any model following the I/O contract (losses in train mode, per-image dicts in eval).
         config: the merged config (stored in every checkpoint so ``segkit eval CKPT`` needs no file).
         work_dir: where ``metrics.json`` is written.
+        engine: the checked ``engine:`` section (default: read from ``config``).
     """
 
-    def __init__(self, *, model: nn.Module, config: Mapping[str, Any], work_dir: str | None = None) -> None:
+    def __init__(self, *, model: nn.Module, config: Mapping[str, Any], work_dir: str | None = None,
+                 engine: EngineOptions | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = dict(config)
         self.work_dir = work_dir
+        self.engine = engine if engine is not None else engine_options(self.config)
+        self.ema: ModelEMA | None = None
+        self._ema_pending: Mapping[str, Any] | None = None  # from a checkpoint, until the average exists
+        self.nonfinite_steps = 0  # skipped steps in all
+        self.nonfinite_in_a_row = 0  # skipped steps since the last weight update
+        self._good_batches = 0  # batches with a finite loss since the last optimizer step
         self.evaluator: Any = None
         self.last_metrics: dict[str, float] = {}
         self.metrics_history: list[dict[str, Any]] = []
@@ -54,19 +76,95 @@ class SegkitModule(pl.LightningModule):
         images, targets = batch
         losses = self.model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss became {loss.item()} at step {self.global_step} "
-                f"({ {k: round(float(v), 4) for k, v in losses.items()} }); lower optimizer.lr or add warmup."
-            )
+        local_nonfinite = ~torch.isfinite(loss.detach())
+        # Every process skips together (a process that skipped alone would leave the others waiting for it).
+        if self._any_process(local_nonfinite):
+            self._skip_step(f"the training loss is {loss.item()} ({_format_losses(losses)})"
+                            if local_nonfinite.item() else "another process's training loss is not finite")
+            return self._zero_loss()
+        self._good_batches += 1
         batch_size = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         return loss
 
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss whose backward pass gives every trainable parameter a zero gradient.
+
+        It stands in for a skipped batch: backward still runs (DDP synchronises gradients in it on
+        every process), and :meth:`on_before_optimizer_step` drops the gradients when no batch of
+        the step was good, so the optimizer leaves the weights and its state alone.
+        """
+        return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
+
+    def _any_process(self, flag: torch.Tensor) -> bool:
+        flag = flag.to(torch.float32)
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+        return bool(flag.item() > 0)
+
+    def _skip_step(self, reason: str) -> None:
+        """Count a step without weight update, warn, and stop after ``engine.max_nonfinite_steps`` in a row.
+
+        Raises:
+            TrainingDivergedError: when that many steps in a row were skipped.
+        """
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.engine.max_nonfinite_steps
+        where = f"step {self.global_step} (epoch {self.current_epoch}" + (
+            f", process {self.global_rank})" if self.trainer.world_size > 1 else ")")
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingDivergedError(
+                f"training stopped at {where}: {self.nonfinite_in_a_row} step(s) in a row had a non-finite loss or "
+                f"gradients (engine.max_nonfinite_steps: {limit}); the last one: {reason}. The run diverged: lower "
+                f"optimizer.lr, add a warm-up (scheduler.warmup_iters) or clip gradients (trainer.gradient_clip_val), "
+                f"then train again. {self.nonfinite_steps} step(s) were skipped in all."
+            )
+        warnings.warn(f"{where}: {reason}; skipped the step without updating the weights "
+                      f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_steps} in all; training stops at "
+                      f"{limit} in a row, engine.max_nonfinite_steps)", RuntimeWarning, stacklevel=2)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._good_batches == 0:  # every batch of this step was skipped
+            optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+            return
+        # Under a GradScaler (16-mixed) non-finite gradients are normal and the scaler skips those steps itself.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        if _all_finite(grads):
+            return
+        optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+        self._skip_step("the gradients are not finite")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._good_batches = 0
+        # Gradients are left in place until the next step; none means the step was skipped.
+        if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+            self.nonfinite_in_a_row = 0
+            if self.ema is not None:
+                self.ema.update(self.model)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_fit_start(self) -> None:
+        options = self.engine.ema
+        if options is not None and self.ema is None:
+            self.ema = ModelEMA(self.model, decay=options.decay, warmup_iters=options.warmup_iters)
+            if self._ema_pending is not None:
+                self.ema.load_state_dict(self._ema_pending)
+                self._ema_pending = None
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model, self.config.get("optimizer") or {"type": "SGD", "lr": 0.01})
+        optimizer = build_optimizer(self.model, self.config.get("optimizer") or {"type": "SGD", "lr": 0.01},
+                                    batch_size=BatchSize.of_trainer(self.trainer),
+                                    allow_fused=fused_allowed(self.trainer))
         total = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         iters_per_epoch = max(1, math.ceil(total / epochs))
@@ -101,6 +199,8 @@ class SegkitModule(pl.LightningModule):
         if self.evaluator is None:
             self.evaluator = self._build_evaluator()
         self.evaluator.reset()
+        if self.ema is not None:
+            self.ema.apply(self.model)  # evaluate the averaged weights; on_validation_epoch_end puts them back
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -114,6 +214,8 @@ class SegkitModule(pl.LightningModule):
     test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.model)  # before any checkpoint of this evaluation is written
         if self.trainer.sanity_checking:
             return
         from segkit.evaluation.distributed import evaluate_distributed
@@ -147,10 +249,25 @@ class SegkitModule(pl.LightningModule):
         if self.class_names is not None:
             checkpoint[CLASSES_KEY] = self.class_names
         checkpoint["segkit_metrics_history"] = self.metrics_history
+        checkpoint[NONFINITE_KEY] = {"total": self.nonfinite_steps, "in_a_row": self.nonfinite_in_a_row}
+        if self.ema is not None:
+            state = checkpoint.get("state_dict")
+            if isinstance(state, dict):  # the trained weights, also if a checkpoint is written during evaluation
+                state.update({f"model.{name}": value for name, value in self.ema.live_parameters().items()})
+            checkpoint[EMA_KEY] = self.ema.state_dict(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.metrics_history = list(checkpoint.get("segkit_metrics_history", []))
         self.class_names = checkpoint.get(CLASSES_KEY, self.class_names)
+        counts = checkpoint.get(NONFINITE_KEY) or {}
+        self.nonfinite_steps = int(counts.get("total", 0))
+        self.nonfinite_in_a_row = int(counts.get("in_a_row", 0))
+        ema = checkpoint.get(EMA_KEY)
+        if isinstance(ema, Mapping) and self.engine.ema is not None:
+            if self.ema is not None:
+                self.ema.load_state_dict(ema)
+            else:
+                self._ema_pending = ema  # the average is made in on_fit_start, once the model is on its device
 
 
 def check_num_classes(model_cfg: Mapping[str, Any], dataset: Any, *, split: str) -> None:
@@ -169,6 +286,18 @@ def check_num_classes(model_cfg: Mapping[str, Any], dataset: Any, *, split: str)
                 f"{key}={value} but data.{split} has {expected} categories ({names}); set {key}: {expected}",
                 key=key,
             )
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element is finite: one fused pass for the 2-norms (fast, but a norm of huge
+    finite values can overflow), and only if one is not finite, the exact test by the largest |x|."""
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2))).all()):
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
+
+
+def _format_losses(losses: Mapping[str, torch.Tensor]) -> str:
+    return ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in losses.items())
 
 
 def _find_keys(node: Any, name: str, path: str) -> list[tuple[str, Any]]:

@@ -206,3 +206,12 @@ def test_training_with_voc_evaluation(tmp_path: Path):
     saved = json.loads((tmp_path / "work" / "metrics.json").read_text())
     assert saved["voc/mAP"] == metrics["voc/mAP"]
     assert (tmp_path / "work" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_xml_without_size_takes_it_from_the_image(voc07: Path):
+    xml = voc07 / "Annotations" / "000007.xml"
+    xml.write_text(xml.read_text().replace("<size><width>40</width><height>30</height><depth>3</depth></size>", ""))
+    assert parse_voc_xml(str(xml))["width"] is None
+    ds = VOCDetection(root=str(voc07))
+    image, target = ds[1]
+    assert image.shape == (3, 30, 40) and target["orig_size"].tolist() == [30, 40]

@@ -5,52 +5,106 @@ A run writes to ``work_dir``::
     config.yaml              the merged config
     checkpoints/last.ckpt    the latest state (written atomically)
     checkpoints/best.ckpt    the best state by ``evaluation.main_metric`` (default bbox/AP)
-    logs/version_N/metrics.csv   losses, learning rate and metrics (CSV logger, one folder per run)
+    logs/version_N/metrics.csv   losses, learning rate, iteration times and metrics (CSV logger, one folder per run)
+    logs/version_N/events.out.tfevents.*   the same for TensorBoard (``tensorboard --logdir work_dir/logs``)
     metrics.json             the latest evaluation under stable names, and every evaluation in "history"
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from segkit.api import build_model
-from segkit.checkpoint import load_checkpoint
+from segkit.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from segkit.config import Config, config_errors, dump_config
+from segkit.engine.callbacks import EngineOptions, EpochSeeding, engine_options
 from segkit.engine.datamodule import build_datamodule
+from segkit.engine.workdir import SaveOnInterrupt, lock_work_dir
 from segkit.engine.module import SegkitModule
+from segkit.engine.sync_batchnorm import SyncBatchNormPlugin
+from segkit.errors import ConfigError, UserError
 from segkit.fileio import atomic_write_text
 from segkit.registry import check_arguments
 
-__all__ = ["AtomicCheckpointIO", "build_trainer", "train", "evaluate", "resolve_work_dir", "DEFAULT_MAIN_METRIC"]
+__all__ = ["AtomicCheckpointIO", "IterationTimer", "build_trainer", "default_loggers", "train", "evaluate",
+           "resolve_work_dir", "DEFAULT_MAIN_METRIC"]
 
 DEFAULT_MAIN_METRIC = "bbox/AP"
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, no permission); the previous one is intact."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place, so a crash while
-    saving never leaves a truncated ``last.ckpt``."""
+    """Writes each checkpoint to a temporary file, flushes it to disk and renames it into place, so
+    a crash or a full disk while saving never leaves a truncated ``last.ckpt``: the previous file
+    stays until the new one is complete. A temporary file left by a killed process
+    (``last.ckpt.tmp-<pid>``) is removed by the next save to the same path."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
                         storage_options: Any | None = None) -> None:
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _remove_stale_temporaries(path)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             torch.save(checkpoint, tmp)
+            _fsync(tmp)  # on disk before the rename makes it last.ckpt
             os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+                raise
+            reason = {errno.ENOSPC: "there is no space left on the device", errno.EDQUOT: "the disk quota is used up"}
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint '{path}': {reason.get(exc.errno, exc.strerror)}. The previous checkpoint "
+                f"is intact (files are written to a temporary name and renamed only when complete); free some "
+                f"space or point work_dir elsewhere, then continue with `segkit train ... --resume auto`."
+            ) from exc
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete ``path.tmp-<pid>`` files whose writing process no longer runs."""
+    directory, prefix = os.path.dirname(os.path.abspath(path)), os.path.basename(path) + ".tmp-"
+    for name in os.listdir(directory):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def resolve_work_dir(cfg: Mapping[str, Any]) -> str:
@@ -66,11 +120,13 @@ def _main_metric(cfg: Mapping[str, Any]) -> str:
 
 
 def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool = False,
-                  with_validation: bool = True) -> pl.Trainer:
+                  with_validation: bool = True, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """A ``pytorch_lightning.Trainer`` from ``cfg["trainer"]`` (every Trainer option works there).
 
-    segkit adds: CPU as the default accelerator, the CSV logger and checkpoint callbacks under
-    ``work_dir``, and atomic checkpoint writing.
+    segkit adds: CPU as the default accelerator, the CSV and TensorBoard loggers
+    (``trainer.logger: true``, the default; ``false`` for none; a Logger object is used as given),
+    the learning rate and iteration times in the logs, checkpoint callbacks under ``work_dir``,
+    atomic checkpoint writing, and synchronised BatchNorm for ``model.sync_bn: true``.
     """
     kwargs = dict(cfg.get("trainer") or {})
     with config_errors(cfg):
@@ -82,10 +138,11 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
         kwargs["logger"] = False
         kwargs["enable_checkpointing"] = False
         return pl.Trainer(**kwargs)
+    with config_errors(cfg):
+        sync_bn = _sync_batchnorm(cfg, kwargs)
     if kwargs.get("logger", True) is True:
-        # logs/version_N per run, so a resumed or repeated run never deletes earlier logs.
-        kwargs["logger"] = CSVLogger(save_dir=work_dir, name="logs")
-    callbacks = list(kwargs.pop("callbacks", None) or [])
+        kwargs["logger"] = default_loggers(work_dir)
+    callbacks = list(kwargs.pop("callbacks", None) or []) + list(extra_callbacks)
     if kwargs.get("enable_checkpointing", True):
         ckpt_dir = os.path.join(work_dir, "checkpoints")
         # "last" is written at the end of every epoch (after that epoch's evaluation, if any).
@@ -97,11 +154,77 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
                                              enable_version_counter=False))
     if kwargs.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(IterationTimer())
     kwargs["callbacks"] = callbacks
     plugins = list(kwargs.pop("plugins", None) or [])
     plugins.append(AtomicCheckpointIO())
+    if sync_bn:
+        plugins.append(SyncBatchNormPlugin())
     kwargs["plugins"] = plugins
     return pl.Trainer(**kwargs)
+
+
+def default_loggers(work_dir: str) -> list[Logger]:
+    """The CSV and TensorBoard loggers of a run, both writing to ``work_dir/logs/version_N``.
+
+    A new ``version_N`` per run, so a resumed or repeated run never deletes earlier logs; the CSV
+    files are what ``segkit plot`` reads.
+    """
+    csv_logger = CSVLogger(save_dir=work_dir, name="logs")
+    try:
+        import tensorboard  # noqa: F401  (TensorBoardLogger needs it, or tensorboardX)
+    except ImportError:
+        warnings.warn("TensorBoard logs need the tensorboard package (pip install tensorboard); writing CSV logs "
+                      "only", stacklevel=2)
+        return [csv_logger]
+    return [csv_logger, TensorBoardLogger(save_dir=work_dir, name="logs", version=csv_logger.version,
+                                          default_hp_metric=False)]
+
+
+class IterationTimer(pl.Callback):
+    """Logs the seconds of every training iteration as ``time/data`` and ``time/step``.
+
+    ``time/data`` is the time from the end of one iteration to the start of the next (the data
+    loader's share, including the first batch of an epoch), ``time/step`` the rest: forward,
+    backward and optimizer step.
+    """
+
+    def __init__(self) -> None:
+        self._last_end: float | None = None
+        self._start = 0.0
+        self._data = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_end = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._start = time.perf_counter()
+        self._data = self._start - self._last_end if self._last_end is not None else 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        end = time.perf_counter()
+        pl_module.log("time/data", self._data, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("time/step", end - self._start, on_step=True, on_epoch=False, batch_size=1)
+        self._last_end = end
+
+
+def _sync_batchnorm(cfg: Mapping[str, Any], trainer_kwargs: dict[str, Any]) -> bool:
+    """Whether BatchNorm is synchronised across processes: ``model.sync_bn`` or ``trainer.sync_batchnorm`` true.
+
+    Removes ``sync_batchnorm`` from ``trainer_kwargs``: segkit's plugin does the conversion, also
+    for CPU processes, where PyTorch's SyncBatchNorm does not run.
+
+    Raises:
+        ConfigError: a value that is not true, false or null.
+    """
+    values = {"model.sync_bn": (cfg.get("model") or {}).get("sync_bn"),
+              "trainer.sync_batchnorm": trainer_kwargs.pop("sync_batchnorm", None)}
+    for key, value in values.items():
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}", key=key)
+    return any(values.values())
 
 
 class _DropAdvertisements(logging.Filter):
@@ -121,23 +244,80 @@ def _quiet_lightning() -> None:
 def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
     """Train the model described by ``cfg``; returns the metrics of the last evaluation.
 
+    Args:
+        cfg: the merged config.
+        resume: a ``last.ckpt`` (or any checkpoint ``segkit train`` wrote) to continue from: the
+            weights, optimizer, learning-rate schedule, epoch and step, the average of the weights
+            (``engine.ema``) and the skipped-step counts. Resumed from the end of an epoch, the run
+            ends with the same weights as an uninterrupted one (same config, ``trainer.deterministic:
+            true`` where the accelerator needs it).
+
+    Raises:
+        CheckpointError: ``resume`` is missing, truncated, unsafe, or not a training checkpoint.
+        TrainingDivergedError: ``engine.max_nonfinite_steps`` steps in a row had a non-finite loss
+            or gradients.
+
     Example:
         >>> metrics = segkit.engine.train(segkit.load_config("configs/quickstart.yaml"))
     """
     _quiet_lightning()
-    work_dir = resolve_work_dir(cfg)
-    pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    model = build_model(cfg)
-    os.makedirs(work_dir, exist_ok=True)
-    atomic_write_text(os.path.join(work_dir, "config.yaml"), dump_config(cfg))
-    module = SegkitModule(model=model, config=cfg.to_dict() if isinstance(cfg, Config) else dict(cfg),
-                          work_dir=work_dir)
-    with_val = (cfg.get("data") or {}).get("val") is not None
-    trainer = build_trainer(cfg, work_dir=work_dir, with_validation=with_val)
+    # Resuming within an epoch continues with the epoch's remaining batches (EpochSeeding says so itself).
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
     with config_errors(cfg):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        options = engine_options(cfg)
+    if resume is not None:
+        _check_resumable(resume)
+    work_dir = resolve_work_dir(cfg)
+    lock = lock_work_dir(work_dir)  # held while training: a second run in the same folder is refused
+    try:
+        seed = int(cfg.get("seed", 0))
+        pl.seed_everything(seed, workers=True, verbose=False)
+        datamodule = build_datamodule(cfg)
+        datamodule.seed = seed
+        model = build_model(cfg)
+        os.makedirs(work_dir, exist_ok=True)
+        atomic_write_text(os.path.join(work_dir, "config.yaml"), dump_config(cfg))
+        module = SegkitModule(model=model, config=cfg.to_dict() if isinstance(cfg, Config) else dict(cfg),
+                              work_dir=work_dir, engine=options)
+        with_val = (cfg.get("data") or {}).get("val") is not None
+        trainer = build_trainer(cfg, work_dir=work_dir, with_validation=with_val,
+                                extra_callbacks=_engine_callbacks(cfg, options, work_dir=work_dir, seed=seed))
+        with config_errors(cfg):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    finally:
+        if lock is not None:
+            lock.close()
     return dict(module.last_metrics)
+
+
+def _engine_callbacks(cfg: Mapping[str, Any], options: EngineOptions, *, work_dir: str, seed: int) -> list[pl.Callback]:
+    callbacks: list[pl.Callback] = [EpochSeeding(seed), SaveOnInterrupt(os.path.join(work_dir, "checkpoints"))]
+    every = options.checkpoint_every_n_steps
+    if every is not None and (cfg.get("trainer") or {}).get("enable_checkpointing", True):
+        # The same last.ckpt as at the end of each epoch, also every `every` optimizer steps.
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(work_dir, "checkpoints"), filename="last",
+                                         every_n_train_steps=every, save_top_k=1, monitor=None,
+                                         enable_version_counter=False))
+    return callbacks
+
+
+def _check_resumable(path: str) -> None:
+    """Refuse a checkpoint that training cannot continue from, naming the file.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or unsafe, or holds weights only.
+    """
+    ckpt = read_checkpoint(path)
+    missing = [key for key in ("state_dict", "optimizer_states", "loops") if key not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from '{path}': it is not a training checkpoint of `segkit train` (it has no "
+            f"{', '.join(missing)}); only the checkpoints/last.ckpt of a run (or another checkpoint it wrote) can "
+            f"be resumed."
+        )
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    rank_zero_info(f"resuming from {path} (written after epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
 
 
 def evaluate(cfg: Mapping[str, Any], checkpoint: str | None, *, split: str = "val") -> dict[str, float]:

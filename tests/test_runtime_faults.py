@@ -1,0 +1,133 @@
+"""Runtime faults: Ctrl+C during training, a data-loading worker that dies, two runs in one work_dir,
+a full disk while saving. Each ends with one clear message and leaves every written file intact."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_CONFIG
+
+
+def _config(tmp_path: Path, extra: str = "", epochs: int = 1000) -> Path:
+    cfg = tmp_path / "tiny.yaml"
+    text = textwrap.dedent(TINY_CONFIG.format(root=tmp_path / "data", work_dir=tmp_path / "work"))
+    text = text.replace("max_epochs: 8", f"max_epochs: {epochs}") + extra
+    cfg.write_text(text)
+    return cfg
+
+
+def _start(cfg: Path, cwd: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "segkit.cli", "train", str(cfg), *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.2)
+
+
+def test_ctrl_c_saves_the_state_keeps_last_and_exits_without_traceback(tmp_path: Path):
+    cfg = _config(tmp_path)
+    proc = _start(cfg, tmp_path)
+    last = tmp_path / "work" / "checkpoints" / "last.ckpt"
+    _wait_for(last, proc)
+    time.sleep(1.0)  # into a later epoch
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "training interrupted" in out and "--resume auto" in out
+    assert "Traceback" not in err
+    interrupted = tmp_path / "work" / "checkpoints" / "interrupted.ckpt"
+    state = torch.load(interrupted, map_location="cpu", weights_only=True)
+    assert state["global_step"] > 0 and "state_dict" in state
+    torch.load(last, map_location="cpu", weights_only=True)  # the epoch checkpoint is intact
+    assert not [p.name for p in last.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_second_run_in_the_same_work_dir_is_refused_until_the_first_ends(tmp_path: Path):
+    cfg = _config(tmp_path)
+    first = _start(cfg, tmp_path)
+    lock = tmp_path / "work" / ".segkit.lock"
+    _wait_for(tmp_path / "work" / "checkpoints" / "last.ckpt", first)
+    second = subprocess.run([sys.executable, "-m", "segkit.cli", "train", str(cfg)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2
+    message = " ".join(second.stderr.split())
+    assert "is in use by another segkit run" in message and f"pid {first.pid}" in message
+    assert "Traceback" not in second.stderr
+    first.kill()  # the lock dies with its process, even on SIGKILL
+    first.communicate(timeout=60)
+    assert lock.exists()
+    third = subprocess.run([sys.executable, "-m", "segkit.cli", "train", str(cfg), "trainer.max_epochs=1"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+
+
+DYING_DATASET = '''
+import os
+from segkit.data.shapes import Shapes
+from segkit.registry import DATASETS
+
+
+@DATASETS.register()
+class DyingShapes(Shapes):
+    """Shapes whose worker process dies on sample 5, as an out-of-memory kill would end it."""
+
+    def __getitem__(self, index):
+        import torch.utils.data
+        if index == 5 and torch.utils.data.get_worker_info() is not None:
+            os._exit(9)
+        return super().__getitem__(index)
+'''
+
+
+def test_a_data_worker_that_dies_ends_the_run_with_one_message(tmp_path: Path):
+    (tmp_path / "dying.py").write_text(DYING_DATASET)
+    cfg = _config(tmp_path, epochs=2)
+    text = cfg.read_text().replace("type: Shapes, split: train", "type: DyingShapes, split: train")
+    cfg.write_text("imports: [dying.py]\n" + text.replace("batch_size: 4", "batch_size: 4\n  num_workers: 2"))
+    result = subprocess.run([sys.executable, "-m", "segkit.cli", "train", str(cfg)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = " ".join(result.stderr.split())
+    assert "data-loading worker" in message and "num_workers=0" in message
+    assert "Traceback" not in result.stderr
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from segkit.config import load_config
+    from segkit.engine import runner
+    from segkit.errors import UserError
+
+    cfg = load_config(str(_config(tmp_path, epochs=1)))
+    runner.train(cfg)
+    last = tmp_path / "work" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:  # some bytes reach the disk, then it is full
+            handle.write(b"\0" * 1024)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cfg = load_config(str(tmp_path / "tiny.yaml"), ["trainer.max_epochs=2"])
+    with pytest.raises(UserError, match="no space left on the device.*previous checkpoint is intact"):
+        runner.train(cfg, resume=str(last))
+    assert last.read_bytes() == before
+    assert not [p.name for p in last.parent.iterdir() if ".tmp" in p.name]

@@ -5,7 +5,11 @@
     segkit predict CONFIG_OR_CKPT [CKPT] INPUT... [key=value ...] --out DIR [--score-thr F] [--device D]
     segkit list [KIND]
     segkit config CONFIG [key=value ...]
+    segkit data check CONFIG [key=value ...] [--split train|val|test|all] [--max-images N]
+    segkit data show CONFIG [key=value ...] --out DIR [--split S] [--n N] [--seed S] [--grid]
     segkit score --task bbox|segm|voc|semseg --gt GT --pred PRED [--out FILE] [options]
+    segkit plot WORK_DIR [--out FILE.png]
+    segkit bench CONFIG [key=value ...] [--compare torchvision] [--image-size HxW] [--out FILE] [options]
     segkit convert --from timm|torchvision IN OUT
     segkit convert voc2coco VOC_ROOT [VOC_ROOT ...] --split NAME [--split NAME ...] --out FILE
     segkit convert coco2voc ANN_FILE IMG_DIR OUT_ROOT --split NAME
@@ -85,6 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
+    p = sub.add_parser("data", help="check a config's datasets, or draw their samples",
+                       description="`segkit data check` reads every split of CONFIG (images, annotations, label "
+                                   "maps) and lists each problem found; exit status 1 if any is an error. "
+                                   "`segkit data show` draws samples after the split's transforms, as the model "
+                                   "sees them.")
+    data = p.add_subparsers(dest="action", metavar="ACTION")
+    data.required = True
+    q = data.add_parser("check", help="find every problem in a config's datasets",
+                        description="Check every split of CONFIG: missing, corrupt or resized images, boxes outside "
+                                    "the image or of zero size, unknown categories, masks that disagree with their "
+                                    "box, label-map values outside the classes and label maps of the wrong size; "
+                                    "images without annotations are warnings. Prints the count and first records of "
+                                    "each problem and a summary; exit status 0 if no errors, 1 otherwise.")
+    q.add_argument("config", help="YAML config file")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    q.add_argument("--split", choices=("train", "val", "test", "all"), default="all",
+                   help="the split to check (default: every split the config defines)")
+    q.add_argument("--max-images", type=int, metavar="N", help="check only the first N images of each split")
+    q = data.add_parser("show", help="draw samples after the transforms",
+                        description="Draw N random samples of a split after its transforms: boxes with class names "
+                                    "and masks, or the label map coloured by class with a legend. Writes "
+                                    "DIR/<image id>.png (label-map datasets: DIR/<image name>.png) and, with "
+                                    "--grid, a contact sheet DIR/grid.png.")
+    q.add_argument("config", help="YAML config file")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    q.add_argument("--split", choices=("train", "val", "test"), default="train", help="default train")
+    q.add_argument("--n", type=int, default=16, metavar="N", help="number of samples (default 16)")
+    q.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    q.add_argument("--seed", type=int, default=0, metavar="S", help="chooses the samples and their random "
+                   "transforms (default 0)")
+    q.add_argument("--grid", action="store_true", help="also write all samples as one picture, DIR/grid.png")
+
     p = sub.add_parser("score", help="score existing predictions (COCO, VOC, label maps) without a model",
                        description="Score predictions against ground truth and print the metrics under the names "
                                    "training uses. bbox/segm: --gt a COCO instances JSON, --pred a COCO results JSON "
@@ -112,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-index", type=int, default=255, metavar="V", help="semseg: ignored label value (255)")
     p.add_argument("--reduce-zero-label", action="store_true", help="semseg: raw 0 is ignored, raw v is class v-1")
 
+    p = sub.add_parser("plot", help="draw the training curves of a run as a PNG",
+                       description="Read WORK_DIR/logs/version_*/metrics.csv (every run in the folder, in order, so "
+                                   "a resumed run's curves continue) and draw one panel per training loss (lightly "
+                                   "smoothed), the learning rate, the seconds per iteration and the evaluation "
+                                   "metrics against the step.")
+    p.add_argument("work_dir", metavar="WORK_DIR", help="the run's folder (the config's work_dir)")
+    p.add_argument("--out", metavar="FILE.png", help="the picture to write (default WORK_DIR/curves.png)")
+
     p = sub.add_parser("convert", help="convert weights (torchvision / timm) or datasets (voc2coco, coco2voc)",
                        description="Rename a torchvision or timm state dict for segkit. A ResNet-family backbone "
                                    "(resnet*, resnext*, seresnet*, seresnext*, legacy_senet154) is written with its "
@@ -126,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the library whose key names IN uses")
     p.add_argument("input", metavar="IN", help="state dict file (raw, or under 'state_dict' / 'model')")
     p.add_argument("output", metavar="OUT", help="segkit checkpoint to write")
+
+    p = sub.add_parser("bench", help="time training, inference, data loading and evaluation of a config",
+                       description="Measure the model of CONFIG after warm-up over several iterations (median, min, "
+                                   "max): inference latency at batch 1, throughput at --batch-size, a training step "
+                                   "(forward, backward, the config's optimizer), peak memory, images/s through the "
+                                   "train DataLoader and the evaluator's time on validation batches. With --compare "
+                                   "torchvision the equivalent torchvision model (Faster / Mask R-CNN R50-FPN, FCN "
+                                   "R50-D8; same weights) is timed alternately in the same process and the "
+                                   "segkit/torchvision ratios are printed. See docs/benchmarks.md.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--iters", type=int, default=10, metavar="N", help="timed iterations per phase (default 10)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed iterations first (default 2)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="training and throughput batch (default data.batch_size)")
+    p.add_argument("--image-size", metavar="HxW", help="synthetic images of this size, which the network sees "
+                   "unresized (default: the config's data, synthetic 512x512 where it cannot be read)")
+    p.add_argument("--device", metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's setting)")
+    p.add_argument("--compare", choices=("torchvision",), help="also time the equivalent torchvision model")
+    p.add_argument("--skip", metavar="PHASES", help="comma-separated phases to leave out: infer, throughput, train, "
+                   "data, eval")
+    p.add_argument("--out", metavar="FILE", help="write the results as JSON")
     return parser
 
 
@@ -144,17 +210,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "list": _cmd_list,
-               "config": _cmd_config, "convert": _cmd_convert, "score": _cmd_score}[args.command]
+               "config": _cmd_config, "convert": _cmd_convert, "score": _cmd_score, "plot": _cmd_plot,
+               "data": _cmd_data, "bench": _cmd_bench}[args.command]
     try:
         return handler(args) or 0
     except (UserError, FileNotFoundError) as exc:
         if args.debug:
             raise
         _fail(str(exc))
+    except RuntimeError as exc:
+        if args.debug or not _is_worker_death(exc):
+            raise
+        _fail(f"a data-loading worker process died ({exc}). The operating system ends a worker that runs out of "
+              f"memory, and a crash in a dataset's or transform's native code ends it too. Rerun with "
+              f"data.num_workers=0 to see the error in the main process, or with fewer workers or a smaller "
+              f"data.batch_size if memory is short; a training run continues with --resume auto.")
     except KeyboardInterrupt:
         print("segkit: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _is_worker_death(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is PyTorch's report of a DataLoader worker that exited."""
+    while exc is not None:
+        if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc) and "exited unexpectedly" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _fail(message: str) -> None:
@@ -178,6 +261,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if resume == "auto":
         last = os.path.join(resolve_work_dir(cfg), "checkpoints", "last.ckpt")
         resume = last if os.path.isfile(last) else None
+        if resume is None and _is_rank_zero():
+            print(f"--resume auto: no checkpoint at {last} yet, starting a new run", flush=True)
     elif resume is not None:
         _require_file(resume, "checkpoint")
     metrics = train(cfg, resume=resume)
@@ -303,6 +388,29 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from segkit.engine.plot import plot_curves
+
+    print(f"curves of {args.work_dir} written to {plot_curves(args.work_dir, args.out)}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from segkit.bench import BenchOptions, format_report, parse_image_size, parse_skip, run_bench
+    from segkit.config import load_config
+    from segkit.fileio import atomic_write_json
+
+    options = BenchOptions(iters=args.iters, warmup=args.warmup, batch_size=args.batch_size,
+                           image_size=parse_image_size(args.image_size) if args.image_size else None,
+                           device=args.device, threads=args.threads, compare=args.compare, skip=parse_skip(args.skip))
+    report = run_bench(load_config(args.config, args.overrides), options)
+    print(format_report(report))
+    if args.out:
+        atomic_write_json(args.out, report)
+        print(f"results written to {args.out}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from segkit.registry import all_registries, plugin_errors
 
@@ -353,6 +461,32 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, import_plugins=False)
     print(dump_config(cfg), end="")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from segkit.config import config_errors, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.action == "check":
+        from segkit.data.check import check_config, format_report
+
+        if args.max_images is not None and args.max_images < 1:
+            raise UserError(f"--max-images must be at least 1, got {args.max_images}.")
+        with config_errors(cfg):
+            reports = check_config(cfg, splits=None if args.split == "all" else [args.split],
+                                   max_images=args.max_images)
+        print(format_report(reports))
+        return 1 if any(report.errors for report in reports) else 0
+    from segkit.data.show import show_samples
+
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}.")
+    with config_errors(cfg):
+        rendered = show_samples(cfg, split=args.split, num_samples=args.n, out_dir=args.out, seed=args.seed,
+                                grid=args.grid)
+    print(f"drew {len(rendered)} {args.split} sample(s) after the transforms into {args.out}"
+          + (" (all of them in grid.png)" if args.grid else ""))
     return 0
 
 

@@ -111,6 +111,41 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: b
                                    source=f"checkpoint '{path}'", strict=strict)
 
 
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, use_ema: bool = True,
+                         min_fraction: float = 0.5) -> dict[str, list[str]]:
+    """Initialise ``model`` from a checkpoint's weights for fine-tuning (``engine.load_from``).
+
+    Every tensor whose name and shape match is copied. Tensors of another shape keep the model's
+    own initialisation: when only ``num_classes`` changed, these are the class-specific layers
+    (the box head's classifier and class-specific regression, the mask predictor, a segmentation
+    classifier), which are then trained from scratch. Tensors the checkpoint lacks also keep their
+    initialisation.
+
+    Returns:
+        ``{"loaded": [...], "reinitialised": [...] (other shape), "missing": [...], "unexpected": [...]}``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or unsafe, or fewer than ``min_fraction`` of
+            the model's tensors are found in it with their shape (a checkpoint of another architecture).
+    """
+    path = os.fspath(path)
+    state = extract_state_dict(read_checkpoint(path), use_ema=use_ema)
+    own = model.state_dict()
+    loaded = [k for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)]
+    reinitialised = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if len(loaded) < min_fraction * max(len(own), 1):
+        raise CheckpointError(
+            f"'{path}' does not fit this model: only {len(loaded)} of its {len(own)} tensors are in the "
+            f"checkpoint with the same shape ({len(missing)} missing, e.g. {_few(missing)}; {len(unexpected)} "
+            f"unexpected, e.g. {_few(unexpected)}). It holds another architecture; engine.load_from takes a "
+            f"checkpoint of the same model, possibly with another num_classes."
+        )
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return {"loaded": loaded, "reinitialised": reinitialised, "missing": missing, "unexpected": unexpected}
+
+
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, strict: bool,
                             hint: str = "another architecture or num_classes?") -> dict[str, list[str]]:
     """Load ``state`` into ``model`` after checking every shape.

@@ -262,3 +262,55 @@ def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next(tmp_path:
     AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", other.name])
     assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["w"], torch.ones(3))
+
+
+def test_keep_best_keeps_the_k_best_evaluations(tmp_path: Path):
+    import json
+
+    from segkit.config import load_config
+    from segkit.engine.runner import train
+    from tests.conftest import TINY_CONFIG
+
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(TINY_CONFIG.format(root=tmp_path / "data", work_dir=tmp_path / "work"))
+    train(load_config(str(cfg_file), ["trainer.max_epochs=5", "trainer.check_val_every_n_epoch=1",
+                                      "engine.keep_best=2"]))
+    history = json.loads((tmp_path / "work" / "metrics.json").read_text())["history"]
+    ranked = sorted(history, key=lambda h: h["metrics"]["bbox/AP"], reverse=True)
+    kept = sorted(p.name for p in (tmp_path / "work" / "checkpoints").glob("top-epoch*.ckpt"))
+    assert len(history) == 5 and len(kept) == 2
+    assert {f"top-epoch{h['epoch']:03d}.ckpt" for h in ranked[:2]} == set(kept) or \
+        ranked[1]["metrics"]["bbox/AP"] == ranked[2]["metrics"]["bbox/AP"]  # a tie may keep either
+    assert (tmp_path / "work" / "checkpoints" / "best.ckpt").is_file()
+    with pytest.raises(Exception, match="engine.keep_best"):
+        train(load_config(str(cfg_file), ["engine.keep_best=0"]))
+
+
+def test_load_from_fine_tunes_with_another_num_classes_and_refuses_another_architecture(tmp_path: Path):
+    from segkit.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+    from segkit.config import load_config
+    from segkit.engine.runner import train
+    from tests.conftest import TINY_CONFIG
+
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(TINY_CONFIG.format(root=tmp_path / "data", work_dir=tmp_path / "work"))
+    train(load_config(str(cfg_file), ["trainer.max_epochs=1"]))
+    source = tmp_path / "work" / "checkpoints" / "last.ckpt"
+    old = extract_state_dict(read_checkpoint(source))
+
+    # two of the three shapes: the class-specific layers change shape, everything else is reused
+    two = ["model.roi_head.num_classes=2", "data.train.categories=[circle,square]",
+           "data.val.categories=[circle,square]", f"work_dir={tmp_path / 'tuned'}", "trainer.max_epochs=1",
+           f"engine.load_from={source}", "optimizer.lr=0.0"]
+    train(load_config(str(cfg_file), two))
+    new = extract_state_dict(read_checkpoint(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))
+    changed = sorted(k for k in new if new[k].shape != old[k].shape)
+    assert changed and all("cls_score" in k or "bbox_pred" in k for k in changed)
+    backbone = [k for k in new if k.startswith("backbone.") and new[k].is_floating_point() and "running" not in k
+                and "num_batches" not in k]
+    assert backbone and all(torch.equal(new[k], old[k]) for k in backbone)  # lr 0: the loaded weights, unchanged
+
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"decode_head.weight": torch.zeros(3)}}, other)
+    with pytest.raises(CheckpointError, match="holds another architecture"):
+        train(load_config(str(cfg_file), [f"engine.load_from={other}", f"work_dir={tmp_path / 'x'}"]))

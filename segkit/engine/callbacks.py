@@ -7,6 +7,8 @@ segkit implements itself::
       ema: {decay: 0.9998, warmup_iters: 2000}  # average of the weights, used for evaluation (off unless given)
       max_nonfinite_steps: 10                   # stop after this many non-finite steps in a row
       checkpoint_every_n_steps: null            # also write last.ckpt every N optimizer steps
+      keep_best: 1                              # keep the k best checkpoints by evaluation.main_metric
+      load_from: null                           # start from a checkpoint's weights (fine-tuning)
 
 Exact resume: the training order and every random draw of an epoch are a function of
 ``(seed, epoch, rank)`` only. :class:`EpochSampler` orders the training set by ``seed + epoch``
@@ -56,10 +58,13 @@ class EngineOptions:
     ema: EMAOptions | None = None
     max_nonfinite_steps: int = 10
     checkpoint_every_n_steps: int | None = None
+    keep_best: int = 1
+    load_from: str | None = None
 
 
 def _engine_keys(*, ema: Any = None, max_nonfinite_steps: int = 10,
-                 checkpoint_every_n_steps: int | None = None) -> None:
+                 checkpoint_every_n_steps: int | None = None, keep_best: int = 1,
+                 load_from: str | None = None) -> None:
     """The keys of ``engine:`` (a signature for ``check_arguments``)."""
 
 
@@ -93,8 +98,17 @@ def engine_options(cfg: Mapping[str, Any]) -> EngineOptions:
     if every is not None and (not _is_int(every) or every < 1):
         raise ConfigError(f"checkpoint_every_n_steps is a positive number of optimizer steps or null, got {every!r}",
                           key="engine.checkpoint_every_n_steps")
+    keep_best = section.get("keep_best", 1)
+    if not _is_int(keep_best) or keep_best < 1:
+        raise ConfigError(f"keep_best is how many of the best checkpoints (by evaluation.main_metric) to keep, a "
+                          f"positive integer; got {keep_best!r}", key="engine.keep_best")
+    load_from = section.get("load_from")
+    if load_from is not None and not isinstance(load_from, str):
+        raise ConfigError(f"load_from is the path of a checkpoint to start from, got {load_from!r}",
+                          key="engine.load_from")
     return EngineOptions(ema=_ema_options(section.get("ema")), max_nonfinite_steps=int(max_nonfinite),
-                         checkpoint_every_n_steps=None if every is None else int(every))
+                         checkpoint_every_n_steps=None if every is None else int(every), keep_best=int(keep_best),
+                         load_from=load_from)
 
 
 def _ema_options(value: Any) -> EMAOptions | None:

@@ -5,6 +5,7 @@ A run writes to ``work_dir``::
     config.yaml              the merged config
     checkpoints/last.ckpt    the latest state (written atomically)
     checkpoints/best.ckpt    the best state by ``evaluation.main_metric`` (default bbox/AP)
+    checkpoints/top-epochNNN.ckpt   the ``engine.keep_best`` best states, when it is above 1
     logs/version_N/metrics.csv   losses, learning rate, iteration times and metrics (CSV logger, one folder per run)
     logs/version_N/events.out.tfevents.*   the same for TensorBoard (``tensorboard --logdir work_dir/logs``)
     metrics.json             the latest evaluation under stable names, and every evaluation in "history"
@@ -43,6 +44,11 @@ __all__ = ["AtomicCheckpointIO", "IterationTimer", "build_trainer", "default_log
            "resolve_work_dir", "DEFAULT_MAIN_METRIC"]
 
 DEFAULT_MAIN_METRIC = "bbox/AP"
+
+
+class TopKCheckpoint(ModelCheckpoint):
+    """The ``engine.keep_best`` best checkpoints; its own class gives it its own state in checkpoints
+    (Lightning keys a callback's state by class and monitor, which it shares with best.ckpt's)."""
 
 
 class CheckpointWriteError(UserError):
@@ -152,6 +158,12 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=_main_metric(cfg), mode="max",
                                              save_top_k=1, auto_insert_metric_name=False,
                                              enable_version_counter=False))
+            with config_errors(cfg):
+                keep = engine_options(cfg).keep_best
+            if keep > 1:  # the k best evaluations as top-epochNNN.ckpt, best.ckpt still the best one
+                callbacks.append(TopKCheckpoint(dirpath=ckpt_dir, filename="top-epoch{epoch:03d}",
+                                                 monitor=_main_metric(cfg), mode="max", save_top_k=keep,
+                                                 auto_insert_metric_name=False, enable_version_counter=False))
     if kwargs.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(IterationTimer())
@@ -275,6 +287,8 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
         datamodule = build_datamodule(cfg)
         datamodule.seed = seed
         model = build_model(cfg)
+        if options.load_from is not None and resume is None:
+            _init_from(model, options.load_from)
         os.makedirs(work_dir, exist_ok=True)
         atomic_write_text(os.path.join(work_dir, "config.yaml"), dump_config(cfg))
         module = SegkitModule(model=model, config=cfg.to_dict() if isinstance(cfg, Config) else dict(cfg),
@@ -299,6 +313,21 @@ def _engine_callbacks(cfg: Mapping[str, Any], options: EngineOptions, *, work_di
                                          every_n_train_steps=every, save_top_k=1, monitor=None,
                                          enable_version_counter=False))
     return callbacks
+
+
+def _init_from(model: torch.nn.Module, path: str) -> None:
+    """``engine.load_from``: the checkpoint's weights where they fit, reported in one line each."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    from segkit.checkpoint import init_from_checkpoint
+
+    report = init_from_checkpoint(model, path)
+    rank_zero_info(f"initialised {len(report['loaded'])} tensors from {path}")
+    if report["reinitialised"]:
+        rank_zero_info(f"  kept the new initialisation of {len(report['reinitialised'])} tensors of another shape "
+                       f"(trained from scratch): {', '.join(report['reinitialised'])}")
+    if report["missing"]:
+        rank_zero_info(f"  {len(report['missing'])} tensors are not in the checkpoint: {', '.join(report['missing'][:8])}")
 
 
 def _check_resumable(path: str) -> None:

@@ -246,8 +246,9 @@ def check_arguments(obj: Any, kwargs: Mapping[str, Any], *, path: str, type_name
     """Check ``kwargs`` against the signature of ``obj`` (a class or function).
 
     Raises:
-        ConfigError: naming the first unknown key (with the nearest valid names) or the missing
-            required arguments.
+        ConfigError: naming the first unknown key (with the nearest valid names), the missing
+            required arguments, or a value whose type the argument's annotation excludes (see
+            :mod:`segkit.config_types`).
     """
     try:
         sig = inspect.signature(obj)
@@ -277,6 +278,12 @@ def check_arguments(obj: Any, kwargs: Mapping[str, Any], *, path: str, type_name
             f"{type_name} ({kind}) needs the argument(s) {', '.join(repr(m) for m in missing)}, which the config does not set.",
             key=path or None,
         )
+    from segkit.config_types import type_problem
+
+    for key, value in kwargs.items():
+        problem = type_problem(obj, key, value)
+        if problem is not None:
+            raise ConfigError(f"{type_name} ({kind}) argument '{key}' {problem}.", key=_join(path, key))
 
 
 def _join(path: str, key: str) -> str:

@@ -15,7 +15,7 @@ import torchvision
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from segkit.config import DELETE_KEY, Config, apply_overrides, merge  # noqa: E402
@@ -26,7 +26,9 @@ from segkit.ops.box_coder import BoxCoder  # noqa: E402
 from segkit.ops.masks import paste_masks_in_image  # noqa: E402
 from segkit.ops.roi_align import roi_align  # noqa: E402
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so the suite is reproducible (a fixed corpus per test)
+FAST = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # ---------------------------------------------------------------------- config
 keys = st.sampled_from(list("abcde"))
@@ -263,11 +265,14 @@ def test_paste_masks_equals_torchvision(items, height, width):
         torch.testing.assert_close(ours[k], ref, rtol=1e-5, atol=1e-5)
 
 
+sized_boxes = st.lists(
+    st.tuples(st.floats(-4, 36), st.floats(-4, 36), st.floats(0.5, 20), st.floats(0.5, 20)), min_size=0, max_size=6)
+
+
 @FAST
-@given(boxes_strategy, st.sampled_from([(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]))
+@given(sized_boxes, st.sampled_from([(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]))
 def test_box_coder_round_trip(items, weights):
     refs = _xyxy(items)
-    assume(len(refs) == 0 or bool(((refs[:, 2:] - refs[:, :2]) > 0.5).all()))
     coder = BoxCoder(weights=weights)
     targets = refs + torch.linspace(-1, 1, 4)
     targets[:, 2:] = torch.maximum(targets[:, 2:], targets[:, :2] + 0.5)

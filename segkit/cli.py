@@ -209,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(str(exc))
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        _quiet_peer_disconnects()
     handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "list": _cmd_list,
                "config": _cmd_config, "convert": _cmd_convert, "score": _cmd_score, "plot": _cmd_plot,
                "data": _cmd_data, "bench": _cmd_bench}[args.command]
@@ -229,6 +231,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("segkit: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _quiet_peer_disconnects() -> None:
+    """Keep a dead worker's broken connections out of the output of the process that reports its death.
+
+    When a DataLoader worker is killed while it hands a tensor over, multiprocessing's resource-sharing
+    thread in the main process sees the connection reset and prints that through ``sys.excepthook``
+    before the main thread can report the death in one paragraph. Connection errors raised in helper
+    threads are dropped here; everything else still reaches the original hook.
+    """
+    import threading
+
+    original = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if threading.current_thread() is not threading.main_thread() and issubclass(exc_type,
+                                                                                    (ConnectionError, EOFError)):
+            return
+        original(exc_type, exc, tb)
+
+    sys.excepthook = hook
 
 
 def _is_worker_death(exc: BaseException) -> bool:

@@ -73,3 +73,11 @@ def test_no_rois_and_torchvision_fallbacks():
         assert torch.equal(roi_align(x, rois, 4, 1.0, 2), tv_roi_align(x, rois, 4, 1.0, 2))
     with pytest.raises(ValueError, match="2 feature maps but 1 spatial scales"):
         roi_align_levels([x, x], rois, 4, [1.0], 2)
+
+
+def test_gradient_is_the_same_bit_for_bit_on_every_run():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 16, 16, generator=gen)
+    rois = _rois(2, 200, 16.0, gen)  # many RoIs overlap, so pixels collect many contributions
+    grads = [_values_and_gradient(roi_align, features, rois, 7, 1.0, 2, False)[1] for _ in range(3)]
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])

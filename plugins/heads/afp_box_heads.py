@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.registry import HEADS
-from segkit_plugins.heads.box_heads import ConvFCHead, TwoFCHead
+from segkit_plugins.heads.box_heads import ConvFCHead, TwoFCHead, pooled_linear
 
 __all__ = ["AFPTwoFCHead", "AFPConvFCHead"]
 
@@ -111,10 +111,9 @@ class AFPTwoFCHead(TwoFCHead):
         if not self.adaptive_pooling:
             return super().forward(x)
         _check_levels(type(self).__name__, x, self.num_levels)
-        # every level's fc6 in one batched matrix product (faster than L separate ones on a CPU)
-        weight = torch.stack([fc.weight for fc in self.fc6]).transpose(1, 2)  # [L, C*S*S, fc_dim]
-        bias = torch.stack([fc.bias for fc in self.fc6])[:, None]  # [L, 1, fc_dim]
-        per_level = F.relu(torch.baddbmm(bias, x.flatten(2), weight))  # [L, R, fc_dim]
+        # fc6 of every level; pooled_linear orders the weights' columns as the bins are laid out
+        per_level = torch.stack([F.relu(pooled_linear(x_level, fc.weight, fc.bias))
+                                 for fc, x_level in zip(self.fc6, x)])  # [L, R, fc_dim]
         fused = per_level.amax(0) if self.fusion == "max" else per_level.sum(0)
         return F.relu(self.fc7(fused))
 

@@ -8,9 +8,32 @@ from torch import Tensor, nn
 from segkit.registry import HEADS
 from segkit.ops.norm import make_norm
 
-__all__ = ["TwoFCHead", "ConvFCHead"]
+__all__ = ["TwoFCHead", "ConvFCHead", "channels_last_rows", "pooled_linear"]
 
 _CONV_NORMS = (None, "BN", "SyncBN", "GN")
+
+
+def channels_last_rows(x: Tensor) -> Tensor | None:
+    """``x`` Tensor[..., C, S, S] as Tensor[..., S*S*C] without a copy, if its memory is channels-last.
+
+    RoIAlign's CPU training path returns its bins channels-last; ``None`` for any other layout.
+    """
+    moved = x.movedim(-3, -1)
+    return moved.flatten(-3) if moved.is_contiguous() else None
+
+
+def pooled_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x.flatten(1), weight, bias)`` for pooled features Tensor[R, C, S, S].
+
+    When ``x`` is laid out channels-last and is the larger operand, the weight's columns are put in
+    that order instead of copying ``x`` into channel-major order (forward and backward); the result
+    is the same product, summed in another order.
+    """
+    rows = channels_last_rows(x)
+    if rows is None or x.numel() <= weight.numel():
+        return F.linear(x.flatten(1), weight, bias)
+    c, h, w = x.shape[1:]
+    return F.linear(rows, weight.view(-1, c, h, w).movedim(1, -1).reshape(weight.shape[0], -1), bias)
 
 
 @HEADS.register()
@@ -36,7 +59,7 @@ class TwoFCHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map Tensor[R, C, S, S] pooled features to Tensor[R, fc_dim]."""
-        x = F.relu(self.fc6(x.flatten(1)))
+        x = F.relu(pooled_linear(x, self.fc6.weight, self.fc6.bias))
         return F.relu(self.fc7(x))
 
 

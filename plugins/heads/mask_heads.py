@@ -151,13 +151,13 @@ class MaskRCNNHead(nn.Module):
         logits = self.layers(self.pool(feats, boxes))
         labels = torch.cat([inst["labels"] for inst in instances])
         probs = self._select(logits, labels).float().sigmoid()[:, None]  # float32 under mixed precision too
-        return [{**inst, "roi_masks": p} for inst, p in zip(instances, probs.split([len(b) for b in boxes]))]
+        return [{**inst, "roi_masks": p} for inst, p in zip(instances, probs.split([b.shape[0] for b in boxes]))]
 
     def _select(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The logit map of each RoI's class, Tensor[R, M, M]."""
         if self.class_agnostic:
             return logits[:, 0]
-        return logits[torch.arange(len(labels), device=logits.device), labels - 1]
+        return logits[torch.arange(labels.shape[0], device=logits.device), labels - 1]
 
     def _subsample(self, instances: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         count = len(instances["labels"])

@@ -171,7 +171,7 @@ class PANetMaskHead(MaskRCNNHead):
         for conv in self.fc_convs:
             x = F.relu(conv(x))
         height, width = x.shape[-2:]
-        return F.relu(self.fc(x.flatten(1))).reshape(len(x), 1, 2 * height, 2 * width)
+        return F.relu(self.fc(x.flatten(1))).reshape(x.shape[0], 1, 2 * height, 2 * width)
 
     def layers(self, x: Tensor) -> Tensor:
         """Mask logits Tensor[R, K or 1, 2S, 2S] of pooled features (see :meth:`pool` for the shape)."""

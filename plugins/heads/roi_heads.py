@@ -253,14 +253,14 @@ class StandardRoIHead(nn.Module):
         proposals: Sequence[Tensor],
         image_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
-        num_per_image = [len(p) for p in proposals]
+        num_per_image = [p.shape[0] for p in proposals]  # shape, not len(): traced as sizes (export)
         boxes = self.box_coder.decode(box_deltas, torch.cat(list(proposals)))
-        boxes = boxes.view(len(boxes), -1, 4).split(num_per_image)
+        boxes = boxes.view(boxes.shape[0], -1, 4).split(num_per_image)
         scores = F.softmax(class_logits.float(), -1).split(num_per_image)  # float32 under mixed precision too
         results = []
         for boxes_i, scores_i, size in zip(boxes, scores, image_sizes):
             boxes_i = clip_boxes_to_image(boxes_i, size)[:, 1:].reshape(-1, 4)
-            labels_i = torch.arange(1, self.num_classes + 1, device=boxes_i.device).repeat(len(scores_i))
+            labels_i = torch.arange(1, self.num_classes + 1, device=boxes_i.device).repeat(scores_i.shape[0])
             scores_i = scores_i[:, 1:].reshape(-1)
             keep = torch.nonzero(scores_i > self.score_threshold).squeeze(1)
             keep = keep[remove_small_boxes(boxes_i[keep], self.min_box_size)]

@@ -91,7 +91,7 @@ def _interpolation_matrix(start: Tensor, end: Tensor, out_len: int, in_len: int,
     low = src.floor().to(torch.int64).clamp(max=in_len - 1)
     high = (low + 1).clamp(max=in_len - 1)
     frac = (src - low.to(dtype)).clamp(0, 1) * inside
-    weights = torch.zeros((len(start), out_len, in_len), dtype=dtype, device=start.device)
+    weights = torch.zeros((start.shape[0], out_len, in_len), dtype=dtype, device=start.device)
     weights.scatter_add_(2, low[..., None], ((1 - frac) * inside)[..., None])
     weights.scatter_add_(2, high[..., None], frac[..., None])
     return weights

@@ -49,8 +49,7 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
         Tensor[sum R_i, 5], the dtype of the boxes.
     """
     concat = torch.cat(list(boxes), dim=0)
-    counts = torch.tensor([len(b) for b in boxes], device=concat.device)
-    image_idx = torch.repeat_interleave(torch.arange(len(boxes), device=concat.device), counts)
+    image_idx = torch.cat([torch.full_like(b[:, 0], i, dtype=torch.int64) for i, b in enumerate(boxes)])
     return torch.cat([image_idx[:, None].to(concat.dtype), concat], dim=1)
 
 
@@ -125,10 +124,10 @@ class MultiLevelRoIAlign(nn.Module):
             canonical_box_size=self.canonical_box_size,
             canonical_level=self.canonical_level,
         )
-        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             idx = torch.nonzero(levels == level).squeeze(1)
-            if idx.numel() == 0:
+            if idx.numel() == 0 and not torch.jit.is_tracing():  # a trace must keep every level (export)
                 continue
             out[idx] = roi_align(feature, rois[idx], self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
         return out

@@ -30,6 +30,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from segkit.errors import ConfigError, UserError
 
@@ -78,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "unused by segmentors)")
     p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass (default 4)")
+
+    p = sub.add_parser("export", help="export a checkpoint to TorchScript or ONNX and check it",
+                       description="Export a detector or segmentor (`segkit export CKPT` or `segkit export CONFIG "
+                                   "CKPT`; key=value arguments override the config) to a TorchScript archive or an "
+                                   "ONNX model taking one RGB image Tensor[3, H, W] in [0, 1] of the size it was "
+                                   "exported at, with the model's resizing, NMS and mask pasting inside. The file is "
+                                   "then run beside the PyTorch model on sample images (--images, else the first "
+                                   "--num-images images of the config's data.val) and refused if any output differs "
+                                   "by more than --atol. ONNX needs `pip install segkit[export]` (onnx, onnxruntime).")
+    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT")
+    p.add_argument("rest", nargs="*", metavar="ARG", help="[CKPT] (after a config), then key=value overrides")
+    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                   help="torchscript (a .pt archive for torch.jit.load) or onnx (default torchscript)")
+    p.add_argument("--out", metavar="FILE", required=True, help="the file to write")
+    p.add_argument("--images", nargs="+", metavar="INPUT", help="images, folders or glob patterns to export and "
+                   "check with (the first one fixes the input size; the others are resized to it)")
+    p.add_argument("--num-images", type=int, default=8, metavar="N",
+                   help="sample images taken from data.val without --images (default 8)")
+    p.add_argument("--atol", type=float, default=1e-4, metavar="F",
+                   help="largest difference allowed between exported and PyTorch outputs (default 1e-4)")
 
     p = sub.add_parser("list", help="list registered components",
                        description="List every registered component, where it comes from and its signature.")
@@ -211,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.debug:
         _quiet_peer_disconnects()
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "list": _cmd_list,
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "export": _cmd_export,
+               "list": _cmd_list,
                "config": _cmd_config, "convert": _cmd_convert, "score": _cmd_score, "plot": _cmd_plot,
                "data": _cmd_data, "bench": _cmd_bench}[args.command]
     try:
@@ -383,8 +405,71 @@ def _make_folder(path: str) -> None:
         raise UserError(f"cannot create the output folder '{path}': {exc.strerror or exc}.") from exc
 
 
-def _predict_arguments(first: str, rest: list[str]) -> tuple[str, str | None, list[str], list[str]]:
-    """Split `segkit predict`'s positional arguments into (checkpoint, config or None, inputs, overrides)."""
+def _cmd_export(args: argparse.Namespace) -> int:
+    from segkit.export import check_export, export_model
+    from segkit.predict import Predictor
+
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}.")
+    ckpt, config, extra, overrides = _predict_arguments(args.config_or_ckpt, args.rest, command="export",
+                                                        inputs_required=False)
+    if extra:
+        raise UserError(f"unexpected argument(s) {' '.join(extra)}: segkit export CKPT [key=value ...] --format F "
+                        f"--out FILE (sample images go after --images).")
+    predictor = Predictor(ckpt, config=config, overrides=overrides, device="cpu")
+    images = _export_images(args, predictor.config)
+    example = _example_image(predictor.model, images)
+    description = export_model(predictor.model, args.out, args.format, example, class_names=predictor.class_names)
+    report = check_export(args.out, predictor.model, images, atol=args.atol)
+    size = "x".join(str(v) for v in description["input"]["shape"][1:])
+    detections = f", {report['detections']} detections" if report["detections"] is not None else ""
+    print(f"exported {type(predictor.model).__name__} to {args.out} ({args.format}, input 3x{size}, outputs "
+          f"{', '.join(description['outputs'])}); checked on {report['images']} image(s){detections}: largest "
+          f"difference from PyTorch {report['max_abs_diff']:.1e} (tolerance {args.atol:.0e})")
+    return 0
+
+
+def _export_images(args: argparse.Namespace, cfg: Any) -> list:
+    """Sample images for `segkit export`: --images, else the first --num-images of data.val, at one size."""
+    import torch.nn.functional as F
+
+    from segkit.data.coco import load_image
+    from segkit.predict import as_image_tensor, find_images
+
+    if args.images:
+        images = [as_image_tensor(load_image(f)) for f in find_images(args.images)]
+    else:
+        from segkit.registry import DATASETS
+
+        val = (cfg.get("data") or {}).get("val")
+        if not val:
+            raise UserError("the config has no data.val to take sample images from; give some with --images.")
+        dataset = DATASETS.build(val, path="data.val")
+        images = [dataset[i][0] for i in range(min(args.num_images, len(dataset)))]
+        if not images:
+            raise UserError("data.val holds no images; give sample images with --images.")
+    size = tuple(images[0].shape[-2:])
+    return [img if tuple(img.shape[-2:]) == size else
+            F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0] for img in images]
+
+
+def _example_image(model: Any, images: list) -> Any:
+    """The image to trace with: for a detector the first one it detects something in (every branch runs)."""
+    import torch
+
+    if not hasattr(model, "roi_heads"):
+        return images[0]
+    with torch.no_grad():
+        for image in images:
+            if len(model([image])[0]["boxes"]):
+                return image
+    return images[0]
+
+
+def _predict_arguments(first: str, rest: list[str], *, command: str = "predict",
+                       inputs_required: bool = True) -> tuple[str, str | None, list[str], list[str]]:
+    """Split `segkit predict`'s (or `export`'s) positional arguments into (checkpoint, config or None,
+    inputs, overrides)."""
     import re
 
     override = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -394,11 +479,12 @@ def _predict_arguments(first: str, rest: list[str]) -> tuple[str, str | None, li
         ckpt, config = first, None
     else:
         if not positional or not positional[0].endswith(_CHECKPOINT_SUFFIXES):
-            raise UserError(f"`segkit predict {first}` needs a checkpoint after the config: "
-                            f"segkit predict CONFIG CKPT INPUT... --out DIR")
+            usage = "INPUT... --out DIR" if command == "predict" else "--out FILE"
+            raise UserError(f"`segkit {command} {first}` needs a checkpoint after the config: "
+                            f"segkit {command} CONFIG CKPT {usage}")
         ckpt, config, positional = positional[0], first, positional[1:]
     _require_file(ckpt, "checkpoint")
-    if not positional:
+    if not positional and inputs_required:
         raise UserError("no input images given: segkit predict CKPT INPUT... --out DIR (INPUT: image files, "
                         "folders or glob patterns).")
     return ckpt, config, positional, overrides

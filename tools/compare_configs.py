@@ -7,7 +7,8 @@ config and the median ratio B / A; with ``--profile`` also prints the operators 
 time in one step of each.
 
 With ``--synthetic HxW`` the batches are random images of that size with random boxes (and
-filled-box masks), so configs whose data is not on this machine (COCO) can be compared;
+filled-box masks; for semantic segmentors, label maps of random rectangles), so configs whose data
+is not on this machine (COCO, VOC) can be compared;
 ``--set KEY=VALUE`` overrides both configs (e.g. ``model.backbone.pretrained=null``).
 
 Usage:
@@ -45,6 +46,25 @@ def build(config: str, seed: int, overrides: list[str]) -> tuple[torch.nn.Module
 def batches(cfg: dict, count: int, batch_size: int) -> list:
     dataset = DATASETS.build(cfg["data"]["train"], path="data.train")
     return [collate([dataset[i * batch_size + j] for j in range(batch_size)]) for i in range(count)]
+
+
+def synthetic_label_batches(size: str, count: int, batch_size: int, num_classes: int, seed: int) -> list:
+    """Random images with label maps of rectangles of random classes (semantic segmentors)."""
+    height, width = (int(v) for v in size.lower().split("x"))
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        images, targets = [], []
+        for _ in range(batch_size):
+            images.append(torch.rand(3, height, width, generator=gen))
+            labels = torch.zeros(height, width, dtype=torch.int64)
+            for _ in range(6):
+                y, x = int(torch.randint(0, height - 16, (1,), generator=gen)), int(torch.randint(0, width - 16, (1,), generator=gen))
+                h, w = int(torch.randint(16, height // 2, (1,), generator=gen)), int(torch.randint(16, width // 2, (1,), generator=gen))
+                labels[y:y + h, x:x + w] = int(torch.randint(1, num_classes, (1,), generator=gen))
+            targets.append({"sem_seg": labels})
+        out.append((images, targets))
+    return out
 
 
 def synthetic_batches(size: str, count: int, batch_size: int, num_classes: int, seed: int) -> list:
@@ -97,7 +117,10 @@ def main() -> None:
         config = getattr(args, f"config_{name}")
         model, optimizer, cfg = build(config, args.seed, args.set)
         batch_size = args.batch_size or cfg["data"].get("batch_size", 2)
-        if args.synthetic:
+        if args.synthetic and "decode_head" in cfg["model"]:
+            num_classes = cfg["model"]["decode_head"]["num_classes"]
+            data = synthetic_label_batches(args.synthetic, args.batches, batch_size, num_classes, args.seed)
+        elif args.synthetic:
             num_classes = cfg["model"]["roi_head"]["num_classes"]
             data = synthetic_batches(args.synthetic, args.batches, batch_size, num_classes, args.seed)
         else:

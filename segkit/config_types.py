@@ -18,17 +18,29 @@ from __future__ import annotations
 import collections.abc as cabc
 import functools
 import inspect
+import math
+import numbers
 import os
 import types
 import typing
 from typing import Any
 
-__all__ = ["type_problem"]
+__all__ = ["type_problem", "is_integer", "is_finite_number"]
 
 _YAML_TYPES = (bool, int, float, str, list, tuple, dict)
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 _SEQUENCES = (list, tuple, cabc.Sequence, cabc.Iterable, cabc.Collection, cabc.MutableSequence)
 _MAPPINGS = (dict, cabc.Mapping, cabc.MutableMapping)
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer read from YAML or JSON (``True``/``False`` are not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (not a bool, NaN or infinity)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 @functools.lru_cache(maxsize=512)

@@ -8,7 +8,6 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from numbers import Integral
 from typing import Any
 
 import albumentations as A
@@ -18,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from segkit.config_types import is_finite_number, is_integer
 from segkit.data.coco_masks import mask_problem, to_rle
 from segkit.data.transforms import apply_transforms, build_transforms, follow_torch_seed
 from segkit.errors import ConfigError, UserError
@@ -383,7 +383,7 @@ def _check_category_ids(category_ids: Any) -> list[int]:
         raise ConfigError("category_ids is empty; list at least one category id, or leave it out to use the "
                           "file's categories.", key="category_ids")
     for k, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, Integral):
+        if not is_integer(value):
             raise ConfigError(f"category_ids must hold integers, but entry {k} is {value!r}.", key="category_ids")
     ids = [int(v) for v in values]
     if len(set(ids)) != len(ids):
@@ -423,12 +423,6 @@ def _read_coco(ann_file: str) -> COCO:
     return _read_coco_dict(data, ann_file)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _check_fields(data: Mapping[str, Any], ann_file: str) -> None:
@@ -439,21 +433,21 @@ def _check_fields(data: Mapping[str, Any], ann_file: str) -> None:
             raise DatasetError(f"{where} has file_name {image.get('file_name')!r}; it needs the image's path "
                                f"relative to img_dir.")
         for side in ("height", "width"):
-            if side in image and not (_is_int(image[side]) and image[side] > 0):
+            if side in image and not (is_integer(image[side]) and image[side] > 0):
                 raise DatasetError(f"{where} has {side} {image[side]!r}; it must be a positive integer "
                                    f"(or left out, to be read from the image file).")
     for ann in data["annotations"]:
         where = f"annotation id {ann['id']} in '{ann_file}'"
         for key in ("image_id", "category_id"):
-            if not _is_int(ann.get(key)):
+            if not is_integer(ann.get(key)):
                 raise DatasetError(f"{where} has {key} {ann.get(key)!r}; it must be an integer id.")
         if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
             raise DatasetError(f"{where} has iscrowd {ann['iscrowd']!r}; it must be 0 or 1.")
         bbox = ann.get("bbox")
         if bbox is not None and not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
-                                     and all(_is_number(v) for v in bbox)):
+                                     and all(is_finite_number(v) for v in bbox)):
             raise DatasetError(f"{where} has bbox {bbox!r}; it must be four finite numbers [x, y, width, height].")
-        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        if "area" in ann and not (is_finite_number(ann["area"]) and ann["area"] >= 0):
             raise DatasetError(f"{where} has area {ann['area']!r}; it must be a non-negative number.")
 
 
@@ -473,7 +467,7 @@ def _read_coco_dict(data: Any, ann_file: str) -> COCO:
         ids = [item.get("id") if isinstance(item, dict) else None for item in data[key]]
         if None in ids:
             raise DatasetError(f"entry {ids.index(None)} of '{key}' in '{ann_file}' is not an object with an 'id'.")
-        bad = next((k for k, i in enumerate(ids) if not _is_int(i)), None)
+        bad = next((k for k, i in enumerate(ids) if not is_integer(i)), None)
         if bad is not None:
             raise DatasetError(f"entry {bad} of '{key}' in '{ann_file}' has the id {ids[bad]!r}; ids are integers.")
         if len(set(ids)) != len(ids):

@@ -35,6 +35,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from segkit.config_types import is_integer
 from segkit.errors import ConfigError
 from segkit.registry import check_arguments
 
@@ -91,15 +92,15 @@ def engine_options(cfg: Mapping[str, Any]) -> EngineOptions:
                           key="engine")
     check_arguments(_engine_keys, section, path="engine", type_name="engine", kind="section")
     max_nonfinite = section.get("max_nonfinite_steps", 10)
-    if not _is_int(max_nonfinite) or max_nonfinite < 1:
+    if not is_integer(max_nonfinite) or max_nonfinite < 1:
         raise ConfigError(f"max_nonfinite_steps is how many non-finite steps in a row stop training, a positive "
                           f"integer (1: stop at the first); got {max_nonfinite!r}", key="engine.max_nonfinite_steps")
     every = section.get("checkpoint_every_n_steps")
-    if every is not None and (not _is_int(every) or every < 1):
+    if every is not None and (not is_integer(every) or every < 1):
         raise ConfigError(f"checkpoint_every_n_steps is a positive number of optimizer steps or null, got {every!r}",
                           key="engine.checkpoint_every_n_steps")
     keep_best = section.get("keep_best", 1)
-    if not _is_int(keep_best) or keep_best < 1:
+    if not is_integer(keep_best) or keep_best < 1:
         raise ConfigError(f"keep_best is how many of the best checkpoints (by evaluation.main_metric) to keep, a "
                           f"positive integer; got {keep_best!r}", key="engine.keep_best")
     load_from = section.get("load_from")
@@ -125,14 +126,11 @@ def _ema_options(value: Any) -> EMAOptions | None:
         raise ConfigError(f"decay is the weight of the old average per update, a number in [0, 1) such as 0.9998; "
                           f"got {decay!r}", key="engine.ema.decay")
     warmup = value.get("warmup_iters", EMAOptions.warmup_iters)
-    if not _is_int(warmup) or warmup < 0:
+    if not is_integer(warmup) or warmup < 0:
         raise ConfigError(f"warmup_iters is a number of updates >= 0 (0: no warm-up), got {warmup!r}",
                           key="engine.ema.warmup_iters")
     return EMAOptions(decay=float(decay), warmup_iters=int(warmup))
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------- seeding

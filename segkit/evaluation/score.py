@@ -22,11 +22,11 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from numbers import Real
 from typing import Any
 
 import numpy as np
 
+from segkit.config_types import is_finite_number
 from segkit.errors import UserError
 
 __all__ = ["score_coco", "score_voc", "score_semseg", "read_coco_results", "read_voc_det_files",
@@ -73,7 +73,7 @@ def read_coco_results(path: str, *, iou_type: str, image_ids: Sequence[Any] | No
         if missing:
             raise ScoreError(f"{where} has no {', '.join(repr(k) for k in missing)} (keys: {sorted(record)}); a "
                              f"{iou_type} result needs image_id, category_id, score and {key}.")
-        if not _is_number(record["score"]):
+        if not is_finite_number(record["score"]):
             raise ScoreError(f"{where}: score {record['score']!r} is not a finite number.")
         if images is not None and record["image_id"] not in images:
             raise ScoreError(f"{where}: image_id {record['image_id']!r} is not an image of the ground truth.")
@@ -82,7 +82,7 @@ def read_coco_results(path: str, *, iou_type: str, image_ids: Sequence[Any] | No
                              f"truth ({sorted(cats)[:20]}).")
         if key == "bbox":
             box = record["bbox"]
-            if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)
+            if not (isinstance(box, list) and len(box) == 4 and all(is_finite_number(v) for v in box)
                     and box[2] >= 0 and box[3] >= 0):
                 raise ScoreError(f"{where}: bbox {box!r} is not [x, y, width, height] with finite numbers and "
                                  f"non-negative width and height.")
@@ -307,9 +307,6 @@ def score_semseg(gt_dir: str, pred_dir: str, *, num_classes: int, ignore_index: 
         total += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), num_classes, ignore_index)
     return segmentation_metrics(total, class_names)
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def read_class_names(spec: str | None) -> list[str] | None:

@@ -62,7 +62,8 @@ class _Residual(nn.Module):
             branch = self.se(branch)
         if self.drop_path is not None:
             branch = self.drop_path(branch)
-        return self.relu(branch + identity)
+        branch += identity  # in place, as the branch's last op saves no output for backward: no new map
+        return self.relu(branch)
 
 
 class BasicBlock(_Residual):

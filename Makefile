@@ -6,7 +6,7 @@ STAMP := $(VENV)/.segkit-installed
 # The torch / torchvision pair segkit is tested with; override to use another compatible pair.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The documentation site: generated reference pages, then a strict build into site/ (open site/index.html).
+docs: $(STAMP)
+	$(PY) tools/gen_docs.py && $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf work_dirs .pytest_cache

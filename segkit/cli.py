@@ -33,13 +33,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from segkit.errors import ConfigError, UserError
+from segkit.registry import RegistryEntry
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "dataset_converter_parsers", "list_components", "component_signature",
+           "component_source"]
 
 _CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``segkit`` command and its sub-commands (``convert voc2coco`` and ``convert coco2voc``
+    have their own: :func:`dataset_converter_parsers`)."""
     parser = argparse.ArgumentParser(prog="segkit", description="Detection and segmentation with plugins.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -54,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Evaluate a checkpoint. Either `segkit eval CKPT` (the checkpoint carries its config) "
                                    "or `segkit eval CONFIG CKPT`.")
-    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT")
+    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
     p.add_argument("rest", nargs="*", metavar="[CKPT] [key=value]", help="checkpoint (after a config) and overrides")
-    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="the data split to evaluate (default val)")
     p.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
 
     p = sub.add_parser("predict", help="run a checkpoint on images and draw the results",
@@ -70,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model.test_cfg) writes DIR/<image name>.png with the classes coloured and a "
                                    "legend, and DIR/labels/<image name>.png, the label map (pixel = class index; "
                                    "16-bit above 255 classes).")
-    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT")
+    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
     p.add_argument("rest", nargs="+", metavar="INPUT",
                    help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
     p.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "then run beside the PyTorch model on sample images (--images, else the first "
                                    "--num-images images of the config's data.val) and refused if any output differs "
                                    "by more than --atol. ONNX needs `pip install segkit[export]` (onnx, onnxruntime).")
-    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT")
+    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
     p.add_argument("rest", nargs="*", metavar="ARG", help="[CKPT] (after a config), then key=value overrides")
     p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
                    help="torchscript (a .pt archive for torch.jit.load) or onnx (default torchscript)")
@@ -107,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the merged config",
                        description="Print CONFIG after _base_ merging, overrides and interpolation.")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     p = sub.add_parser("data", help="check a config's datasets, or draw their samples",
                        description="`segkit data check` reads every split of CONFIG (images, annotations, label "
@@ -149,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder, --split its image list, --pred a folder of per-class files "
                                    "comp4_det_<split>_<class>.txt or a COCO results JSON. semseg: --gt and --pred "
                                    "folders of label maps (PNG, pixel = class index) matched by file stem.")
-    p.add_argument("--task", required=True, choices=("bbox", "segm", "voc", "semseg"))
+    p.add_argument("--task", required=True, choices=("bbox", "segm", "voc", "semseg"),
+                   help="COCO boxes or masks, VOC detection AP, or semantic segmentation")
     p.add_argument("--gt", required=True, metavar="PATH", help="ground truth: COCO JSON, VOC year folder or label folder")
     p.add_argument("--pred", required=True, metavar="PATH", help="predictions: results JSON, detection-file folder "
                    "or label folder")
@@ -520,27 +525,48 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from segkit.registry import all_registries, plugin_errors
+def list_components(kind: str | None = None) -> dict[str, list[RegistryEntry]]:
+    """The registered components, by plural kind name, as ``segkit list [KIND]`` shows them.
+
+    Args:
+        kind: one kind (``"backbones"`` or ``"backbone"``), or None for every registry.
+
+    Returns:
+        ``{kind: entries sorted by name}``; albumentations transforms reached by class name only are not
+        entries.
+
+    Raises:
+        ConfigError: ``kind`` is not a kind of component (with the nearest kind).
+    """
+    from segkit.registry import all_registries
 
     registries = all_registries()
     kinds = list(registries)
-    if args.kind:
-        kind = args.kind if args.kind in registries else args.kind + "s"
-        if kind not in registries:
+    if kind:
+        plural = kind if kind in registries else kind + "s"
+        if plural not in registries:
             from segkit.errors import did_you_mean
 
-            raise ConfigError(f"unknown component kind '{args.kind}'." + (did_you_mean(args.kind, kinds)
-                                                                         or f" Kinds: {', '.join(kinds)}."))
-        kinds = [kind]
-    for kind in kinds:
-        reg = registries[kind]
+            raise ConfigError(f"unknown component kind '{kind}'." + (did_you_mean(kind, kinds)
+                                                                    or f" Kinds: {', '.join(kinds)}."))
+        kinds = [plural]
+    return {name: registries[name].entries() for name in kinds}
+
+
+def component_source(entry: RegistryEntry) -> str:
+    """Where a component was registered: its module, and the plugin (entry point) that loaded it."""
+    return entry.module + (f" (plugin {entry.plugin})" if entry.plugin else "")
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from segkit.registry import TRANSFORMS, plugin_errors
+
+    for kind, entries in list_components(args.kind).items():
         print(f"{kind}:")
-        for entry in reg.entries():
-            source = entry.module + (f" (plugin {entry.plugin})" if entry.plugin else "")
-            print(f"  {entry.name:<22} {_signature(entry.obj)}\n  {'':<22} from {source}")
+        for entry in entries:
+            print(f"  {entry.name:<22} {component_signature(entry.obj)}\n  {'':<22} from {component_source(entry)}")
         if kind == "transforms":
-            extra = [n for n in reg.names(include_fallback=True) if n not in reg.names()]
+            extra = [n for n in TRANSFORMS.names(include_fallback=True) if n not in TRANSFORMS.names()]
             if args.all:
                 for name in extra:
                     print(f"  {name:<22} (albumentations)")
@@ -554,7 +580,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _signature(obj: object) -> str:
+def component_signature(obj: object, *, max_length: int | None = 160) -> str:
+    """A component's constructor arguments with their defaults, ``(depth=50, ...)``, cut to ``max_length``
+    characters (None: never cut)."""
     try:
         sig = inspect.signature(obj)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -562,7 +590,7 @@ def _signature(obj: object) -> str:
     params = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
               for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     text = "(" + ", ".join(params) + ")"
-    return text if len(text) <= 160 else text[:157] + "...)"
+    return text if max_length is None or len(text) <= max_length else text[:max_length - 3] + "...)"
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -677,11 +705,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_voc2coco(argv: list[str]) -> int:
-    from segkit.data.voc import VOC_DETECTION_CLASSES, voc_to_coco
-    from segkit.evaluation.score import read_class_names
-    from segkit.fileio import atomic_write_json
+def dataset_converter_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The parsers of ``segkit convert voc2coco`` and ``segkit convert coco2voc``, by converter name."""
+    return {"voc2coco": _voc2coco_parser(), "coco2voc": _coco2voc_parser()}
 
+
+def _voc2coco_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segkit convert voc2coco",
                                 description="Write VOC detection annotations (one or more year folders) as one "
                                             "COCO instances JSON. Boxes become [xmin - 1, ymin - 1, w, h] with "
@@ -695,6 +724,15 @@ def _convert_voc2coco(argv: list[str]) -> int:
     p.add_argument("--classes", metavar="FILE|a,b,c", help="class names (default: the 20 VOC classes)")
     p.add_argument("--use-difficult", action="store_true", help="difficult objects as normal objects")
     p.add_argument("--skip-unknown", action="store_true", help="leave out objects of classes not listed")
+    return p
+
+
+def _convert_voc2coco(argv: list[str]) -> int:
+    from segkit.data.voc import VOC_DETECTION_CLASSES, voc_to_coco
+    from segkit.evaluation.score import read_class_names
+    from segkit.fileio import atomic_write_json
+
+    p = _voc2coco_parser()
     args = p.parse_args(argv)
     splits = args.split or ["trainval"]
     if len(splits) not in (1, len(args.roots)):
@@ -710,10 +748,7 @@ def _convert_voc2coco(argv: list[str]) -> int:
     return 0
 
 
-def _convert_coco2voc(argv: list[str]) -> int:
-    from segkit.data.coco import _read_coco
-    from segkit.data.voc import coco_to_voc
-
+def _coco2voc_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segkit convert coco2voc",
                                 description="Write a COCO detection dataset in VOC's layout (JPEGImages/, "
                                             "Annotations/, ImageSets/Main/<split>.txt). Crowd annotations become "
@@ -722,7 +757,14 @@ def _convert_coco2voc(argv: list[str]) -> int:
     p.add_argument("img_dir", metavar="IMG_DIR", help="folder the images' file_name entries are relative to")
     p.add_argument("out_root", metavar="OUT_ROOT", help="VOC year folder to write (created if needed)")
     p.add_argument("--split", required=True, metavar="NAME", help="name of the image list to write")
-    args = p.parse_args(argv)
+    return p
+
+
+def _convert_coco2voc(argv: list[str]) -> int:
+    from segkit.data.coco import _read_coco
+    from segkit.data.voc import coco_to_voc
+
+    args = _coco2voc_parser().parse_args(argv)
     coco = _read_coco(args.ann_file)
     ids = coco_to_voc(coco.dataset, args.img_dir, args.out_root, split=args.split, progress=None)
     print(f"wrote {len(ids)} images to {args.out_root} (split {args.split})")

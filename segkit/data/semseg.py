@@ -136,8 +136,10 @@ class SemSegFolder(torch.utils.data.Dataset):
         palette: colours for drawing, ``[K, 3]`` RGB in ``0..255``; default :func:`default_palette`.
 
     Attributes:
-        classes (tuple[str, ...]), num_classes (int, ``len(classes)``), palette (uint8 ``[K, 3]``),
-        ignore_index (int).
+        classes (tuple[str, ...]): the class names, in index order.
+        num_classes (int): ``len(classes)``.
+        palette (numpy.ndarray): uint8 ``[K, 3]`` RGB colours of the classes.
+        ignore_index (int): label of unlabelled pixels.
 
     Raises:
         DatasetError: no image found, an image without label map (the first few are named), a

@@ -270,7 +270,7 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
             or gradients.
 
     Example:
-        >>> metrics = segkit.engine.train(segkit.load_config("configs/quickstart.yaml"))
+        >>> metrics = segkit.engine.runner.train(segkit.load_config("configs/quickstart.yaml"))
     """
     _quiet_lightning()
     # Resuming within an epoch continues with the epoch's remaining batches (EpochSeeding says so itself).

@@ -1,0 +1,80 @@
+"""The documentation site: every component and command documents itself, and the site builds strictly
+from the generated reference pages."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_SECONDS_LIMIT = 60.0
+
+
+def _load_gen_docs():
+    spec = importlib.util.spec_from_file_location("segkit_gen_docs", ROOT / "tools" / "gen_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen_docs = _load_gen_docs()
+
+
+def test_every_registered_component_has_a_docstring():
+    from segkit.cli import list_components
+
+    missing = [f"{kind}: {entry.name} ({entry.module})"
+               for kind, entries in list_components().items() for entry in entries
+               if not gen_docs.own_docstring(entry.obj).strip()]
+    assert not missing, "components without a docstring:\n  " + "\n  ".join(missing)
+
+
+def test_every_command_has_help_and_a_description():
+    problems = []
+    for name, summary, parser in gen_docs.iter_commands():
+        if name != "segkit" and not summary.strip():
+            problems.append(f"`{name}` has no help line")
+        if not (parser.description or "").strip():
+            problems.append(f"`{name}` has no description")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_option_and_argument_has_help():
+    missing = [f"`{name}` {action.option_strings or action.dest}"
+               for name, _, parser in gen_docs.iter_commands()
+               for action in gen_docs.documented_arguments(parser) if not (action.help or "").strip()]
+    assert not missing, "arguments without help: " + ", ".join(map(str, missing))
+
+
+def test_reference_pages_name_every_command_and_component(tmp_path: Path):
+    from segkit.cli import list_components
+
+    gen_docs.write_pages(str(tmp_path))
+    cli = (tmp_path / "cli.md").read_text(encoding="utf-8")
+    components = (tmp_path / "components.md").read_text(encoding="utf-8")
+    assert all(f"`{name}`" in cli for name, _, _ in gen_docs.iter_commands())
+    for entries in list_components().values():
+        assert all(f"### {entry.name} " in components for entry in entries)
+    assert "::: segkit.load_config" in (tmp_path / "api.md").read_text(encoding="utf-8")
+
+
+def test_site_builds_strictly(tmp_path: Path):
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "tools/gen_docs.py"], cwd=ROOT, env=env, check=True, capture_output=True)
+    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    assert build.returncode == 0, build.stdout + build.stderr
+    for page in ("index.html", "model_zoo.html", "reference/cli.html", "reference/components.html",
+                 "reference/api.html"):
+        assert (tmp_path / "site" / page).is_file(), page
+    assert seconds < BUILD_SECONDS_LIMIT, f"generating and building the site took {seconds:.1f} s"

@@ -14,6 +14,7 @@ import segkit
 from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY
 from segkit.cli import main
 from segkit.export import ExportMismatch, check_export, export_model, load_exported
+from test_predict_semseg import SEG_CONFIG as PREDICT_SEG_CONFIG
 
 pytest.importorskip("onnxruntime")
 
@@ -25,14 +26,8 @@ PANET = [
     "model.roi_head.mask_head={type: PANetMaskHead, num_convs: 3, conv_dim: 8, fused: true}",
     "model.roi_head.score_threshold=0.0",
 ]
-SEG_CONFIG = """
-model:
-  type: EncoderDecoder
-  backbone: {type: ResNet, depth: 18, base_channels: 8}
-  neck: {type: FPN, in_features: [c2, c3, c4, c5], out_channels: 16}
-  decode_head: {type: EncHead, in_features: p3, channels: 16, num_codes: 4, num_classes: 4}
-  test_cfg: {mode: slide, crop_size: [48, 48], stride: [32, 32]}
-"""
+# the untrained EncNet of the predict tests, inferring with sliding windows
+SEG_CONFIG = PREDICT_SEG_CONFIG.rstrip() + "\n  test_cfg: {mode: slide, crop_size: [48, 48], stride: [32, 32]}\n"
 
 
 @pytest.fixture(scope="module")

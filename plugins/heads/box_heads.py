@@ -8,12 +8,12 @@ from torch import Tensor, nn
 from segkit.registry import HEADS
 from segkit.ops.norm import make_norm
 
-__all__ = ["TwoFCHead", "ConvFCHead", "channels_last_rows", "pooled_linear"]
+__all__ = ["TwoFCHead", "ConvFCHead", "pooled_linear"]
 
 _CONV_NORMS = (None, "BN", "SyncBN", "GN")
 
 
-def channels_last_rows(x: Tensor) -> Tensor | None:
+def _channels_last_rows(x: Tensor) -> Tensor | None:
     """``x`` Tensor[..., C, S, S] as Tensor[..., S*S*C] without a copy, if its memory is channels-last.
 
     RoIAlign's CPU training path returns its bins channels-last; ``None`` for any other layout.
@@ -29,7 +29,7 @@ def pooled_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     that order instead of copying ``x`` into channel-major order (forward and backward); the result
     is the same product, summed in another order.
     """
-    rows = channels_last_rows(x)
+    rows = _channels_last_rows(x)
     if rows is None or x.numel() <= weight.numel():
         return F.linear(x.flatten(1), weight, bias)
     c, h, w = x.shape[1:]

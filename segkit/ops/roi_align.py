@@ -5,7 +5,7 @@ backward costs more than every convolution of a Mask R-CNN's heads. For a CPU in
 gradient, this module writes RoIAlign as what it is, a weighted sum of feature-map pixels: each
 output bin's bilinear sampling positions and weights are computed for all RoIs at once (the
 kernel's float arithmetic, boundary rules and averaging), and ``F.embedding_bag`` gathers and sums
-the channels-last pixels (its backward is a vectorised scatter). Values equal torchvision's up to
+the channels-last pixels (its backward, one sparse matrix product). Values equal torchvision's up to
 float summation order (tested, about 1e-6). Several pyramid levels pooled for the same RoIs
 (PANet's adaptive feature pooling) are one gather over the concatenated levels. CUDA tensors,
 ``sampling_ratio <= 0`` (a per-RoI adaptive grid) and inference use torchvision's kernels.

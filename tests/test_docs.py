@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +63,22 @@ def test_reference_pages_name_every_command_and_component(tmp_path: Path):
     for entries in list_components().values():
         assert all(f"### {entry.name} " in components for entry in entries)
     assert "::: segkit.load_config" in (tmp_path / "api.md").read_text(encoding="utf-8")
+    architectures = (tmp_path / "architectures.md").read_text(encoding="utf-8")
+    for _, config in gen_docs.ARCHITECTURE_CONFIGS:
+        assert f"`{config}`" in architectures
+    assert "| **`neck`** | **`PAFPN`** |" in architectures and "`backbone.output_shape()`" in architectures
+
+
+def test_images_of_the_pages_exist():
+    """Every picture a page shows is a file under docs/ (relative paths, as the site is opened from disk)."""
+    missing = []
+    for page in (ROOT / "docs").rglob("*.md"):
+        if "examples" in page.relative_to(ROOT / "docs").parts:
+            continue
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)", page.read_text(encoding="utf-8")):
+            if not (page.parent / target).is_file():
+                missing.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not missing, "missing pictures:\n  " + "\n  ".join(missing)
 
 
 def test_site_builds_strictly(tmp_path: Path):
@@ -74,7 +91,8 @@ def test_site_builds_strictly(tmp_path: Path):
                            cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     assert build.returncode == 0, build.stdout + build.stderr
-    for page in ("index.html", "model_zoo.html", "reference/cli.html", "reference/components.html",
-                 "reference/api.html"):
+    for page in ("index.html", "model_zoo.html", "architectures.html", "reference/cli.html",
+                 "reference/components.html", "reference/api.html", "reference/architectures.html",
+                 *(f"tutorials/{p.stem}.html" for p in (ROOT / "docs" / "tutorials").glob("*.md"))):
         assert (tmp_path / "site" / page).is_file(), page
     assert seconds < BUILD_SECONDS_LIMIT, f"generating and building the site took {seconds:.1f} s"

@@ -3,7 +3,8 @@
     python tools/gen_docs.py [--out docs/reference]
 
 ``cli.md`` comes from the ``segkit`` argument parsers, ``components.md`` from the registries (the
-components ``segkit list`` shows), ``api.md`` lists the public Python API for mkdocstrings. The pages
+components ``segkit list`` shows), ``api.md`` lists the public Python API for mkdocstrings and
+``architectures.md`` describes models built from shipped configs (modules, parameters, feature shapes). The pages
 are rebuilt from the code each time (``make docs``, ``tests/test_docs.py``), so they cannot drift.
 """
 
@@ -201,8 +202,64 @@ def api_page() -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- architectures
+ARCHITECTURE_CONFIGS = (
+    ("PANet R50-FPN", "configs/panet_r50_fpn_coco.yaml"),
+    ("EncNet R50-D8", "configs/encnet_r50_d8_voc.yaml"),
+)
+# Random weights are enough to describe a model; no weight file is read.
+_ARCHITECTURE_OVERRIDES = ["model.backbone.pretrained=null"]
+
+
+def _count(module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()):,}"
+
+
+def _module_rows(model) -> list[str]:
+    rows = ["| module | type | parameters |", "| --- | --- | ---: |"]
+    for name, child in model.named_children():
+        rows.append(f"| **`{name}`** | **`{type(child).__name__}`** | **{_count(child)}** |")
+        rows += [f"| `{name}.{sub_name}` | `{type(sub).__name__}` | {_count(sub)} |"
+                 for sub_name, sub in child.named_children()]
+    return rows
+
+
+def _shape_rows(model) -> list[str]:
+    lines = []
+    for name, child in model.named_children():
+        if not callable(getattr(child, "output_shape", None)):
+            continue
+        lines += [f"`{name}.output_shape()`:", "", "| feature | channels | stride |", "| --- | ---: | ---: |"]
+        lines += [f"| `{feature}` | {spec.channels} | {spec.stride} |"
+                  for feature, spec in child.output_shape().items()]
+        lines.append("")
+    return lines
+
+
+def architecture_section(title: str, config: str) -> list[str]:
+    """The modules, parameter counts and feature shapes of the model ``config`` builds."""
+    import segkit
+
+    model = segkit.build_model(segkit.load_config(os.path.join(_ROOT, config), _ARCHITECTURE_OVERRIDES))
+    return [f"## {title}", "",
+            f"`{config}` with `{' '.join(_ARCHITECTURE_OVERRIDES)}`: model type `{type(model).__name__}`, "
+            f"{_count(model)} parameters.", "", *_module_rows(model), "", *_shape_rows(model)]
+
+
+def architectures_page() -> str:
+    lines = ["# Architectures", "",
+             "Models as segkit builds them from shipped configs: every top-level module with its direct "
+             "children and their parameter counts, and the feature maps the backbone and the neck "
+             "declare (`output_shape()`: name, channels, stride). Generated from the code by "
+             "`tools/gen_docs.py`.", ""]
+    for title, config in ARCHITECTURE_CONFIGS:
+        lines += architecture_section(title, config)
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------- main
-PAGES = {"cli.md": cli_page, "components.md": components_page, "api.md": api_page}
+PAGES = {"cli.md": cli_page, "components.md": components_page, "api.md": api_page,
+         "architectures.md": architectures_page}
 
 
 def write_pages(out_dir: str = DEFAULT_OUT) -> list[str]:

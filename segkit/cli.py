@@ -104,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, metavar="F",
                    help="largest difference allowed between exported and PyTorch outputs (default 1e-4)")
 
+    p = sub.add_parser("cam", help="class activation maps of a backbone stage",
+                       description="Draw which positions of a backbone output a checkpoint's prediction rests on "
+                                   "(`segkit cam CKPT INPUT...` or `segkit cam CONFIG CKPT INPUT...`; key=value "
+                                   "arguments override the config): for the best detection of each image (detectors; "
+                                   "its box is drawn) or the most frequent predicted class other than 0 (segmentors), "
+                                   "blended over the image as DIR/<image name>.png.")
+    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
+    p.add_argument("rest", nargs="+", metavar="INPUT",
+                   help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")
+    p.add_argument("--layer", default=None, metavar="NAME",
+                   help="backbone output to explain, e.g. c4 (default: a detector's stride-8 output, a segmentor's "
+                        "last one)")
+    p.add_argument("--target", type=int, default=None, metavar="N",
+                   help="detectors: the N-th best detection (default 0); segmentors: class index N")
+    p.add_argument("--method", choices=("hirescam", "gradcam"), default="hirescam",
+                   help="hirescam (gradient times activation at each position, default) or gradcam (channels "
+                        "weighted by their mean gradient)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")
+
     p = sub.add_parser("list", help="list registered components",
                        description="List every registered component, where it comes from and its signature.")
     p.add_argument("kind", nargs="?", help="backbones, necks, heads, models, datasets, transforms or evaluators")
@@ -237,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.debug:
         _quiet_peer_disconnects()
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "export": _cmd_export,
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "export": _cmd_export, "cam": _cmd_cam,
                "list": _cmd_list,
                "config": _cmd_config, "convert": _cmd_convert, "score": _cmd_score, "plot": _cmd_plot,
                "data": _cmd_data, "bench": _cmd_bench}[args.command]
@@ -434,6 +454,46 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cam(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image, ImageDraw
+    from tqdm import tqdm
+
+    from segkit.cam import class_activation_map, overlay_heatmap
+    from segkit.data.coco import load_image
+    from segkit.fileio import atomic_open
+    from segkit.predict import Predictor, as_image_tensor, find_images, picture_paths
+
+    ckpt, config, inputs, overrides = _predict_arguments(args.config_or_ckpt, args.rest, command="cam")
+    files = find_images(inputs)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    predictor = Predictor(ckpt, config=config, overrides=overrides, device=device)
+    pictures = picture_paths(files, args.out)
+    _make_folder(args.out)
+    lines = []
+    for file, picture in tqdm(list(zip(files, pictures)), unit="img", desc="segkit cam", disable=None):
+        image = load_image(file)
+        try:
+            cam = class_activation_map(predictor.model, as_image_tensor(image), layer=args.layer,
+                                       target=args.target, method=args.method)
+        except ValueError as exc:
+            if "backbone has no output" in str(exc):
+                raise UserError(f"--layer: {exc}.") from exc
+            lines.append(f"{file}: no map ({exc})")
+            continue
+        canvas = Image.fromarray(overlay_heatmap(image, cam.heatmap))
+        if cam.box is not None:
+            ImageDraw.Draw(canvas).rectangle(cam.box, outline=(255, 255, 255), width=2)
+        with atomic_open(picture, "wb") as f:
+            canvas.save(f, format="PNG")
+        name = predictor.class_name(cam.label)
+        what = (f"detection {cam.target} ({name}, score {cam.score:.2f})" if cam.box is not None
+                else f"class {cam.label} ({name})")
+        lines.append(f"{file}: {what}, {cam.layer} -> {picture}")
+    print("\n".join(lines))
+    return 0
+
+
 def _export_images(args: argparse.Namespace, cfg: Any) -> list:
     """Sample images for `segkit export`: --images, else the first --num-images of data.val, at one size."""
     import torch.nn.functional as F
@@ -484,13 +544,13 @@ def _predict_arguments(first: str, rest: list[str], *, command: str = "predict",
         ckpt, config = first, None
     else:
         if not positional or not positional[0].endswith(_CHECKPOINT_SUFFIXES):
-            usage = "INPUT... --out DIR" if command == "predict" else "--out FILE"
+            usage = "--out FILE" if command == "export" else "INPUT... --out DIR"
             raise UserError(f"`segkit {command} {first}` needs a checkpoint after the config: "
                             f"segkit {command} CONFIG CKPT {usage}")
         ckpt, config, positional = positional[0], first, positional[1:]
     _require_file(ckpt, "checkpoint")
     if not positional and inputs_required:
-        raise UserError("no input images given: segkit predict CKPT INPUT... --out DIR (INPUT: image files, "
+        raise UserError(f"no input images given: segkit {command} CKPT INPUT... --out DIR (INPUT: image files, "
                         "folders or glob patterns).")
     return ckpt, config, positional, overrides
 

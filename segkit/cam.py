@@ -1,0 +1,211 @@
+"""Class activation maps of a backbone stage for detectors and segmentors (`segkit cam`).
+
+A map shows which positions of one backbone output a prediction's score rests on. Two methods:
+
+- ``"hirescam"`` (default; Draelos & Carin, 2020): the element-wise product of the activations
+  ``A`` and the gradient of the score with respect to them, summed over the channels and clipped
+  at zero, ``relu(sum_c dS/dA_c * A_c)``. It stays on the object a detection was made from;
+- ``"gradcam"`` (Selvaraju et al., ICCV 2017): every channel weighted by its mean gradient,
+  ``relu(sum_c mean_hw(dS/dA_c) * A_c)``, which spreads over the image for detectors (the weights
+  are global, the activations are everywhere).
+
+The score is, for a detector, the class logit (before the softmax, so that a confident detection
+still has a gradient) of one detection, the best one by default, found through the box
+classifier's output; for a segmentor, the mean probability of one class over the pixels predicted
+as that class (by default the class other than 0 that covers the most pixels). The map is cut to
+the image's part of the padded batch, resized to the image and scaled to ``[0, 1]``. The model
+runs its own inference with gradients on; a segmentor infers on the whole image at one scale for
+this (its ``test_cfg`` is set aside), so that one backbone pass makes the prediction.
+
+Example:
+    >>> model = segkit.load_model("work_dirs/quickstart/checkpoints/best.ckpt")
+    >>> cam = class_activation_map(model, image)  # image: float Tensor[3, H, W] in [0, 1]
+    >>> cam.heatmap.shape, cam.layer, cam.label  # (H, W) in [0, 1], 'c3', the detection's label
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["METHODS", "CamResult", "class_activation_map", "default_layer", "overlay_heatmap"]
+
+METHODS = ("hirescam", "gradcam")
+
+
+@dataclass
+class CamResult:
+    """A class activation map and what it explains.
+
+    Attributes:
+        heatmap: float32 Tensor[H, W] in [0, 1], at the input image's size.
+        target: the detection index, best first (detectors) or the class index (segmentors).
+        score: the detection's score or the class's mean probability over its pixels.
+        label: the detection's label (1..K) for detectors; the class index for segmentors.
+        box: the detection's box (xyxy input pixels) for detectors, else ``None``.
+        layer: the backbone output the activations come from.
+    """
+
+    heatmap: Tensor
+    target: int
+    score: float
+    label: int
+    box: list[float] | None
+    layer: str
+
+
+def _is_segmentor(model: nn.Module) -> bool:
+    from segkit.models.segmentor import EncoderDecoder
+
+    return isinstance(model, EncoderDecoder)
+
+
+def default_layer(model: nn.Module) -> str:
+    """The backbone output explained by default: for a detector the one at stride 8 (small objects
+    are pooled from the finer pyramid levels), else the backbone's last output."""
+    shapes = model.backbone.output_shape()
+    if not _is_segmentor(model):
+        for name, shape in shapes.items():
+            if shape.stride == 8:
+                return name
+    return list(shapes)[-1]
+
+
+@contextlib.contextmanager
+def _whole_image(model: nn.Module) -> Iterator[None]:
+    """A segmentor's inference on the whole image at scale 1 without flip, for the duration."""
+    if not _is_segmentor(model):
+        yield
+        return
+    from segkit.models.segmentor import SegTestConfig
+
+    saved = model.test_cfg
+    model.test_cfg = SegTestConfig()
+    try:
+        yield
+    finally:
+        model.test_cfg = saved
+
+
+def class_activation_map(model: nn.Module, image: Tensor, *, layer: str | None = None, target: int | None = None,
+                         method: str = "hirescam") -> CamResult:
+    """The class activation map of ``image`` (float Tensor[3, H, W] in [0, 1]) at backbone output ``layer``.
+
+    Args:
+        model: a segkit detector or segmentor in eval mode (its weights are not changed).
+        image: the input image.
+        layer: the backbone output to explain (``"c3"``...); default :func:`default_layer`.
+        target: detectors: the index of the detection, best first (default 0); segmentors: the class
+            index (default the most frequent predicted class other than 0).
+        method: ``"hirescam"`` or ``"gradcam"`` (see the module docstring).
+
+    Returns:
+        A :class:`CamResult`.
+
+    Raises:
+        ValueError: an unknown layer or method, a detector that detects nothing in the image, or a
+            target out of range.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    name = layer or default_layer(model)
+    outputs = list(model.backbone.output_shape())
+    if name not in outputs:
+        raise ValueError(f"the backbone has no output '{name}'; its outputs are {', '.join(outputs)}")
+    captured: dict[str, Any] = {}
+
+    def keep_activations(module: nn.Module, inputs: Any, output: Any) -> None:
+        if "act" in captured:
+            raise ValueError("the backbone ran more than once for one image; a class activation map needs one pass")
+        captured["act"] = output[name]
+        output[name].retain_grad()
+
+    def keep_logits(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        captured["logits"] = output
+
+    image = image.detach().float().to(next(model.parameters()).device)
+    hooks = [model.backbone.register_forward_hook(keep_activations)]
+    if not _is_segmentor(model):
+        hooks.append(model.roi_heads.cls_score.register_forward_hook(keep_logits))
+    try:
+        with torch.enable_grad(), _whole_image(model):
+            output = model([image])[0]
+            objective, result = _objective(model, output, captured, target)
+            model.zero_grad(set_to_none=True)
+            objective.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    act = captured["act"]
+    grad = act.grad if method == "hirescam" else act.grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((grad * act).sum(1, keepdim=True)).detach()
+    model.zero_grad(set_to_none=True)
+    return CamResult(heatmap=_to_image(model, cam, image), layer=name, **result)
+
+
+def _objective(model: nn.Module, output: dict[str, Tensor], captured: dict[str, Any],
+               target: int | None) -> tuple[Tensor, dict[str, Any]]:
+    """The scalar whose gradient makes the map, and what it explains."""
+    if _is_segmentor(model):
+        probs = output["sem_seg"]
+        predicted = probs.detach().argmax(0)
+        if target is None:
+            counts = torch.bincount(predicted.flatten(), minlength=probs.shape[0])
+            if counts[1:].sum() > 0:
+                counts[0] = 0
+            target = int(counts.argmax())
+        if not 0 <= target < probs.shape[0]:
+            raise ValueError(f"class {target} is out of range: the model has {probs.shape[0]} classes "
+                             f"(0..{probs.shape[0] - 1})")
+        region = predicted == target
+        if not bool(region.any()):
+            region = torch.ones_like(region)  # the class is predicted nowhere: its mean over the image
+        score = probs[target][region].mean()
+        return score, {"target": target, "score": float(score.detach()), "label": target, "box": None}
+    scores = output["scores"].detach()
+    if scores.numel() == 0:
+        raise ValueError("the model detects nothing in this image, so there is no detection to explain; "
+                         "lower model.roi_head.score_threshold")
+    chosen = 0 if target is None else int(target)
+    if not 0 <= chosen < scores.numel():
+        raise ValueError(f"detection {chosen} does not exist: the model made {scores.numel()} detection(s) "
+                         f"(0..{scores.numel() - 1})")
+    label = int(output["labels"][chosen])
+    logits = captured["logits"]
+    # the RoI the detection comes from: its softmax score is the detection's score, bit for bit
+    matches = torch.nonzero(F.softmax(logits.detach().float(), -1)[:, label] == scores[chosen]).flatten()
+    if matches.numel() == 0:
+        raise ValueError("could not find the RoI of the detection among the box classifier's outputs")
+    box = [float(v) for v in output["boxes"][chosen].detach()]
+    result = {"target": chosen, "score": float(scores[chosen]), "label": label, "box": box}
+    return logits[int(matches[0]), label], result
+
+
+def _to_image(model: nn.Module, cam: Tensor, image: Tensor) -> Tensor:
+    """The map of the padded batch Tensor[1, 1, h, w] cut to the image's part and resized to it."""
+    with torch.no_grad():
+        prepared = model.preprocess([image])
+    batch, size = prepared[0], prepared[1][0]
+    full = F.interpolate(cam, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)
+    part = full[..., : size[0], : size[1]]
+    heatmap = F.interpolate(part, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    peak = heatmap.max()
+    return (heatmap / peak if peak > 0 else heatmap).cpu()
+
+
+def overlay_heatmap(image: np.ndarray, heatmap: Tensor | np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
+    """``image`` (uint8 RGB [H, W, 3]) with ``heatmap`` ([H, W] in [0, 1]) blended over it in the
+    blue-to-red "jet" colour map; uint8 RGB [H, W, 3]."""
+    from matplotlib import colormaps
+
+    values = np.asarray(heatmap.numpy() if isinstance(heatmap, Tensor) else heatmap, dtype=np.float32)
+    colours = colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255.0
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)

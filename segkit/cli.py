@@ -74,10 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model.test_cfg) writes DIR/<image name>.png with the classes coloured and a "
                                    "legend, and DIR/labels/<image name>.png, the label map (pixel = class index; "
                                    "16-bit above 255 classes).")
-    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
-    p.add_argument("rest", nargs="+", metavar="INPUT",
-                   help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
-    p.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")
+    _add_image_inputs(p)
     p.add_argument("--score-thr", type=float, default=0.3, metavar="F",
                    help="keep detections scoring at least F (default 0.3; 0 keeps all the model returns; "
                         "unused by segmentors)")
@@ -110,10 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "arguments override the config): for the best detection of each image (detectors; "
                                    "its box is drawn) or the most frequent predicted class other than 0 (segmentors), "
                                    "blended over the image as DIR/<image name>.png.")
-    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
-    p.add_argument("rest", nargs="+", metavar="INPUT",
-                   help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
-    p.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")
+    _add_image_inputs(p)
     p.add_argument("--layer", default=None, metavar="NAME",
                    help="backbone output to explain, e.g. c4 (default: a detector's stride-8 output, a segmentor's "
                         "last one)")
@@ -239,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "data, eval")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON")
     return parser
+
+
+def _add_image_inputs(parser: argparse.ArgumentParser) -> None:
+    """The arguments of the commands that run a checkpoint on images: CONFIG_OR_CKPT [CKPT] INPUT... --out DIR."""
+    parser.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT",
+                        help="a checkpoint, or a YAML config followed by CKPT")
+    parser.add_argument("rest", nargs="+", metavar="INPUT",
+                        help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
+    parser.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,3 +48,22 @@ def tiny_config(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(textwrap.dedent(TINY_CONFIG.format(root=tmp_path / "data", work_dir=tmp_path / "work")))
     return path
+
+
+MASK_HEAD = "model.roi_head.mask_head={type: MaskRCNNHead, num_convs: 1, conv_dim: 8}"
+
+
+@pytest.fixture(scope="session")
+def trained_mask_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``last.ckpt`` of the tiny detector with a mask head trained for 4 epochs on its Shapes images:
+    a model whose detections vary from image to image (trained once per test session)."""
+    import segkit
+    from segkit.engine import runner
+
+    root = tmp_path_factory.mktemp("trained_mask")
+    cfg_path = root / "mask.yaml"
+    cfg_path.write_text(textwrap.dedent(TINY_CONFIG.format(root=root / "data", work_dir=root / "work")))
+    cfg = segkit.load_config(cfg_path, [MASK_HEAD, "trainer.max_epochs=4", "data.train.with_masks=true",
+                                        "data.val.with_masks=true"])
+    runner.train(cfg)
+    return root / "work" / "checkpoints" / "last.ckpt"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,35 +20,23 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cam")
 
 
-@pytest.fixture(scope="module")
-def trained_ckpt(root: Path) -> Path:
-    """A tiny Faster R-CNN trained on the Shapes images for a few epochs."""
-    from segkit.engine import runner
-    from tests.conftest import TINY_CONFIG
-
-    cfg_path = root / "tiny.yaml"
-    cfg_path.write_text(textwrap.dedent(TINY_CONFIG.format(root=root / "data", work_dir=root / "work")))
-    runner.train(segkit.load_config(cfg_path, ["trainer.max_epochs=3"]))
-    return root / "work" / "checkpoints" / "last.ckpt"
-
-
 def _model(ckpt: Path, threshold: float = 0.0) -> torch.nn.Module:
     # a briefly trained model: keep every detection, so that each image has some to explain
     return segkit.load_model(ckpt, overrides=[f"model.roi_head.score_threshold={threshold}"]).eval()
 
 
-def test_detection_map_is_a_normalised_picture_of_the_image(trained_ckpt):
-    model = _model(trained_ckpt)
-    for image in _val_images(trained_ckpt, 3):
+def test_detection_map_is_a_normalised_picture_of_the_image(trained_mask_ckpt):
+    model = _model(trained_mask_ckpt)
+    for image in _val_images(trained_mask_ckpt, 3):
         cam = class_activation_map(model, image)
         assert cam.heatmap.shape == image.shape[-2:] and cam.heatmap.dtype == torch.float32
         assert cam.layer == "c3" and cam.target == 0 and cam.box is not None
         assert float(cam.heatmap.min()) >= 0.0 and float(cam.heatmap.max()) == pytest.approx(1.0)
 
 
-def test_map_explains_the_detection_asked_for_and_leaves_no_gradient(trained_ckpt):
-    model = _model(trained_ckpt)
-    image = _val_images(trained_ckpt, 1)[0]
+def test_map_explains_the_detection_asked_for_and_leaves_no_gradient(trained_mask_ckpt):
+    model = _model(trained_mask_ckpt)
+    image = _val_images(trained_mask_ckpt, 1)[0]
     with torch.no_grad():
         detections = model([image])[0]
     second = class_activation_map(model, image, target=1)
@@ -61,9 +48,9 @@ def test_map_explains_the_detection_asked_for_and_leaves_no_gradient(trained_ckp
     assert grad_cam.layer == "c4" and not torch.allclose(grad_cam.heatmap, second.heatmap)
 
 
-def test_bad_requests_are_clear_errors(trained_ckpt):
-    model = _model(trained_ckpt)
-    image = _val_images(trained_ckpt, 1)[0]
+def test_bad_requests_are_clear_errors(trained_mask_ckpt):
+    model = _model(trained_mask_ckpt)
+    image = _val_images(trained_mask_ckpt, 1)[0]
     with pytest.raises(ValueError, match="no output 'c9'; its outputs are c2, c3, c4, c5"):
         class_activation_map(model, image, layer="c9")
     with pytest.raises(ValueError, match="detection 500 does not exist"):
@@ -71,7 +58,7 @@ def test_bad_requests_are_clear_errors(trained_ckpt):
     with pytest.raises(ValueError, match="unknown method"):
         class_activation_map(model, image, method="saliency")
     with pytest.raises(ValueError, match="detects nothing"):
-        class_activation_map(_model(trained_ckpt, threshold=1.0), image)
+        class_activation_map(_model(trained_mask_ckpt, threshold=1.0), image)
 
 
 def test_segmentor_map_for_a_class(root):
@@ -101,17 +88,17 @@ def test_overlay_blends_the_colour_map():
     assert out[3, 4, 2] > 100 and out[3, 4, 0] < 50  # cold: blue
 
 
-def test_cli_draws_one_picture_per_image(trained_ckpt, root, capsys):
+def test_cli_draws_one_picture_per_image(trained_mask_ckpt, root, capsys):
     images = root / "images"
     images.mkdir()
-    for i, image in enumerate(_val_images(trained_ckpt, 2)):
+    for i, image in enumerate(_val_images(trained_mask_ckpt, 2)):
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(images / f"v{i}.png")
     out = root / "cam_out"
-    assert main(["cam", str(trained_ckpt), str(images), "model.roi_head.score_threshold=0.0", "--out", str(out)]) == 0
+    assert main(["cam", str(trained_mask_ckpt), str(images), "model.roi_head.score_threshold=0.0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["v0.png", "v1.png"]
     assert "detection 0" in printed and "c3 ->" in printed
     assert Image.open(out / "v0.png").size == (64, 64)
     with pytest.raises(SystemExit) as exc:
-        main(["cam", str(trained_ckpt), str(images), "--out", str(out), "--layer", "p3"])
+        main(["cam", str(trained_mask_ckpt), str(images), "--out", str(out), "--layer", "p3"])
     assert exc.value.code == 2 and "--layer" in capsys.readouterr().err

@@ -19,7 +19,6 @@ from test_predict_semseg import SEG_CONFIG as PREDICT_SEG_CONFIG
 pytest.importorskip("onnxruntime")
 
 CLASSES = ["circle", "square", "triangle"]
-MASK_HEAD = "model.roi_head.mask_head={type: MaskRCNNHead, num_convs: 1, conv_dim: 8}"
 PANET = [
     "model.neck.type=PAFPN",
     "model.roi_head.box_head={type: AFPTwoFCHead, fc_dim: 32}",
@@ -33,20 +32,6 @@ SEG_CONFIG = PREDICT_SEG_CONFIG.rstrip() + "\n  test_cfg: {mode: slide, crop_siz
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("export")
-
-
-@pytest.fixture(scope="module")
-def trained_mask_ckpt(root: Path) -> Path:
-    """A tiny Mask R-CNN trained for a few epochs on Shapes: its detections vary from image to image."""
-    from segkit.engine import runner
-    from tests.conftest import TINY_CONFIG
-
-    cfg_path = root / "mask.yaml"
-    cfg_path.write_text(textwrap.dedent(TINY_CONFIG.format(root=root / "data", work_dir=root / "work")))
-    cfg = segkit.load_config(cfg_path, [MASK_HEAD, "trainer.max_epochs=4", "data.train.with_masks=true",
-                                        "data.val.with_masks=true"])
-    runner.train(cfg)
-    return root / "work" / "checkpoints" / "last.ckpt"
 
 
 def _untrained_ckpt(root: Path, name: str, config_text: str, overrides: list[str]) -> Path:

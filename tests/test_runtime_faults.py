@@ -26,9 +26,16 @@ def _config(tmp_path: Path, extra: str = "", epochs: int = 1000) -> Path:
     return cfg
 
 
+def _default_sigint() -> None:
+    # A test run started in the background of a non-interactive shell ignores SIGINT, and a child
+    # would inherit that (Python then installs no KeyboardInterrupt handler): the run under test
+    # gets Ctrl+C's default behaviour whatever started the tests.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cfg: Path, cwd: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "segkit.cli", "train", str(cfg), *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 180) -> None:
@@ -50,9 +57,10 @@ def test_ctrl_c_saves_the_state_keeps_last_and_exits_without_traceback(tmp_path:
     time.sleep(1.0)  # into a later epoch
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "training interrupted" in out and "--resume auto" in out
-    assert "Traceback" not in err
+    report = f"exit status {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+    assert proc.returncode != 0, report
+    assert "training interrupted" in out and "--resume auto" in out, report
+    assert "Traceback" not in err, report
     interrupted = tmp_path / "work" / "checkpoints" / "interrupted.ckpt"
     state = torch.load(interrupted, map_location="cpu", weights_only=True)
     assert state["global_step"] > 0 and "state_dict" in state

@@ -87,6 +87,38 @@ def test_second_run_in_the_same_work_dir_is_refused_until_the_first_ends(tmp_pat
     assert third.returncode == 0, third.stderr[-2000:]
 
 
+LOCK_THEN_FORK_THEN_DIE = """
+import os, signal, sys, time
+from segkit.engine.workdir import lock_work_dir
+lock = lock_work_dir(sys.argv[1])
+child = os.fork()
+if child == 0:  # a data-loading worker: outlives its parent by a few seconds
+    os.close(1), os.close(2)  # (leaves the test's pipes)
+    time.sleep(30)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_run_s_forked_workers_do_not_keep_its_work_dir_locked(tmp_path: Path):
+    from segkit.engine import workdir
+
+    work_dir = str(tmp_path / "work")
+    died = subprocess.run([sys.executable, "-c", LOCK_THEN_FORK_THEN_DIE, work_dir], capture_output=True,
+                          text=True, timeout=60)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    worker = int(died.stdout.split()[0])
+    try:
+        os.kill(worker, 0)  # the worker is still alive ...
+        handle = workdir.lock_work_dir(work_dir)  # ... and the folder is free
+        assert handle is not None
+        workdir._held.remove(handle)
+        handle.close()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 DYING_DATASET = '''
 import os
 from segkit.data.shapes import Shapes

@@ -4,7 +4,9 @@
 process. A second run pointed at the same folder is refused with a message naming the running one,
 so two runs never interleave their checkpoints, logs and ``metrics.json``. The operating system
 releases the lock when the process ends in any way (even ``kill -9``), so a crashed run never
-leaves a stale lock. Only the launching process (local rank 0 of node 0) takes it: the other DDP
+leaves a stale lock. Forked children (DataLoader workers) close their copy of the descriptor at
+once: a ``flock`` belongs to the open file, so a worker still winding down after its parent was
+killed would otherwise keep the folder locked for seconds. Only the launching process (local rank 0 of node 0) takes it: the other DDP
 processes Lightning starts share the folder by design.
 
 :class:`SaveOnInterrupt` writes ``checkpoints/interrupted.ckpt`` when training is stopped with
@@ -27,6 +29,22 @@ __all__ = ["WorkDirBusy", "lock_work_dir", "SaveOnInterrupt", "LOCK_NAME", "INTE
 
 LOCK_NAME = ".segkit.lock"
 INTERRUPTED_NAME = "interrupted.ckpt"
+
+
+_held: list[Any] = []  # lock files this process holds
+
+
+def _close_in_child() -> None:
+    for handle in _held:
+        try:
+            handle.close()
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 class WorkDirBusy(UserError):
@@ -69,6 +87,7 @@ def lock_work_dir(work_dir: str) -> Any | None:
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
+    _held.append(handle)
     return handle
 
 

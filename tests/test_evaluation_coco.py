@@ -463,3 +463,19 @@ def test_unknown_backend_names_the_choices(dataset):
     with pytest.raises(ValueError, match=r"evaluation.backend must be one of 'auto', 'pycocotools', "
                                          r"'faster_coco_eval', got 'fast'"):
         CocoEvaluator(dataset=dataset, backend="fast")
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_mask_areas_counted_at_encoding_equal_the_rle_areas_and_change_no_number(dataset, detections, backend):
+    evaluator = CocoEvaluator(dataset=dataset, iou_types=("segm",), backend=backend)
+    for image_id in all_ids(dataset):
+        targets, outputs = batch_for(dataset, detections, [image_id])
+        outputs[0]["masks"] = synthetic_masks(dataset, detections, image_id, seed=image_id)
+        evaluator.process(targets, outputs)
+    results, areas = evaluator.results("segm"), evaluator.mask_areas()
+    assert areas == [float(mask_utils.area(r["segmentation"])) for r in results]
+    assert sum(areas) > 0
+    given = evaluate_coco_results(dataset.coco, results, iou_type="segm", backend=backend, mask_areas=areas)
+    assert given == evaluate_coco_results(dataset.coco, results, iou_type="segm", backend=backend)
+    with pytest.raises(ValueError, match=r"mask_areas has 1 values for \d+ results"):
+        evaluate_coco_results(dataset.coco, results, iou_type="segm", backend=backend, mask_areas=[1.0])

@@ -183,7 +183,10 @@ class CocoEvaluator:
                 raise ValueError(f"the output of image {image_id} has {masks.shape[0]} masks for {len(boxes)} boxes.")
             if not known.all():
                 masks = masks[torch.as_tensor(known)] if isinstance(masks, torch.Tensor) else masks[known]
-            entry["segmentations"] = encode_masks(_binary_masks(masks, orig_hw, self.mask_threshold))
+            binary = _binary_masks(masks, orig_hw, self.mask_threshold)
+            entry["segmentations"] = encode_masks(binary)
+            # counted here, in the process that made the masks, so scoring needs not decode them again
+            entry["mask_areas"] = binary.flatten(1).sum(1, dtype=torch.float64).cpu().numpy() if len(binary) else np.zeros(0)
         return entry
 
     def _category_ids(self, labels: np.ndarray, image_id: int) -> np.ndarray:
@@ -232,16 +235,23 @@ class CocoEvaluator:
         """
         if iou_type not in self.iou_types:
             raise ValueError(f"iou_type '{iou_type}' is not evaluated; this evaluator has iou_types {list(self.iou_types)}.")
-        key = "bbox" if iou_type == "bbox" else "segmentation"
         out: list[dict[str, Any]] = []
         for image_id in sorted(self._images):
             entry = self._images[image_id]
-            values = entry["boxes"].tolist() if iou_type == "bbox" else entry["segmentations"]
-            out.extend(
-                {"image_id": image_id, "category_id": cat, key: value, "score": score}
-                for cat, value, score in zip(entry["category_ids"].tolist(), values, entry["scores"].tolist())
-            )
+            cats, scores = entry["category_ids"].tolist(), entry["scores"].tolist()
+            if iou_type == "bbox":
+                out.extend({"image_id": image_id, "category_id": cat, "bbox": box, "score": score}
+                           for cat, box, score in zip(cats, entry["boxes"].tolist(), scores))
+            else:
+                out.extend({"image_id": image_id, "category_id": cat, "segmentation": rle, "score": score}
+                           for cat, rle, score in zip(cats, entry["segmentations"], scores))
         return out
+
+    def mask_areas(self) -> list[float]:
+        """The pixel count of each mask of :meth:`results` ``("segm")``, in the same order."""
+        if "segm" not in self.iou_types:
+            raise ValueError(f"this evaluator has no masks; its iou_types are {list(self.iou_types)}.")
+        return [area for image_id in sorted(self._images) for area in self._images[image_id]["mask_areas"].tolist()]
 
     def evaluate(self) -> dict[str, float]:
         """Score the processed images; returns ``{"bbox/AP": ..., ...}`` (see the module docstring).
@@ -264,6 +274,7 @@ class CocoEvaluator:
                 evaluate_coco_results(
                     self.coco, self.results(iou_type), iou_type=iou_type, image_ids=self.image_ids,
                     class_names=class_names, backend=self.backend,
+                    mask_areas=self.mask_areas() if iou_type == "segm" else None,
                 )
             )
         return metrics
@@ -282,6 +293,7 @@ def evaluate_coco_results(
     image_ids: Sequence[int] | None = None,
     class_names: Mapping[int, str] | None = None,
     backend: str = "auto",
+    mask_areas: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """Run ``COCOeval`` quietly on COCO results and name its numbers.
 
@@ -296,12 +308,18 @@ def evaluate_coco_results(
             ``all`` and the largest ``maxDets``, ignoring ``-1`` entries; ``nan`` for a category
             with no ground truth in these images.
         backend: ``"auto"``, ``"pycocotools"`` or ``"faster_coco_eval"`` (see the module docstring).
+        mask_areas: for ``"segm"``, the pixel count of each result's mask, in order, when the caller
+            already has them (:class:`CocoEvaluator` counts them where the masks are encoded); the
+            faster-coco-eval backend then needs not decode every mask once more to count it.
+            pycocotools always counts them itself.
 
     Returns:
         ``{"<iou type>/AP": ..., ...}``: the 12 numbers of ``COCOeval.summarize()``.
     """
+    if mask_areas is not None and len(mask_areas) != len(results):
+        raise ValueError(f"mask_areas has {len(mask_areas)} values for {len(results)} results; give one per result.")
     if resolve_backend(backend) == "faster_coco_eval":
-        coco_eval = _faster_coco_eval(coco_gt, results, iou_type=iou_type, image_ids=image_ids)
+        coco_eval = _faster_coco_eval(coco_gt, results, iou_type=iou_type, image_ids=image_ids, mask_areas=mask_areas)
     else:
         coco_eval = _pycocotools_eval(coco_gt, results, iou_type=iou_type, image_ids=image_ids)
     metrics = {f"{iou_type}/{name}": float(value) for name, value in zip(COCO_METRIC_NAMES, coco_eval.stats)}
@@ -352,14 +370,14 @@ _FASTER_GT: weakref.WeakKeyDictionary[COCO, Any] = weakref.WeakKeyDictionary()
 
 
 def _faster_coco_eval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], *, iou_type: str,
-                      image_ids: Sequence[int] | None) -> Any:
+                      image_ids: Sequence[int] | None, mask_areas: Sequence[float] | None = None) -> Any:
     import faster_coco_eval
 
     gt = _FASTER_GT.get(coco_gt)
     if gt is None:
         # a deep copy: faster-coco-eval may annotate the dicts it indexes
         gt = _FASTER_GT[coco_gt] = faster_coco_eval.COCO(coco_gt.dataset, use_deepcopy=True)
-    coco_eval = faster_coco_eval.COCOeval_faster(gt, _faster_results(gt, results, iou_type), iouType=iou_type,
+    coco_eval = faster_coco_eval.COCOeval_faster(gt, _faster_results(gt, results, iou_type, mask_areas), iouType=iou_type,
                                                  print_function=_ignore)
     if image_ids is not None:
         coco_eval.params.imgIds = sorted(int(i) for i in image_ids)
@@ -370,13 +388,15 @@ def _faster_coco_eval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], *, io
     return coco_eval
 
 
-def _faster_results(gt: Any, results: Sequence[Mapping[str, Any]], iou_type: str) -> Any:
-    """The results as a faster-coco-eval ``COCO``, with the fields ``COCO.loadRes`` would add.
+def _faster_results(gt: Any, results: Sequence[Mapping[str, Any]], iou_type: str,
+                    mask_areas: Sequence[float] | None = None) -> Any:
+    """The results as a faster-coco-eval ``COCO``, with the fields its evaluation reads.
 
     ``loadRes`` builds them in a Python loop (a polygon per box, one mask decode per RLE), which
-    takes longer than the evaluation itself; here areas and boxes of all masks come from one call.
-    Box results get ``area = w * h``, mask results the mask's pixel count and its bounding box;
-    every result ``iscrowd = 0`` and ``id`` from 1, as ``loadRes`` assigns them.
+    takes longer than the evaluation itself. Here box results get ``area = w * h``; mask results
+    their mask's pixel count (``mask_areas`` when given, else counted in one call), and no box,
+    which mask scoring does not read; every result ``iscrowd = 0`` and ``id`` from 1, as
+    ``loadRes`` assigns them.
     """
     from faster_coco_eval.core import mask as faster_mask
 
@@ -386,15 +406,15 @@ def _faster_results(gt: Any, results: Sequence[Mapping[str, Any]], iou_type: str
     key = "bbox" if iou_type == "bbox" else "segmentation"
     if iou_type == "bbox":
         boxes = np.asarray([r["bbox"] for r in results], dtype=np.float64).reshape(-1, 4)
-        areas, extra = (boxes[:, 2] * boxes[:, 3]).tolist(), [{} for _ in results]
+        areas = (boxes[:, 2] * boxes[:, 3]).tolist()
+    elif mask_areas is not None:
+        areas = [float(a) for a in mask_areas]
     else:
-        rles = [r["segmentation"] for r in results]
-        areas = faster_mask.area(rles).tolist() if rles else []
-        extra = [{"bbox": box} for box in faster_mask.toBbox(rles).tolist()] if rles else []
+        areas = faster_mask.area([r["segmentation"] for r in results]).tolist() if results else []
     annotations = [
         {"id": index, "image_id": r["image_id"], "category_id": r["category_id"], key: r[key], "score": r["score"],
-         "area": area, "iscrowd": 0, **more}
-        for index, (r, area, more) in enumerate(zip(results, areas, extra), start=1)
+         "area": area, "iscrowd": 0}
+        for index, (r, area) in enumerate(zip(results, areas), start=1)
     ]
     detections = type(gt)()
     detections.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]),

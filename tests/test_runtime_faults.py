@@ -113,7 +113,7 @@ def test_a_killed_run_s_forked_workers_do_not_keep_its_work_dir_locked(tmp_path:
         os.kill(worker, 0)  # the worker is still alive ...
         handle = workdir.lock_work_dir(work_dir)  # ... and the folder is free
         assert handle is not None
-        workdir._held.remove(handle)
+        workdir._held.discard(handle)
         handle.close()
     finally:
         os.kill(worker, signal.SIGKILL)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import weakref
 from typing import Any
 
 import pytorch_lightning as pl
@@ -31,11 +32,11 @@ LOCK_NAME = ".segkit.lock"
 INTERRUPTED_NAME = "interrupted.ckpt"
 
 
-_held: list[Any] = []  # lock files this process holds
+_held: weakref.WeakSet[Any] = weakref.WeakSet()  # lock files this process holds
 
 
 def _close_in_child() -> None:
-    for handle in _held:
+    for handle in list(_held):
         try:
             handle.close()
         except OSError:
@@ -87,7 +88,7 @@ def lock_work_dir(work_dir: str) -> Any | None:
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
-    _held.append(handle)
+    _held.add(handle)
     return handle
 
 

@@ -1,10 +1,25 @@
-"""The code blocks of the documentation site work: every ```python block runs, and every `segkit` command
-line in a ```bash / ```console / ```sh block parses, with the configs it names existing and loading.
+"""The code blocks of the documentation site work: each page runs from top to bottom as a reader would
+follow it, and every `segkit` command line of every page parses, with the configs it names existing
+and loading.
 
-Python blocks of a page run in order in one namespace, in a temporary working directory where
-``configs/`` resolves and every ``work_dirs/.../*.ckpt`` the page names is an untrained tiny detector
-checkpoint. A block preceded by ``<!-- docs-test: skip REASON -->`` is not run; skipped blocks and
-command lines whose placeholders cannot be substituted are reported as ``SkippedDocExample`` warnings.
+A page runs in a temporary working directory where ``configs/`` resolves, block after block:
+
+* ```python blocks run in one namespace, except one whose first line is a file-name comment
+  (``# my_plugin/backbones.py``): it is written to that file and imported as a config's ``imports:``
+  would;
+* a ```yaml block whose first line is a file-name comment (``# my_detector.yaml``) is written to that
+  file and loaded with :func:`segkit.load_config`; another YAML block must parse, and load as a
+  config when it has a ``_base_``;
+* every `segkit` command of a ```bash / ```console / ```sh block runs (in this process; a DDP run in
+  a process of its own) and must exit with status 0. Training commands are shortened: one epoch of
+  two batches, validation on two batches, and 16 training / 8 validation images of Shapes data; the
+  rest of the command is run as written. Lines with placeholders (``CONFIG``, ``IMAGES...``) are
+  parsed, not run.
+
+A checkpoint ``work_dirs/.../*.ckpt`` that a block names before any command of the page wrote it is
+an untrained tiny model (a segmentor when the path names one). A block preceded by
+``<!-- docs-test: skip REASON -->`` is not run (its segkit commands are still parsed); skipped
+blocks and lines are reported as ``SkippedDocExample`` warnings.
 """
 
 from __future__ import annotations
@@ -14,6 +29,8 @@ import io
 import json
 import re
 import shlex
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +38,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import segkit
 from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY
 from segkit.cli import build_parser, dataset_converter_parsers
+from segkit.registry import import_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -81,7 +100,6 @@ def extract_blocks(path: Path, *, docs: Path = DOCS) -> list[Block]:
 
 
 ALL_BLOCKS = [block for page in pages() for block in extract_blocks(page)]
-PYTHON_PAGES = sorted({b.page for b in ALL_BLOCKS if b.language in ("python", "py")})
 SHELL_BLOCKS = [b for b in ALL_BLOCKS if b.language in SHELL_LANGUAGES]
 
 
@@ -104,42 +122,10 @@ def _save_tiny_checkpoint(path: Path, work: Path, *, masks: bool) -> None:
                path)
 
 
-def _prepare_workdir(workdir: Path, code: str) -> None:
-    """What the examples take for granted: the configs, checkpoints they name, a photo."""
-    (workdir / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
-    fixtures = workdir.parent / f"{workdir.name}-fixtures"
-    fixtures.mkdir()
-    for name in sorted(set(CHECKPOINT.findall(code))):
-        _save_tiny_checkpoint(workdir / name, fixtures, masks="mask" in name)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(workdir / "photo.jpg")
-
-
-# -------------------------------------------------------------------------------- python blocks
-@pytest.mark.parametrize("page", PYTHON_PAGES)
-def test_python_blocks_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    blocks = [b for b in ALL_BLOCKS if b.page == page and b.language in ("python", "py")]
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    _prepare_workdir(workdir, "".join(b.code for b in blocks if b.skip is None))
-    monkeypatch.chdir(workdir)
-    monkeypatch.setenv("SEGKIT_DATA", str(tmp_path / "segkit-data"))
-    namespace: dict = {"__name__": f"docs_example_{Path(page).stem}"}
-    for block in blocks:
-        where = f"docs/{block.page}:{block.line}"
-        if block.skip is not None:
-            _report_skip(f"{where}: python block skipped: {block.skip}")
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                exec(compile(block.code, where, "exec"), namespace)  # noqa: S102 - the documentation's own code
-            except Exception as exc:  # noqa: BLE001 - any failure is reported with the block
-                pytest.fail(f"{where}: the python block raised {type(exc).__name__}: {exc}\n{block.code}")
-
-
 # --------------------------------------------------------------------------------- shell blocks
 def command_lines(code: str) -> list[str]:
-    """The block's logical lines (continuations joined, a leading ``$`` prompt removed)."""
+    """The block's logical lines (continuations joined); of a console session (``$`` prompts) only the
+    command lines, without the prompt."""
     joined, current = [], ""
     for raw in code.splitlines():
         line = raw.rstrip()
@@ -150,7 +136,9 @@ def command_lines(code: str) -> list[str]:
         current = ""
     if current:
         joined.append(current.strip())
-    return [line[2:] if line.startswith("$ ") else line for line in joined]
+    if any(line.startswith("$ ") for line in joined):  # a console session: the rest is output
+        return [line[2:] for line in joined if line.startswith("$ ")]
+    return joined
 
 
 def segkit_arguments(line: str) -> list[str] | None:
@@ -218,6 +206,166 @@ def _parse(arguments: list[str]) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------------- whole pages
+def _save_tiny_segmentor(path: Path) -> None:
+    cfg = segkit.load_config(ROOT / "configs" / "quickstart_seg.yaml")
+    torch.manual_seed(0)
+    model = segkit.build_model(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), CONFIG_KEY: json.loads(json.dumps(cfg)),
+                CLASSES_KEY: ["background", *CLASSES]}, path)
+
+
+def _ensure_checkpoints(text: str, fixtures: Path) -> None:
+    """The checkpoints ``text`` names that nothing has written yet: untrained tiny models."""
+    for name in sorted(set(CHECKPOINT.findall(text))):
+        path = Path(name)
+        if path.exists():
+            continue
+        if "seg" in name:
+            _save_tiny_segmentor(path)
+        else:
+            work = fixtures / path.parent.as_posix().replace("/", "_")
+            work.mkdir(parents=True, exist_ok=True)
+            _save_tiny_checkpoint(path, work, masks="mask" in name)
+
+
+def _prepare_workdir(workdir: Path) -> Path:
+    """What the examples take for granted: the configs and a photo. Returns a folder for fixtures."""
+    (workdir / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+    fixtures = workdir.parent / f"{workdir.name}-fixtures"
+    fixtures.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(workdir / "photo.jpg")
+    return fixtures
+
+
+def file_name(block: Block) -> str | None:
+    """``name.yaml`` (or ``.py``) when the block's first line is the comment ``# name.yaml``."""
+    first = block.code.lstrip().splitlines()[0] if block.code.strip() else ""
+    match = re.fullmatch(r"#\s*([\w./-]+\.(?:ya?ml|py))\s*", first)
+    return match.group(1) if match else None
+
+
+def _write(block: Block, name: str) -> Path:
+    path = Path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(block.code, encoding="utf-8")
+    return path
+
+
+def _runs_segkit(block: Block) -> bool:
+    return any(segkit_arguments(line) is not None for line in command_lines(block.code))
+
+
+def _runnable(block: Block) -> bool:
+    return block.skip is None and (block.language in ("python", "py", "yaml", "yml")
+                                   or (block.language in SHELL_LANGUAGES and _runs_segkit(block)))
+
+
+RUN_PAGES = sorted({b.page for b in ALL_BLOCKS if _runnable(b)})
+SHORT_TRAINING = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+                  "trainer.check_val_every_n_epoch=1"]
+
+
+def shortened(arguments: list[str]) -> list[str]:
+    """A ``segkit train`` command cut to a few steps (Shapes data cut to a few images); others as given."""
+    if arguments[:1] != ["train"]:
+        return arguments
+    positional = [a for a in arguments[1:] if not a.startswith("-") and "=" not in a]
+    overrides = [a for a in arguments[1:] if "=" in a and not a.startswith("-")]
+    extra = list(SHORT_TRAINING)
+    if positional:
+        cfg = segkit.load_config(positional[0], overrides)
+        data = cfg.get("data") or {}
+        for split, count in (("train", 16), ("val", 8)):
+            if (data.get(split) or {}).get("type") == "Shapes":
+                extra.append(f"data.{split}.num_images={count}")
+    return [*arguments, *extra]
+
+
+def run_segkit(arguments: list[str]) -> tuple[int, str]:
+    """Run ``segkit ARGUMENTS``; returns the exit status and the output. DDP runs get a process of their own."""
+    from segkit.cli import main
+
+    if any(a.startswith("trainer.strategy=ddp") for a in arguments):
+        done = subprocess.run([sys.executable, "-m", "segkit.cli", *arguments], capture_output=True, text=True,
+                              timeout=600)
+        return done.returncode, done.stdout + done.stderr
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            status = main(arguments)
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # noqa: BLE001 - reported with the command
+            import traceback
+
+            traceback.print_exc()
+            status = 1
+    return int(status or 0), out.getvalue()
+
+
+def _run_yaml(block: Block, where: str) -> None:
+    name = file_name(block)
+    if name is not None:
+        segkit.load_config(_write(block, name))
+        return
+    data = yaml.safe_load(block.code)
+    if isinstance(data, dict) and "_base_" in data:
+        path = Path(f"_docs_block_{block.line}.yaml")
+        path.write_text(block.code, encoding="utf-8")
+        segkit.load_config(path)
+
+
+def _run_shell(block: Block, where: str, fixtures: Path, substitutes: dict[str, str]) -> None:
+    for line in command_lines(block.code):
+        arguments = segkit_arguments(line)
+        if arguments is None:
+            if line and not line.startswith("#"):
+                _report_skip(f"{where}: not a segkit command, not run: {line}")
+            continue
+        if substitute(arguments, substitutes) != arguments:  # placeholders: parsed by the test below
+            _report_skip(f"{where}: has placeholders, not run: {line}")
+            continue
+        _ensure_checkpoints(line, fixtures)
+        command = shortened(arguments)
+        status, output = run_segkit(command)
+        if status != 0:
+            pytest.fail(f"{where}: `segkit {' '.join(command)}` exited with {status}:\n{output[-4000:]}")
+
+
+@pytest.mark.parametrize("page", RUN_PAGES)
+def test_page_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, substitutes: dict[str, str]):
+    blocks = [b for b in ALL_BLOCKS if b.page == page]
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    fixtures = _prepare_workdir(workdir)
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("SEGKIT_DATA", str(tmp_path / "segkit-data"))
+    namespace: dict = {"__name__": f"docs_example_{Path(page).stem}"}
+    for block in blocks:
+        where = f"docs/{block.page}:{block.line}"
+        if block.skip is not None:
+            _report_skip(f"{where}: {block.language} block not run: {block.skip}")
+            continue
+        try:
+            if block.language in ("python", "py") and file_name(block):  # a plugin file: saved, then imported
+                import_modules([str(_write(block, file_name(block)).resolve())])
+            elif block.language in ("python", "py"):
+                _ensure_checkpoints(block.code, fixtures)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    exec(compile(block.code, where, "exec"), namespace)  # noqa: S102 - the documentation's own code
+            elif block.language in ("yaml", "yml"):
+                _run_yaml(block, where)
+            elif block.language in SHELL_LANGUAGES:
+                _run_shell(block, where, fixtures, substitutes)
+        except pytest.fail.Exception:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure is reported with the block
+            pytest.fail(f"{where}: the {block.language} block raised {type(exc).__name__}: {exc}\n{block.code}")
+
+
 @pytest.mark.parametrize("block", SHELL_BLOCKS, ids=[f"{b.page}:{b.line}" for b in SHELL_BLOCKS])
 def test_segkit_command_lines_parse(block: Block, substitutes: dict[str, str]):
     where = f"docs/{block.page}:{block.line}"
@@ -249,11 +397,12 @@ def test_the_extractor_finds_the_examples(tmp_path: Path):
     skipped, shell = extract_blocks(page, docs=tmp_path)
     assert (skipped.language, skipped.line, skipped.code, skipped.skip) == ("python", 4, "x = 1\n", "needs a GPU")
     assert (shell.language, shell.code, shell.skip) == ("bash", "segkit list\n", None)
-    assert "tutorials/custom_coco.md" in PYTHON_PAGES and SHELL_BLOCKS
+    assert "tutorials/custom_coco.md" in RUN_PAGES and SHELL_BLOCKS
     assert segkit_arguments("srun segkit train configs/quickstart.yaml x=1  # note") == [
         "train", "configs/quickstart.yaml", "x=1"]
     assert segkit_arguments("torchrun --nnodes=2 -m segkit.cli eval CKPT") == ["eval", "CKPT"]
-    assert command_lines("segkit train a \\\n    b=1\n$ segkit list\n") == ["segkit train a b=1", "segkit list"]
+    assert command_lines("segkit train a \\\n    b=1\nsegkit list\n") == ["segkit train a b=1", "segkit list"]
+    assert command_lines("$ segkit list\n...\nResNet  segkit.models\n") == ["segkit list"]
     assert _placeholders("IMAGES...") == ["IMAGES"] and _placeholders("PATH.ckpt") == ["PATH"]
     assert _placeholders("VOCdevkit/VOC2007") == [] and _placeholders("model.backbone.pretrained=null") == []
     assert _parse(["train", "configs/quickstart.yaml"]) is None

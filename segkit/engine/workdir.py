@@ -6,8 +6,8 @@ so two runs never interleave their checkpoints, logs and ``metrics.json``. The o
 releases the lock when the process ends in any way (even ``kill -9``), so a crashed run never
 leaves a stale lock. Forked children (DataLoader workers) close their copy of the descriptor at
 once: a ``flock`` belongs to the open file, so a worker still winding down after its parent was
-killed would otherwise keep the folder locked for seconds. Only the launching process (local rank 0 of node 0) takes it: the other DDP
-processes Lightning starts share the folder by design.
+killed would otherwise keep the folder locked for seconds. Only the launching process (local rank
+0 of node 0) takes it: the other DDP processes Lightning starts share the folder by design.
 
 :class:`SaveOnInterrupt` writes ``checkpoints/interrupted.ckpt`` when training is stopped with
 Ctrl+C (SIGINT), and says how to continue. ``last.ckpt`` (the end of the last complete epoch) is

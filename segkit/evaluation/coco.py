@@ -186,7 +186,7 @@ class CocoEvaluator:
             binary = _binary_masks(masks, orig_hw, self.mask_threshold)
             entry["segmentations"] = encode_masks(binary)
             # counted here, in the process that made the masks, so scoring needs not decode them again
-            entry["mask_areas"] = binary.flatten(1).sum(1, dtype=torch.float64).cpu().numpy() if len(binary) else np.zeros(0)
+            entry["mask_areas"] = binary.flatten(1).sum(1, dtype=torch.float64).cpu().numpy()
         return entry
 
     def _category_ids(self, labels: np.ndarray, image_id: int) -> np.ndarray:
@@ -235,16 +235,15 @@ class CocoEvaluator:
         """
         if iou_type not in self.iou_types:
             raise ValueError(f"iou_type '{iou_type}' is not evaluated; this evaluator has iou_types {list(self.iou_types)}.")
+        key = "bbox" if iou_type == "bbox" else "segmentation"
         out: list[dict[str, Any]] = []
         for image_id in sorted(self._images):
             entry = self._images[image_id]
-            cats, scores = entry["category_ids"].tolist(), entry["scores"].tolist()
-            if iou_type == "bbox":
-                out.extend({"image_id": image_id, "category_id": cat, "bbox": box, "score": score}
-                           for cat, box, score in zip(cats, entry["boxes"].tolist(), scores))
-            else:
-                out.extend({"image_id": image_id, "category_id": cat, "segmentation": rle, "score": score}
-                           for cat, rle, score in zip(cats, entry["segmentations"], scores))
+            values = entry["boxes"].tolist() if iou_type == "bbox" else entry["segmentations"]
+            out.extend(
+                {"image_id": image_id, "category_id": cat, key: value, "score": score}
+                for cat, value, score in zip(entry["category_ids"].tolist(), values, entry["scores"].tolist())
+            )
         return out
 
     def mask_areas(self) -> list[float]:
@@ -377,8 +376,8 @@ def _faster_coco_eval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], *, io
     if gt is None:
         # a deep copy: faster-coco-eval may annotate the dicts it indexes
         gt = _FASTER_GT[coco_gt] = faster_coco_eval.COCO(coco_gt.dataset, use_deepcopy=True)
-    coco_eval = faster_coco_eval.COCOeval_faster(gt, _faster_results(gt, results, iou_type, mask_areas), iouType=iou_type,
-                                                 print_function=_ignore)
+    detections = _faster_results(gt, results, iou_type, mask_areas)
+    coco_eval = faster_coco_eval.COCOeval_faster(gt, detections, iouType=iou_type, print_function=_ignore)
     if image_ids is not None:
         coco_eval.params.imgIds = sorted(int(i) for i in image_ids)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -29,8 +29,9 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # The documentation site: generated reference pages, then a strict build into site/ (open site/index.html).
+# NO_MKDOCS_2_WARNING silences Material's banner announcing its end of life (May 2027) on every build.
 docs: $(STAMP)
-	$(PY) tools/gen_docs.py && $(VENV)/bin/mkdocs build --strict
+	$(PY) tools/gen_docs.py && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf work_dirs .pytest_cache

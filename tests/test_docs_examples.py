@@ -114,11 +114,15 @@ def _save_tiny_checkpoint(path: Path, work: Path, *, masks: bool) -> None:
     cfg_path = work / "tiny.yaml"
     cfg_path.write_text(TINY_CONFIG.format(root=work / "data", work_dir=work / "run"))
     overrides = ["model.roi_head.score_threshold=0.0", *([MASK_HEAD] if masks else [])]
-    cfg = segkit.load_config(cfg_path, overrides)
+    _save_untrained(path, segkit.load_config(cfg_path, overrides), CLASSES)
+
+
+def _save_untrained(path: Path, cfg: dict, classes: list[str]) -> None:
+    """A checkpoint of ``cfg``'s model with its seed-0 initial weights, as `segkit train` would save one."""
     torch.manual_seed(0)
     model = segkit.build_model(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), CONFIG_KEY: json.loads(json.dumps(cfg)), CLASSES_KEY: CLASSES},
+    torch.save({"state_dict": model.state_dict(), CONFIG_KEY: json.loads(json.dumps(cfg)), CLASSES_KEY: classes},
                path)
 
 
@@ -207,15 +211,6 @@ def _parse(arguments: list[str]) -> str | None:
 
 
 # ----------------------------------------------------------------------------------- whole pages
-def _save_tiny_segmentor(path: Path) -> None:
-    cfg = segkit.load_config(ROOT / "configs" / "quickstart_seg.yaml")
-    torch.manual_seed(0)
-    model = segkit.build_model(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), CONFIG_KEY: json.loads(json.dumps(cfg)),
-                CLASSES_KEY: ["background", *CLASSES]}, path)
-
-
 def _ensure_checkpoints(text: str, fixtures: Path) -> None:
     """The checkpoints ``text`` names that nothing has written yet: untrained tiny models."""
     for name in sorted(set(CHECKPOINT.findall(text))):
@@ -223,7 +218,8 @@ def _ensure_checkpoints(text: str, fixtures: Path) -> None:
         if path.exists():
             continue
         if "seg" in name:
-            _save_tiny_segmentor(path)
+            cfg = segkit.load_config(ROOT / "configs" / "quickstart_seg.yaml")
+            _save_untrained(path, cfg, ["background", *CLASSES])
         else:
             work = fixtures / path.parent.as_posix().replace("/", "_")
             work.mkdir(parents=True, exist_ok=True)
@@ -306,16 +302,14 @@ def run_segkit(arguments: list[str]) -> tuple[int, str]:
     return int(status or 0), out.getvalue()
 
 
-def _run_yaml(block: Block, where: str) -> None:
+def _run_yaml(block: Block) -> None:
     name = file_name(block)
     if name is not None:
         segkit.load_config(_write(block, name))
         return
     data = yaml.safe_load(block.code)
     if isinstance(data, dict) and "_base_" in data:
-        path = Path(f"_docs_block_{block.line}.yaml")
-        path.write_text(block.code, encoding="utf-8")
-        segkit.load_config(path)
+        segkit.load_config(_write(block, f"_docs_block_{block.line}.yaml"))
 
 
 def _run_shell(block: Block, where: str, fixtures: Path, substitutes: dict[str, str]) -> None:
@@ -349,15 +343,16 @@ def test_page_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s
         if block.skip is not None:
             _report_skip(f"{where}: {block.language} block not run: {block.skip}")
             continue
+        name = file_name(block)
         try:
-            if block.language in ("python", "py") and file_name(block):  # a plugin file: saved, then imported
-                import_modules([str(_write(block, file_name(block)).resolve())])
+            if block.language in ("python", "py") and name:  # a plugin file: saved, then imported
+                import_modules([str(_write(block, name).resolve())])
             elif block.language in ("python", "py"):
                 _ensure_checkpoints(block.code, fixtures)
                 with contextlib.redirect_stdout(io.StringIO()):
                     exec(compile(block.code, where, "exec"), namespace)  # noqa: S102 - the documentation's own code
             elif block.language in ("yaml", "yml"):
-                _run_yaml(block, where)
+                _run_yaml(block)
             elif block.language in SHELL_LANGUAGES:
                 _run_shell(block, where, fixtures, substitutes)
         except pytest.fail.Exception:

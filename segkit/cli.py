@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Evaluate a checkpoint. Either `segkit eval CKPT` (the checkpoint carries its config) "
                                    "or `segkit eval CONFIG CKPT`.")
-    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
+    _add_config_or_ckpt(p)
     p.add_argument("rest", nargs="*", metavar="[CKPT] [key=value]", help="checkpoint (after a config) and overrides")
     p.add_argument("--split", choices=("val", "test"), default="val", help="the data split to evaluate (default val)")
     p.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "then run beside the PyTorch model on sample images (--images, else the first "
                                    "--num-images images of the config's data.val) and refused if any output differs "
                                    "by more than --atol. ONNX needs `pip install segkit[export]` (onnx, onnxruntime).")
-    p.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
+    _add_config_or_ckpt(p)
     p.add_argument("rest", nargs="*", metavar="ARG", help="[CKPT] (after a config), then key=value overrides")
     p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
                    help="torchscript (a .pt archive for torch.jit.load) or onnx (default torchscript)")
@@ -235,10 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_or_ckpt(parser: argparse.ArgumentParser) -> None:
+    """The first argument of the commands that load a checkpoint (eval, predict, export, cam)."""
+    parser.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT", help="a checkpoint, or a YAML config followed by CKPT")
+
+
 def _add_image_inputs(parser: argparse.ArgumentParser) -> None:
     """The arguments of the commands that run a checkpoint on images: CONFIG_OR_CKPT [CKPT] INPUT... --out DIR."""
-    parser.add_argument("config_or_ckpt", metavar="CONFIG_OR_CKPT",
-                        help="a checkpoint, or a YAML config followed by CKPT")
+    _add_config_or_ckpt(parser)
     parser.add_argument("rest", nargs="+", metavar="INPUT",
                         help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
     parser.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")

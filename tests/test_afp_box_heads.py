@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from segkit.ops import ShapeSpec
 from segkit.registry import HEADS, MODELS
-from segkit_plugins.heads.afp_box_heads import AFPConvFCHead, AFPTwoFCHead
+from segkit_plugins.heads.afp_box_heads import AFPConvFCHead, AFPTwoFCHead, fuse_levels
 from segkit_plugins.heads.box_heads import ConvFCHead, TwoFCHead
 from test_detector import synthetic_batch, tiny_config
 
@@ -100,6 +100,27 @@ def test_conv_fc_fusion_equals_manual_reference(fusion):
     y = conv_gn_relu(head.convs[1], fused).flatten(1)
     expected = F.relu(F.linear(y, head.fcs[0].weight, head.fcs[0].bias))
     torch.testing.assert_close(head(x), expected)
+
+
+@pytest.mark.parametrize("fusion", ["max", "sum"])
+@pytest.mark.parametrize("levels", [1, 3])
+def test_fuse_levels_equals_relu_of_each_level_then_fusion_in_values_and_gradients(fusion, levels):
+    # max applies one ReLU after the fusion; that must not change a value or a gradient, also where
+    # two levels tie or every level is negative
+    base = torch.randn(levels, 5, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    base[:, 0] = -1.0
+    if levels > 1:
+        base[1, 1] = base[0, 1].abs() + 5.0
+        base[0, 1] = base[1, 1]
+    grad = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    reference_in = base.clone().requires_grad_()
+    expected = _reduce([F.relu(level) for level in reference_in], fusion)
+    expected.backward(grad)
+    segkit_in = base.clone().requires_grad_()
+    got = fuse_levels((level * 1.0 for level in segkit_in), fusion)  # fresh tensors, like a conv's outputs
+    got.backward(grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(segkit_in.grad, reference_in.grad, rtol=0, atol=0)
 
 
 def test_max_and_sum_fusion_differ_with_the_same_weights():

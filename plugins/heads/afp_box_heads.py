@@ -14,7 +14,7 @@ plain head's name (``fc7``; ``convs.<i>`` for ``i >= 1``, ``fcs.<j>``). With
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from segkit.registry import HEADS
 from segkit_plugins.heads.box_heads import ConvFCHead, TwoFCHead, pooled_linear
 
-__all__ = ["AFPTwoFCHead", "AFPConvFCHead"]
+__all__ = ["AFPTwoFCHead", "AFPConvFCHead", "fuse_levels"]
 
 _FUSIONS = ("max", "sum")
 
@@ -35,11 +35,24 @@ def _check_afp_options(owner: str, num_levels: int, fusion: str) -> None:
         raise ValueError(f"{owner} needs num_levels >= 1 (the number of pooled pyramid levels), got {num_levels}")
 
 
-def _fuse(per_level: Sequence[Tensor], fusion: str) -> Tensor:
-    """Element-wise max or sum of L equally shaped tensors (pairwise, so no [L, ...] copy is made)."""
-    out = per_level[0]
-    for x in per_level[1:]:
-        out = torch.maximum(out, x) if fusion == "max" else out + x
+def fuse_levels(per_level: Iterable[Tensor], fusion: str) -> Tensor:
+    """``relu`` of every level's output, fused element-wise across the levels (max or sum).
+
+    For ``max`` the ReLU is applied once, after the fusion: ``relu(max(a, b)) == max(relu(a), relu(b))``
+    in value and in gradient (ReLU is monotonic, and where every level is <= 0 both give zero), so
+    one pass over the fused map replaces L passes over the levels. Levels are fused pairwise as they
+    come, so no [L, ...] stack is made; each level's output is consumed (ReLU in place), so it must
+    be a fresh result that no backward pass reads (a conv's or a norm's output).
+    """
+    levels = iter(per_level)
+    out = next(levels)
+    if fusion == "max":
+        for x in levels:
+            out = torch.maximum(out, x)
+        return F.relu(out, inplace=True)
+    out = F.relu(out, inplace=True)
+    for x in levels:
+        out = out + F.relu(x, inplace=True)
     return out
 
 
@@ -58,7 +71,8 @@ class AFPTwoFCHead(TwoFCHead):
 
     As in the authors' code, each level's fc6 is followed by its ReLU *before* the fusion
     (``relu(fc6_l(x_l))``, then max or sum, then ``relu(fc7(.))``). For ``max`` the order does not
-    matter (ReLU is monotonic); for ``sum`` it does. (The authors' 2fc variant also puts GroupNorm
+    matter (ReLU is monotonic), and :func:`fuse_levels` applies it once after the fusion; for
+    ``sum`` it does. (The authors' 2fc variant also puts GroupNorm
     after fc7; this head keeps ``TwoFCHead``'s plain fc7.) Layers use PyTorch's default
     initialisation, like ``TwoFCHead``.
 
@@ -112,10 +126,9 @@ class AFPTwoFCHead(TwoFCHead):
             return super().forward(x)
         _check_levels(type(self).__name__, x, self.num_levels)
         # fc6 of every level; pooled_linear orders the weights' columns as the bins are laid out
-        per_level = torch.stack([F.relu(pooled_linear(x_level, fc.weight, fc.bias))
-                                 for fc, x_level in zip(self.fc6, x)])  # [L, R, fc_dim]
-        fused = per_level.amax(0) if self.fusion == "max" else per_level.sum(0)
-        return F.relu(self.fc7(fused))
+        fused = fuse_levels((pooled_linear(x_level, fc.weight, fc.bias) for fc, x_level in zip(self.fc6, x)),
+                            self.fusion)
+        return F.relu(self.fc7(fused), inplace=True)
 
 
 @HEADS.register()
@@ -124,7 +137,7 @@ class AFPConvFCHead(ConvFCHead):
     fusion, then the shared ``num_convs - 1`` convs and ``num_fcs`` fully connected layers.
 
     With ``num_convs=4, num_fcs=1, norm="GN"`` this is the box head of the authors' PANet configs.
-    As there, each level's conv, norm and ReLU come before the fusion. Initialisation is
+    As there, each level's conv, norm and ReLU come before the fusion (:func:`fuse_levels`). Initialisation is
     ``ConvFCHead``'s (every level's conv drawn independently).
 
     Parameter names: ``convs.0.<l>.0`` (conv) and ``convs.0.<l>.1`` (norm, if any) for level
@@ -196,10 +209,10 @@ class AFPConvFCHead(ConvFCHead):
         if not self.adaptive_pooling:
             return super().forward(x)
         _check_levels(type(self).__name__, x, self.num_levels)
-        x = _fuse([F.relu(conv(x_level)) for conv, x_level in zip(self.convs[0], x)], self.fusion)
+        x = fuse_levels((conv(x_level) for conv, x_level in zip(self.convs[0], x)), self.fusion)
         for conv in self.convs[1:]:
-            x = F.relu(conv(x))
+            x = F.relu(conv(x), inplace=True)
         x = x.flatten(1)
         for fc in self.fcs:
-            x = F.relu(fc(x))
+            x = F.relu(fc(x), inplace=True)
         return x

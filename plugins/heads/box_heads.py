@@ -59,8 +59,8 @@ class TwoFCHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map Tensor[R, C, S, S] pooled features to Tensor[R, fc_dim]."""
-        x = F.relu(pooled_linear(x, self.fc6.weight, self.fc6.bias))
-        return F.relu(self.fc7(x))
+        x = F.relu(pooled_linear(x, self.fc6.weight, self.fc6.bias), inplace=True)
+        return F.relu(self.fc7(x), inplace=True)
 
 
 @HEADS.register()
@@ -132,8 +132,8 @@ class ConvFCHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Map Tensor[R, C, S, S] pooled features to Tensor[R, out_channels]."""
         for conv in self.convs:
-            x = F.relu(conv(x))
+            x = F.relu(conv(x), inplace=True)
         x = x.flatten(1)
         for fc in self.fcs:
-            x = F.relu(fc(x))
+            x = F.relu(fc(x), inplace=True)
         return x

@@ -129,8 +129,8 @@ class MaskRCNNHead(nn.Module):
     def layers(self, x: Tensor) -> Tensor:
         """Mask logits Tensor[R, K or 1, 2S, 2S] of pooled features Tensor[R, C, S, S]."""
         for conv in self.convs:
-            x = F.relu(conv(x))
-        return self.predictor(F.relu(self.deconv(x)))
+            x = F.relu(conv(x), inplace=True)
+        return self.predictor(F.relu(self.deconv(x), inplace=True))
 
     def forward(
         self,

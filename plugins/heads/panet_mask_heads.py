@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from segkit.ops import ShapeSpec
 from segkit.ops.norm import make_norm
 from segkit.registry import HEADS
+from segkit_plugins.heads.afp_box_heads import fuse_levels
 from segkit_plugins.heads.mask_heads import _DEFAULT_FEATURES, MaskRCNNHead
 
 __all__ = ["AFPMaskHead", "FusedMaskHead", "PANetMaskHead"]
@@ -156,11 +157,7 @@ class PANetMaskHead(MaskRCNNHead):
                 f"adaptive pooling expects pooled features Tensor[L={len(self.level_convs)}, R, C, S, S], "
                 f"got shape {tuple(x.shape)}"
             )
-        fused = F.relu(self.level_convs[0](x[0]))
-        for conv, level in zip(self.level_convs[1:], x[1:]):
-            out = F.relu(conv(level))
-            fused = torch.maximum(fused, out) if self.fusion == "max" else fused + out
-        return fused
+        return fuse_levels((conv(level) for conv, level in zip(self.level_convs, x)), self.fusion)
 
     def fused_map(self, x: Tensor) -> Tensor:
         """The FC path: output of the third conv Tensor[R, conv_dim, S, S] -> Tensor[R, 1, 2S, 2S].
@@ -169,9 +166,9 @@ class PANetMaskHead(MaskRCNNHead):
         goes through ReLU, so this map is non-negative.
         """
         for conv in self.fc_convs:
-            x = F.relu(conv(x))
+            x = F.relu(conv(x), inplace=True)
         height, width = x.shape[-2:]
-        return F.relu(self.fc(x.flatten(1))).reshape(x.shape[0], 1, 2 * height, 2 * width)
+        return F.relu(self.fc(x.flatten(1)), inplace=True).reshape(x.shape[0], 1, 2 * height, 2 * width)
 
     def layers(self, x: Tensor) -> Tensor:
         """Mask logits Tensor[R, K or 1, 2S, 2S] of pooled features (see :meth:`pool` for the shape)."""
@@ -180,10 +177,10 @@ class PANetMaskHead(MaskRCNNHead):
             x, first = self.fuse_levels(x), 1
         branch = None
         for index in range(first, len(self.convs)):
-            x = F.relu(self.convs[index](x))
+            x = F.relu(self.convs[index](x), inplace=True)
             if index == 2 and self.fused:
                 branch = self.fused_map(x)
-        logits = self.predictor(F.relu(self.deconv(x)))
+        logits = self.predictor(F.relu(self.deconv(x), inplace=True))
         return logits if branch is None else logits + branch
 
 

@@ -25,12 +25,12 @@ from segkit_plugins.heads.box_heads import ConvFCHead, TwoFCHead, pooled_linear
 
 __all__ = ["AFPTwoFCHead", "AFPConvFCHead", "fuse_levels"]
 
-_FUSIONS = ("max", "sum")
+FUSIONS = ("max", "sum")  # what fuse_levels can do
 
 
 def _check_afp_options(owner: str, num_levels: int, fusion: str) -> None:
-    if fusion not in _FUSIONS:
-        raise ValueError(f"{owner} fusion must be one of {_FUSIONS}, got {fusion!r}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"{owner} fusion must be one of {FUSIONS}, got {fusion!r}")
     if num_levels < 1:
         raise ValueError(f"{owner} needs num_levels >= 1 (the number of pooled pyramid levels), got {num_levels}")
 
@@ -72,9 +72,8 @@ class AFPTwoFCHead(TwoFCHead):
     As in the authors' code, each level's fc6 is followed by its ReLU *before* the fusion
     (``relu(fc6_l(x_l))``, then max or sum, then ``relu(fc7(.))``). For ``max`` the order does not
     matter (ReLU is monotonic), and :func:`fuse_levels` applies it once after the fusion; for
-    ``sum`` it does. (The authors' 2fc variant also puts GroupNorm
-    after fc7; this head keeps ``TwoFCHead``'s plain fc7.) Layers use PyTorch's default
-    initialisation, like ``TwoFCHead``.
+    ``sum`` it does. (The authors' 2fc variant also puts GroupNorm after fc7; this head keeps
+    ``TwoFCHead``'s plain fc7.) Layers use PyTorch's default initialisation, like ``TwoFCHead``.
 
     Parameter names: ``fc6.<l>`` for level ``l < num_levels`` (finest first) and ``fc7``; with
     ``adaptive_pooling=False``, ``fc6`` and ``fc7`` exactly as ``TwoFCHead``.

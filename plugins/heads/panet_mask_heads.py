@@ -11,19 +11,16 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
 from segkit.ops.norm import make_norm
 from segkit.registry import HEADS
-from segkit_plugins.heads.afp_box_heads import fuse_levels
+from segkit_plugins.heads.afp_box_heads import FUSIONS, fuse_levels
 from segkit_plugins.heads.mask_heads import _DEFAULT_FEATURES, MaskRCNNHead
 
 __all__ = ["AFPMaskHead", "FusedMaskHead", "PANetMaskHead"]
-
-_FUSIONS = ("max", "sum")
 
 
 def _conv_block(in_channels: int, out_channels: int, norm: str | None) -> nn.Sequential:
@@ -96,8 +93,8 @@ class PANetMaskHead(MaskRCNNHead):
         max_train_rois: int | None = None,
     ) -> None:
         name = type(self).__name__
-        if fusion not in _FUSIONS:
-            choices = ", ".join(map(repr, _FUSIONS))
+        if fusion not in FUSIONS:
+            choices = ", ".join(map(repr, FUSIONS))
             raise ValueError(f"{name}: mask_head.fusion must be one of {choices}, got {fusion!r}")
         if fused and num_convs < 3:
             raise ValueError(

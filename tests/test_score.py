@@ -195,6 +195,20 @@ def test_voc_scoring_errors(voc_case, tmp_path: Path, capsys):
     assert code == 2 and "no split file" in " ".join(err.split())
 
 
+def test_latin1_detection_file_exits_2_naming_the_line(voc_case, tmp_path: Path, capsys):
+    ds, _, det_dir, _ = voc_case
+    bad = tmp_path / "dets"
+    bad.mkdir()
+    first = next(iter(ds.coco.imgs.values()))["voc_id"]
+    (bad / "comp4_det_test_circle.txt").write_bytes(f"{first} 0.5 1 2 3 4\n".encode() + b"caf\xe9 0.5 1 2 3 4\n")
+    code, _, err = score(["--task", "voc", "--gt", ds.voc_root, "--pred", str(bad), "--classes", ",".join(ds.classes)],
+                         capsys)
+    joined = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err
+    assert f"detection file '{bad / 'comp4_det_test_circle.txt'}' is not readable text" in joined
+    assert "line 2 after 'caf'" in joined
+
+
 # ---------------------------------------------------------------------- semantic segmentation
 def test_semseg_score_equals_the_training_metric(tmp_path: Path, capsys):
     from segkit.data.semseg_formats import ShapesSegmentation

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,58 +12,31 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from segkit.config_types import is_finite_number, is_integer
 from segkit.data.coco_masks import mask_problem, to_rle
+from segkit.data.images import (
+    MAX_IMAGE_PIXELS_ENV,
+    check_pixel_count,
+    load_image,
+    max_image_pixels,
+    open_image,
+)
 from segkit.data.transforms import apply_transforms, build_transforms, follow_torch_seed
-from segkit.errors import ConfigError, UserError
+from segkit.errors import ConfigError, DatasetError
 from segkit.registry import DATASETS, check_arguments
+from segkit.textio import load_json
 
-__all__ = ["CocoDataset", "DatasetError", "load_image"]
+__all__ = ["CocoDataset", "DatasetError", "MAX_IMAGE_PIXELS_ENV", "check_ground_truth_masks", "load_image",
+           "max_image_pixels", "open_image"]
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 _SHOW_IDS = 5
 _INVALID_MASKS = ("error", "skip")
-
-
-class DatasetError(UserError):
-    """A dataset's files are missing or malformed."""
-
-
-def load_image(path: str, *, image_id: int | None = None) -> np.ndarray:
-    """Read an image file as a uint8 ``[H, W, 3]`` RGB array, as a viewer shows it.
-
-    Every mode becomes RGB: grayscale is repeated over the channels, palette images are expanded,
-    an alpha channel is dropped (not composited), 16-bit images (PNG ``I;16`` and 32-bit integer
-    ``I`` holding 16-bit values) are scaled to 8 bits (``value / 257``, rounded) rather than clipped
-    at 255. A JPEG's EXIF orientation is applied (as cameras and viewers do), so the height and
-    width are those of the upright image; annotations must be made on the upright image too.
-
-    Raises:
-        DatasetError: the file does not exist, cannot be decoded or has a mode with no RGB meaning
-            (floating point); the message names the path and the image id.
-    """
-    which = f"image file '{path}'" + (f" (image id {image_id})" if image_id is not None else "")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-                wide = np.asarray(im, dtype=np.int64)
-                gray = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=2)
-            if im.mode == "F":
-                raise DatasetError(f"{which} holds floating-point pixels (PIL mode 'F'), which have no fixed "
-                                   f"mapping to RGB; convert it to an 8-bit RGB or grayscale image.")
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{which} does not exist. Check the dataset's img_dir and the file_name in the "
-                           f"annotation file.") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DatasetError(f"cannot decode {which}: {exc}. The file is corrupt or not an image; "
-                           f"replace it or remove the image from the annotation file.") from exc
+# Ids are stored as int64 (numpy arrays, tensors, pycocotools' matching); larger ones cannot be.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @DATASETS.register()
@@ -196,7 +168,7 @@ class CocoDataset(torch.utils.data.Dataset):
         """Per image id: clipped xyxy boxes float32 [N, 4], labels int64 [N], annotation ids int64 [N]."""
         image_order = {img_id: k for k, img_id in enumerate(self.coco.imgs)}
         image_hw = [_image_hw(self.coco.imgs[i], self.img_dir) for i in self.coco.imgs]
-        sizes = np.array(image_hw, dtype=np.float32).reshape(-1, 2)
+        sizes = np.array(image_hw, dtype=np.float64).reshape(-1, 2)
         annotations = self.coco.dataset["annotations"]
         if self.with_masks:
             self._check_some_segmentation(annotations)
@@ -222,11 +194,12 @@ class CocoDataset(torch.utils.data.Dataset):
                 UserWarning, stacklevel=3,
             )
         rows_a = np.asarray(rows, dtype=np.int64)
-        boxes = np.asarray(xywh, dtype=np.float32).reshape(-1, 4).copy()
+        boxes = np.asarray(xywh, dtype=np.float64).reshape(-1, 4).copy()  # float32 would overflow on 1e300
         boxes[:, 2:] += boxes[:, :2]
         hw = sizes[rows_a] if len(rows_a) else np.zeros((0, 2), np.float32)
         boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0.0, hw[:, 1:2])
         boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0.0, hw[:, 0:1])
+        boxes = boxes.astype(np.float32)
         ids_a = np.asarray(ann_ids, dtype=np.int64)
         size_ok = self._big_enough(boxes, ids_a)
         labels_a = np.asarray(labels, dtype=np.int64)
@@ -373,6 +346,34 @@ class CocoDataset(torch.utils.data.Dataset):
                 f"classes={self.classes}, with_masks={self.with_masks})")
 
 
+def check_ground_truth_masks(coco: COCO, source: str) -> None:
+    """Refuse a ground truth whose masks a ``segm`` evaluation cannot rasterise safely.
+
+    pycocotools rasterises every ground-truth mask (crowd regions, and annotations left out of
+    training by ``invalid_masks: skip``, included) without checking it; a polygon point at 1e9 ends
+    the interpreter. Each mask is checked here as :func:`~segkit.data.coco_masks.mask_problem`
+    checks training data.
+
+    Raises:
+        DatasetError: an image without ``height``/``width``, or the first annotation with a missing
+            or malformed mask, named with ``source`` (the annotation file).
+    """
+    for info in coco.dataset["images"]:
+        if not (is_integer(info.get("height")) and is_integer(info.get("width"))):
+            raise DatasetError(f"{source}: image id {info['id']} has no 'height' and 'width'; a 'segm' evaluation "
+                               f"needs the size of every image, so add them.")
+    for ann in coco.dataset["annotations"]:
+        info = coco.imgs.get(ann.get("image_id"))
+        if info is None:
+            continue  # no image to rasterise it on; pycocotools never reads it
+        problem = mask_problem(ann, info["height"], info["width"])
+        if problem is not None:
+            raise DatasetError(
+                f"{source}: annotation id {ann.get('id')} (image id {ann['image_id']}) {problem}. A 'segm' evaluation "
+                f"rasterises every ground-truth mask, crowd regions included; fix the mask, or score boxes only."
+            )
+
+
 def _check_category_ids(category_ids: Any) -> list[int]:
     """The ``category_ids`` option as a list of distinct ints; :class:`ConfigError` otherwise."""
     if isinstance(category_ids, (str, bytes, Mapping)) or not isinstance(category_ids, Iterable):
@@ -403,26 +404,17 @@ def _image_hw(info: Mapping[str, Any], img_dir: str) -> tuple[int, int]:
     if "height" in info and "width" in info:
         return int(info["height"]), int(info["width"])
     path = os.path.join(img_dir, str(info.get("file_name", "")))
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DatasetError(f"image id {info.get('id')} has no height/width in the annotation file and its "
-                           f"file '{path}' cannot be read: {exc}") from exc
+    which = f"image file '{path}' (image id {info.get('id')}, which has no height/width in the annotation file)"
+    with open_image(path, which) as im:
+        return im.height, im.width
 
 
 def _read_coco(ann_file: str) -> COCO:
     if not os.path.isfile(ann_file):
         raise DatasetError(f"annotation file '{ann_file}' does not exist. Check the dataset's ann_file path "
                            f"(relative paths are resolved from {os.getcwd()}).")
-    try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"annotation file '{ann_file}' is not valid JSON: {exc}") from exc
+    data = load_json(ann_file, error=DatasetError, what="annotation file")
     return _read_coco_dict(data, ann_file)
-
-
 
 
 def _check_fields(data: Mapping[str, Any], ann_file: str) -> None:
@@ -432,10 +424,15 @@ def _check_fields(data: Mapping[str, Any], ann_file: str) -> None:
         if not isinstance(image.get("file_name"), str) or not image["file_name"]:
             raise DatasetError(f"{where} has file_name {image.get('file_name')!r}; it needs the image's path "
                                f"relative to img_dir.")
+        if "\0" in image["file_name"]:
+            raise DatasetError(f"{where} has file_name {image['file_name']!r}, which holds a NUL character; no file "
+                               f"name can hold one, so fix the name.")
         for side in ("height", "width"):
             if side in image and not (is_integer(image[side]) and image[side] > 0):
                 raise DatasetError(f"{where} has {side} {image[side]!r}; it must be a positive integer "
                                    f"(or left out, to be read from the image file).")
+        if "height" in image and "width" in image:  # bounds every mask allocated at this size
+            check_pixel_count(where, image["height"], image["width"])
     for ann in data["annotations"]:
         where = f"annotation id {ann['id']} in '{ann_file}'"
         for key in ("image_id", "category_id"):
@@ -470,6 +467,10 @@ def _read_coco_dict(data: Any, ann_file: str) -> COCO:
         bad = next((k for k, i in enumerate(ids) if not is_integer(i)), None)
         if bad is not None:
             raise DatasetError(f"entry {bad} of '{key}' in '{ann_file}' has the id {ids[bad]!r}; ids are integers.")
+        bad = next((k for k, i in enumerate(ids) if not _INT64_MIN <= i <= _INT64_MAX), None)
+        if bad is not None:
+            raise DatasetError(f"entry {bad} of '{key}' in '{ann_file}' has the id {ids[bad]}, beyond the 64-bit "
+                               f"integers that ids are stored in (at most {_INT64_MAX}); renumber the ids.")
         if len(set(ids)) != len(ids):
             seen: set[Any] = set()
             twice = next(i for i in ids if i in seen or seen.add(i))

@@ -20,6 +20,7 @@ has ``sem_seg`` (int64 ``[H, W]``, ``0..K-1``, ``ignore_index`` for unlabelled p
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,12 +28,16 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from segkit.data.coco import DatasetError, load_image
-from segkit.data.transforms import apply_seg_transforms, build_seg_transforms, follow_torch_seed
-from segkit.errors import ConfigError
+from segkit.data.images import load_image, open_image
+from segkit.data.transforms import (
+    apply_seg_transforms,
+    build_seg_transforms,
+    follow_torch_seed,
+)
+from segkit.errors import ConfigError, DatasetError
 from segkit.registry import DATASETS, check_arguments
+from segkit.textio import read_names
 
 __all__ = ["SemSegFolder", "default_palette", "read_label_map", "read_split_file"]
 
@@ -63,18 +68,19 @@ def read_label_map(path: str) -> np.ndarray:
     """
     if path.endswith(".mat"):
         return _read_sbd_mat(path)
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode not in _INDEX_MODES:
-                raise DatasetError(_colour_label_message(path, mode))
-            return np.asarray(im, dtype=np.int32)
-    except FileNotFoundError as exc:
+    if not os.path.isfile(path):
         raise DatasetError(f"label map '{path}' does not exist. Every image needs a label map of the same "
-                           f"stem in the annotation folder.") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DatasetError(f"cannot decode label map '{path}': {exc}. Replace the file or remove its image "
-                           f"from the dataset.") from exc
+                           f"stem in the annotation folder.")
+    try:
+        with open_image(path, f"label map '{path}'") as im:
+            if im.mode not in _INDEX_MODES:
+                raise DatasetError(_colour_label_message(path, im.mode))
+            return np.asarray(im, dtype=np.int32)
+    except DatasetError as exc:
+        if exc.__cause__ is None:  # a message of its own (a colour image, the pixel limit)
+            raise
+        raise DatasetError(f"cannot decode label map '{path}': {exc.__cause__}. Replace the file or remove its image "
+                           f"from the dataset.") from exc.__cause__
 
 
 def _colour_label_message(path: str, mode: str) -> str:
@@ -109,8 +115,7 @@ def read_split_file(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DatasetError(f"split file '{path}' does not exist. It lists one image name without suffix per "
                            f"line; check the path.")
-    with open(path, encoding="utf-8") as f:
-        stems = [line.strip() for line in f if line.strip()]
+    stems = read_names(path, error=DatasetError, what="split file")
     if not stems:
         raise DatasetError(f"split file '{path}' is empty; list one image name without suffix per line.")
     return stems
@@ -335,8 +340,7 @@ def _load_classes(classes: Sequence[str] | str | os.PathLike) -> tuple[str, ...]
         if not os.path.isfile(path):
             raise ConfigError(f"classes is a path, but '{path}' does not exist; give a list of class names or "
                               f"a text file with one name per line.", key="classes")
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        names = read_names(path, error=functools.partial(ConfigError, key="classes"), what="class file")
         where = f"the class file '{path}'"
     elif isinstance(classes, Sequence):
         names, where = list(classes), "classes"

@@ -28,7 +28,15 @@ from tqdm import tqdm
 from segkit.errors import UserError
 from segkit.fileio import atomic_open
 from segkit.predict import as_image_array
-from segkit.visualize import _binary_masks, _blend_masks, _draw_label, _font, _name_of, class_colors, draw_semantic
+from segkit.visualize import (
+    _binary_masks,
+    _blend_masks,
+    _draw_label,
+    _font,
+    _name_of,
+    class_colors,
+    draw_semantic,
+)
 
 __all__ = ["RenderedSample", "draw_target", "show_samples", "contact_sheet"]
 

@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from xml.sax.saxutils import escape
 from collections.abc import Mapping, Sequence
 from typing import Any
+from xml.sax.saxutils import escape
 
 import albumentations as A
 import numpy as np
 from tqdm import tqdm
 
-from segkit.data.coco import CocoDataset, DatasetError, _read_coco_dict
-from segkit.errors import ConfigError, did_you_mean
+from segkit.data.coco import CocoDataset, _read_coco_dict
+from segkit.data.images import check_pixel_count
+from segkit.errors import ConfigError, DatasetError, did_you_mean
 from segkit.registry import DATASETS
+from segkit.textio import read_names
 
 __all__ = ["VOCDetection", "ShapesVOC", "VOC_DETECTION_CLASSES", "parse_voc_xml", "voc_to_coco", "coco_to_voc"]
 
@@ -86,7 +88,8 @@ def parse_voc_xml(path: str, classes: Sequence[str] = VOC_DETECTION_CLASSES, *,
 
     Raises:
         DatasetError: the file is missing, not well-formed XML, not an ``<annotation>``, or has a
-            missing or malformed ``<filename>``, ``<size>``, ``<name>`` or ``<bndbox>``, an empty box
+            missing or malformed ``<filename>``, ``<size>`` (or one over
+            :func:`~segkit.data.coco.max_image_pixels`), ``<name>`` or ``<bndbox>``, an empty box
             (``xmax < xmin``), a flag other than 0/1, or (with ``unknown_classes="error"``) a
             class name not in ``classes``. The message names the file and the object.
     """
@@ -97,6 +100,8 @@ def parse_voc_xml(path: str, classes: Sequence[str] = VOC_DETECTION_CLASSES, *,
                            f"Annotations/<name>.xml.") from None
     except ET.ParseError as exc:
         raise DatasetError(f"annotation file '{path}' is not well-formed XML: {exc}.") from None
+    except OSError as exc:  # a folder in its place, no permission
+        raise DatasetError(f"cannot read annotation file '{path}': {exc.strerror or exc}.") from None
     if root.tag != "annotation":
         raise DatasetError(f"annotation file '{path}' has root element <{root.tag}>; a VOC file has <annotation>.")
     filename = _text(root, "filename", f"annotation file '{path}'")
@@ -108,6 +113,7 @@ def parse_voc_xml(path: str, classes: Sequence[str] = VOC_DETECTION_CLASSES, *,
         if width <= 0 or height <= 0 or width != int(width) or height != int(height):
             raise DatasetError(f"{where} is {width:g}x{height:g} (WxH); both must be positive integers.")
         width, height = int(width), int(height)
+        check_pixel_count(where, height, width)
     index = {name: k for k, name in enumerate(classes, start=1)}
     objects = []
     for k, obj in enumerate(root.iter("object")):
@@ -147,8 +153,7 @@ def _split_ids(root: str, split: str) -> list[str]:
             if os.path.isdir(folder) else []
         raise ConfigError(f"no split file '{path}' for split {split!r}; available splits: "
                           f"{', '.join(have) or 'none (check root)'}." + did_you_mean(split, have), key="split")
-    with open(path, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+    ids = [line.split()[0] for line in read_names(path, error=DatasetError, what="split file")]
     if not ids:
         raise DatasetError(f"split file '{path}' is empty; list one image name without suffix per line.")
     return ids
@@ -311,7 +316,7 @@ def coco_to_voc(coco: Mapping[str, Any], img_dir: str, out_root: str, *, split: 
     """
     from PIL import Image
 
-    from segkit.data.coco import load_image
+    from segkit.data.images import load_image
 
     for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(out_root, sub), exist_ok=True)

@@ -28,7 +28,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ IOU_TYPES = ("bbox", "segm")
 MASK_THRESHOLD = 0.5
 #: ``evaluation.backend`` values; see the module docstring.
 BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
+Backend = Literal["auto", "pycocotools", "faster_coco_eval"]
+IouType = Literal["bbox", "segm"]
 # Instances resized together when masks are mapped back to the original size (bounds memory).
 _RESIZE_CHUNK = 32
 
@@ -89,11 +91,15 @@ class CocoEvaluator:
         >>> print(format_metrics_table(evaluator.evaluate()))
     """
 
-    def __init__(self, *, dataset: Any, iou_types: Sequence[str] = ("bbox",), per_class: bool = False,
-                 mask_threshold: float | None = None, backend: str = "auto") -> None:
+    def __init__(self, *, dataset: Any, iou_types: Sequence[IouType] | IouType = ("bbox",), per_class: bool = False,
+                 mask_threshold: float | None = None, backend: Backend = "auto") -> None:
         self.backend = resolve_backend(backend)
         self.coco: COCO = _dataset_coco(dataset)
         self.iou_types = _check_iou_types(iou_types, self.coco)
+        if "segm" in self.iou_types:  # pycocotools rasterises the ground truth unchecked
+            from segkit.data.coco import check_ground_truth_masks
+
+            check_ground_truth_masks(self.coco, str(getattr(dataset, "ann_file", "the ground truth")))
         self.per_class = bool(per_class)
         if mask_threshold is not None and not 0.0 <= float(mask_threshold) <= 1.0:
             raise ValueError(f"mask_threshold is a probability in [0, 1], got {mask_threshold}")
@@ -102,6 +108,20 @@ class CocoEvaluator:
         self.label_to_cat_id = {int(k): int(v) for k, v in dict(dataset.label_to_cat_id).items()}
         self._label_lookup = _label_lookup(self.label_to_cat_id, self.coco)
         self._images: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def metric_names(cls, *, iou_types: Sequence[str] | str = ("bbox",), per_class: bool = False,
+                     **options: Any) -> list[str]:
+        """The names :meth:`evaluate` reports with these options (``*`` stands for a class name).
+
+        Raises:
+            ValueError: no iou type.
+        """
+        types = [iou_types] if isinstance(iou_types, str) else list(iou_types)
+        if not types:
+            raise ValueError(f"iou_types must be a non-empty list of {list(IOU_TYPES)}, got [].")
+        return [f"{t}/{name}" for t in types for name in COCO_METRIC_NAMES] + (
+            [f"{t}/AP-*" for t in types] if per_class else [])
 
     # ---------------------------------------------------------------- accumulation
     def reset(self) -> None:

@@ -189,6 +189,11 @@ class SemSegEvaluator:
         # image id -> (flat indices int64 [M], counts int64 [M]) of the non-zero confusion entries.
         self._images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @classmethod
+    def metric_names(cls, *, per_class: bool = True, **options: Any) -> list[str]:
+        """The names :meth:`evaluate` reports with these options (``*`` stands for a class name)."""
+        return [*SEMSEG_SUMMARY_NAMES, *(["IoU-*", "Acc-*"] if per_class else [])]
+
     def reset(self) -> None:
         """Forget every processed image."""
         self._images = {}

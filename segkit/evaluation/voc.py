@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -256,8 +256,8 @@ class VOCEvaluator(CocoEvaluator):
         evaluation: {type: VOCEvaluator, method: 11points, main_metric: voc/mAP}
     """
 
-    def __init__(self, *, dataset: Any, iou_thrs: Sequence[float] = (0.5,), method: str = "area",
-                 plus_one: bool = False) -> None:
+    def __init__(self, *, dataset: Any, iou_thrs: Sequence[float] | float = (0.5,),
+                 method: Literal["area", "11points"] = "area", plus_one: bool = False) -> None:
         if method not in VOC_AP_METHODS:
             raise ConfigError(f"method must be 'area' (VOC2010+) or '11points' (VOC2007), got {method!r}",
                               key="method")
@@ -269,6 +269,13 @@ class VOCEvaluator(CocoEvaluator):
         self.method = method
         self.plus_one = bool(plus_one)
         self._ground_truth = _coco_ground_truth(self.coco, self.label_to_cat_id)
+
+    @classmethod
+    def metric_names(cls, *, iou_thrs: Sequence[float] | float = (0.5,), **options: Any) -> list[str]:
+        """The names :meth:`evaluate` reports with these options (``*`` stands for a class name)."""
+        thrs = list(iou_thrs) if isinstance(iou_thrs, Sequence) else [iou_thrs]
+        per_threshold = [f"voc/mAP{round(float(t) * 100)}" for t in thrs] if len(thrs) > 1 else []
+        return ["voc/mAP", *per_threshold, "voc/AP-*"]
 
     def evaluate(self) -> dict[str, float]:
         """Score the processed images; returns ``{"voc/mAP": ..., "voc/AP-<class>": ...}``.

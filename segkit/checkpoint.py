@@ -3,21 +3,30 @@
 Checkpoints are read with ``torch.load(..., weights_only=True)``: a file that tries to run code
 while loading is refused. A segkit checkpoint carries the merged config under ``segkit_config``,
 so a model can be rebuilt from the checkpoint alone.
+
+Weights that are not finite (NaN or infinity, left by a run that diverged) are refused wherever a
+checkpoint is loaded (``segkit eval``, ``predict``, ``export``, ``cam``, ``--resume``,
+``engine.load_from``, :func:`segkit.load_model`): the message names the file and the tensors, and
+training never writes such a checkpoint (:func:`check_finite`). A model whose weights are finite
+but whose outputs overflow still answers: detectors drop detections without a finite box and
+score, segmentors give finite class scores.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from segkit.errors import UserError
+from segkit.yamlio import YamlBoundsError, check_bounds
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_state_dict_checked", "load_checkpoint",
-           "checkpoint_config", "CONFIG_KEY", "CLASSES_KEY", "EMA_KEY"]
+           "checkpoint_config", "check_finite", "check_resumable", "nonfinite_tensors", "config_differences", "MISSING",
+           "CONFIG_KEY", "CLASSES_KEY", "EMA_KEY"]
 
 CONFIG_KEY = "segkit_config"
 #: Key of the class names (``names[label - 1]`` names label ``label``) in a segkit checkpoint.
@@ -78,6 +87,32 @@ def extract_state_dict(ckpt: Mapping[str, Any], *, use_ema: bool = True) -> dict
     return state
 
 
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` holding a NaN or an infinity, in order."""
+    return [name for name, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+#: What to do about weights that are not finite, for messages.
+DIVERGED_FIX = ("lower optimizer.lr, add a warm-up (scheduler.warmup_iters) or clip gradients "
+                "(trainer.gradient_clip_val)")
+
+
+def check_finite(state: Mapping[str, Any], *, source: str) -> None:
+    """Refuse a state dict with NaN or infinite values, naming ``source`` and the tensors.
+
+    Raises:
+        CheckpointError: the number of such tensors and the first names, and what to do instead.
+    """
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"{source} holds weights that are not finite (NaN or infinity) in {len(bad)} of its {len(state)} "
+            f"tensors: {_few(bad)}. The training run that wrote them diverged. Use an earlier checkpoint of that "
+            f"run (best.ckpt, or one written before it diverged), or train again: {DIVERGED_FIX}."
+        )
+
+
 def checkpoint_config(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]:
     """The merged config stored in a segkit checkpoint."""
     cfg = ckpt.get(CONFIG_KEY)
@@ -86,6 +121,127 @@ def checkpoint_config(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict
             f"'{path}' does not carry a segkit config; pass the config file as well: segkit eval CONFIG {path}"
         )
     return dict(cfg)
+
+
+#: Keys of the sections a resumed run must keep that do not change its saved state: the initial
+#: weights (``pretrained``, replaced by the checkpoint's) and how BatchNorm is synchronised.
+_RESUME_FREE_KEYS = ("sync_bn", "pretrained")
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *, sections: Sequence[str],
+                       ignore: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
+    """The dotted keys under ``sections`` whose values differ between two configs.
+
+    Args:
+        saved, current: two merged configs (plain mappings); ``saved`` is the one a checkpoint stores.
+        sections: the top-level sections to compare (``["model", "optimizer"]``).
+        ignore: key names left out at any depth below a section (``["pretrained"]``).
+
+    Returns:
+        ``[(dotted key, saved value, current value)]`` sorted by key; a key one of them lacks has
+        :data:`MISSING` as its value there.
+
+    Example:
+        >>> config_differences({"model": {"depth": 50}}, {"model": {"depth": 101}}, sections=["model"])
+        [('model.depth', 50, 101)]
+    """
+    found: list[tuple[str, Any, Any]] = []
+    for section in sections:
+        found.extend(_differences(saved.get(section, MISSING), current.get(section, MISSING), section, set(ignore)))
+    return found
+
+
+def _differences(saved: Any, current: Any, path: str, ignore: set[str]) -> list[tuple[str, Any, Any]]:
+    if not (isinstance(saved, Mapping) and isinstance(current, Mapping)):
+        return [] if _same(saved, current) else [(path, saved, current)]
+    found: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(saved) | set(current), key=str):
+        if str(key) not in ignore:
+            found.extend(_differences(saved.get(key, MISSING), current.get(key, MISSING), f"{path}.{key}", ignore))
+    return found
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+#: The value :func:`config_differences` gives a key that a config does not set.
+MISSING: Any = _Missing()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal config values: 1 and 1.0 are, ``true`` and 1 are not, a list equals a tuple of equal values."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return bool(a == b)
+
+
+#: The config sections whose values a checkpoint's training state depends on: a resumed run keeps them.
+RESUME_SECTIONS = ("model", "optimizer", "scheduler")
+
+
+def check_resumable(path: str | os.PathLike[str], config: Mapping[str, Any]) -> str:
+    """Refuse a checkpoint that training with ``config`` cannot continue from, naming the file.
+
+    Args:
+        path: the checkpoint given to ``--resume``.
+        config: the merged config of the resumed run (plain mapping).
+
+    Returns:
+        A line describing where the run continues (epoch and step of the checkpoint).
+
+    Raises:
+        CheckpointError: the file is missing, truncated or unsafe, holds weights only or weights that
+            are not finite, or was written with another model, optimizer or schedule than ``config``
+            (every differing dotted key with both values), before anything is built or trained.
+    """
+    path = os.fspath(path)
+    ckpt = read_checkpoint(path)
+    missing = [key for key in ("state_dict", "optimizer_states", "loops") if key not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from '{path}': it is not a training checkpoint of `segkit train` (it has no "
+            f"{', '.join(missing)}); only the checkpoints/last.ckpt of a run (or another checkpoint it wrote) can "
+            f"be resumed."
+        )
+    check_finite(extract_state_dict(ckpt, use_ema=False), source=f"'{path}'")
+    if isinstance(ckpt.get(EMA_KEY), Mapping):
+        check_finite(extract_state_dict(ckpt), source=f"'{path}' (its average of the weights, engine.ema)")
+    _check_same_run(path, ckpt.get(CONFIG_KEY), config)
+    return f"resuming from {path} (written after epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})"
+
+
+def _check_same_run(path: str, saved: Any, current: Mapping[str, Any]) -> None:
+    """Refuse to resume with a model, optimizer or schedule other than the one the checkpoint was trained with.
+
+    Raises:
+        CheckpointError: listing every differing key with the checkpoint's value and the current one.
+    """
+    if not isinstance(saved, Mapping):  # a checkpoint without its config: nothing to compare
+        return
+    try:
+        check_bounds(saved)  # shared references in the file would expand while the configs are compared
+    except YamlBoundsError as exc:
+        raise CheckpointError(f"the config stored in checkpoint '{path}' cannot be used: {exc}.") from None
+    differences = config_differences(saved, current, sections=RESUME_SECTIONS, ignore=_RESUME_FREE_KEYS)
+    if not differences:
+        return
+    listed = "; ".join(f"{key}: {_short(old)} in the checkpoint, {_short(new)} now" for key, old, new in differences[:8])
+    more = f"; and {len(differences) - 8} more" if len(differences) > 8 else ""
+    raise CheckpointError(
+        f"cannot resume from '{path}' with this config: {len(differences)} key(s) of {', '.join(RESUME_SECTIONS)} "
+        f"differ from the config stored in the checkpoint: {listed}{more}. Resuming continues the same run (its "
+        f"weights, optimizer state and schedule as saved), so these keys must keep the checkpoint's values: put them "
+        f"back, or start a new run from these weights with engine.load_from={path} (without --resume)."
+    )
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True,
@@ -103,8 +259,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: b
         ``{"missing": [...], "unexpected": [...]}``.
 
     Raises:
-        CheckpointError: naming the first mismatching key and both shapes, or the missing and
-            unexpected keys when ``strict``.
+        CheckpointError: naming the first mismatching key and both shapes, the missing and
+            unexpected keys when ``strict``, or the tensors holding NaN or infinity.
     """
     path = os.fspath(path)
     return load_state_dict_checked(model, extract_state_dict(read_checkpoint(path), use_ema=use_ema),
@@ -125,11 +281,13 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, use_
         ``{"loaded": [...], "reinitialised": [...] (other shape), "missing": [...], "unexpected": [...]}``.
 
     Raises:
-        CheckpointError: the file is missing, truncated or unsafe, or fewer than ``min_fraction`` of
-            the model's tensors are found in it with their shape (a checkpoint of another architecture).
+        CheckpointError: the file is missing, truncated or unsafe, its weights are not finite, or fewer
+            than ``min_fraction`` of the model's tensors are found in it with their shape (a checkpoint
+            of another architecture).
     """
     path = os.fspath(path)
     state = extract_state_dict(read_checkpoint(path), use_ema=use_ema)
+    check_finite(state, source=f"'{path}'")
     own = model.state_dict()
     loaded = [k for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)]
     reinitialised = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -159,9 +317,10 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
         ``{"missing": [...], "unexpected": [...]}``.
 
     Raises:
-        CheckpointError: naming the first mismatching key and both shapes, or (``strict``) the
-            missing and unexpected keys.
+        CheckpointError: naming the first mismatching key and both shapes, (``strict``) the
+            missing and unexpected keys, or the tensors holding NaN or infinity.
     """
+    check_finite(state, source=source)
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:

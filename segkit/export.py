@@ -29,9 +29,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from segkit.errors import UserError
+from segkit.fileio import atomic_open
 
 __all__ = ["FORMATS", "export_model", "check_export", "load_exported", "output_names", "ExportMismatch"]
 
@@ -128,6 +129,8 @@ def export_model(model: nn.Module, out: str | os.PathLike[str], fmt: str, exampl
 
     Raises:
         UserError: an unknown format, a malformed example, or ``onnx`` missing for ONNX.
+        FileWriteError: ``out`` cannot be written (a folder, a full or read-only disk); a previous
+            file at ``out`` is left as it was.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -139,21 +142,13 @@ def export_model(model: nn.Module, out: str | os.PathLike[str], fmt: str, exampl
     size = (int(example.shape[-2]), int(example.shape[-1]))
     description = _description(model, fmt, size, class_names)
     traced = _trace(model, example)
-    out = os.fspath(out)
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
+    # Written through a file object: torch.jit.save given a path aborts the process on a full disk.
+    with atomic_open(os.fspath(out), "wb", what="the exported model") as f:
         if fmt == "torchscript":
             with _quiet_jit():
-                torch.jit.save(traced, temporary, _extra_files={_META_FILE: json.dumps(description)})
+                torch.jit.save(traced, f, _extra_files={_META_FILE: json.dumps(description)})
         else:
-            _write_onnx(traced, example, temporary, description)
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+            f.write(_onnx_bytes(traced, example, description))
     return description
 
 
@@ -166,18 +161,21 @@ def _import_onnx(purpose: str) -> Any:
     return onnx
 
 
-def _write_onnx(traced: torch.jit.ScriptModule, example: Tensor, path: str, description: dict) -> None:
+def _onnx_bytes(traced: torch.jit.ScriptModule, example: Tensor, description: dict) -> bytes:
+    """The ONNX model of ``traced`` with ``description`` in its metadata, serialised in memory (the caller
+    writes it, so that a failed write is reported as such)."""
     onnx = _import_onnx("ONNX export")
     names = description["outputs"]
     dynamic = {name: {0: "detections"} for name in names if name != "sem_seg"}
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
-        torch.onnx.export(traced, (example,), path, dynamo=False, opset_version=_OPSET, input_names=["image"],
+        torch.onnx.export(traced, (example,), buffer, dynamo=False, opset_version=_OPSET, input_names=["image"],
                           output_names=names, dynamic_axes=dynamic or None, do_constant_folding=True)
-    proto = onnx.load(path)
+    proto = onnx.load_from_string(buffer.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = "segkit", json.dumps(description)
-    onnx.save(proto, path)
+    return proto.SerializeToString()
 
 
 class _OnnxRunner:

@@ -171,7 +171,7 @@ def as_image_array(image: ImageInput) -> np.ndarray:
         TypeError / ValueError: an object of another type, shape or dtype.
     """
     if isinstance(image, (str, os.PathLike)):
-        from segkit.data.coco import load_image
+        from segkit.data.images import load_image
 
         return load_image(os.fspath(image))
     if isinstance(image, Tensor):
@@ -252,10 +252,7 @@ def _resolve_config(checkpoint: str | os.PathLike[str], config: Any, overrides: 
         return cfg
     if config is not None:
         return load_config(config, overrides)
-    cfg = config_from_checkpoint(checkpoint)
-    if overrides:
-        apply_overrides(cfg, overrides)
-    return cfg
+    return config_from_checkpoint(checkpoint, overrides)
 
 
 def _class_names(checkpoint: str | os.PathLike[str], model: torch.nn.Module, cfg: Mapping[str, Any], *,
@@ -335,12 +332,17 @@ def find_images(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
     named twice is kept once.
 
     Raises:
-        UserError: an input that is neither a file, a folder with images nor a pattern matching images.
+        UserError: an input that is neither a file, a folder with images nor a pattern matching images,
+            or that holds a NUL character (which no path can).
     """
     import glob
 
     found: list[str] = []
     for item in map(os.fspath, inputs):
+        if "\0" in item:  # the OS cannot look such a path up (glob raises on it)
+            shown = item.replace("\0", "\\0")
+            raise UserError(f"input '{shown}' holds a NUL character, which no file name can hold; check how the "
+                            f"list of inputs was made.")
         if os.path.isfile(item):
             matches = [item]
         elif os.path.isdir(item):

@@ -128,7 +128,7 @@ class StandardRoIHead(nn.Module):
         kwargs = {**defaults, **cfg}
         box_cfg = kwargs.pop("box_head", {"type": "TwoFCHead"})
         mask_cfg = kwargs.pop("mask_head", None)
-        check_arguments(cls, {**kwargs, "box_head": None}, path=path, type_name=cls.__name__, kind="head")
+        check_arguments(cls, kwargs, path=path, type_name=cls.__name__, kind="head", provided=("box_head", "mask_head"))
         in_shapes = kwargs["in_shapes"]
         try:
             channels = shared_channels(in_shapes, kwargs.get("in_features", _DEFAULT_FEATURES), owner="the RoI pooler")
@@ -239,9 +239,12 @@ class StandardRoIHead(nn.Module):
         gt_boxes: Sequence[Tensor],
     ) -> dict[str, Tensor]:
         labels_all = torch.cat(labels)
+        if labels_all.numel() == 0:  # no RoI in the batch (no proposal, no ground truth): nothing to learn
+            zero = class_logits.sum() * 0.0 + box_deltas.sum() * 0.0
+            return {"loss_cls": zero, "loss_box_reg": zero.clone()}
         loss_cls = F.cross_entropy(class_logits, labels_all)
         pos = torch.nonzero(labels_all > 0).squeeze(1)
-        deltas = box_deltas.view(len(labels_all), -1, 4)[pos, labels_all[pos]]
+        deltas = box_deltas.reshape(len(labels_all), self.num_classes + 1, 4)[pos, labels_all[pos]]
         targets = self.box_coder.encode(torch.cat(gt_boxes)[pos], torch.cat(rois)[pos])
         loss_box = smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="sum")
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box / max(labels_all.numel(), 1)}
@@ -255,7 +258,8 @@ class StandardRoIHead(nn.Module):
     ) -> list[dict[str, Tensor]]:
         num_per_image = [p.shape[0] for p in proposals]  # shape, not len(): traced as sizes (export)
         boxes = self.box_coder.decode(box_deltas, torch.cat(list(proposals)))
-        boxes = boxes.view(boxes.shape[0], -1, 4).split(num_per_image)
+        # The class count, not -1: a batch without proposals has 0 rows, where -1 is ambiguous.
+        boxes = boxes.reshape(boxes.shape[0], self.num_classes + 1, 4).split(num_per_image)
         scores = F.softmax(class_logits.float(), -1).split(num_per_image)  # float32 under mixed precision too
         results = []
         for boxes_i, scores_i, size in zip(boxes, scores, image_sizes):

@@ -25,8 +25,8 @@ import re
 import shutil
 import tempfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import albumentations as A
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from segkit.data.coco import CocoDataset, DatasetError
 from segkit.data.shapes_render import GENERATOR_VERSION, SHAPE_CATEGORIES, render_image
 from segkit.errors import ConfigError, did_you_mean
+from segkit.fileio import FileWriteError, why_not_writable
 from segkit.registry import DATASETS
 
 __all__ = ["Shapes", "generate_shapes", "prepare_shapes", "render_image", "SHAPE_CATEGORIES"]
@@ -160,6 +161,7 @@ def prepare_shapes(*, root: str | None = None, progress: bool = True, **params: 
     when complete, so an interrupted run never leaves a folder that looks complete, and concurrent
     processes (DDP ranks) may all call this: the first rename wins and the others discard their copy.
     """
+    source = "the dataset's root" if root else ("$SEGKIT_DATA" if os.environ.get("SEGKIT_DATA") else "the default")
     root = os.path.expanduser(root or os.environ.get("SEGKIT_DATA") or "~/.cache/segkit")
     params["categories"] = _check_categories(params.get("categories"))
     key = json.dumps({"version": GENERATOR_VERSION, **params}, sort_keys=True)
@@ -167,8 +169,11 @@ def prepare_shapes(*, root: str | None = None, progress: bool = True, **params: 
     ann_file = os.path.join(final, "annotations", f"instances_{params['split']}.json")
     if os.path.isfile(ann_file):
         return final
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=os.path.dirname(final))
+    try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=os.path.dirname(final))
+    except OSError as exc:
+        raise _cache_error(root, source, exc) from exc
     try:
         generate_shapes(tmp, progress=progress, **params)
         with open(os.path.join(tmp, "params.json"), "w", encoding="utf-8") as f:
@@ -179,9 +184,20 @@ def prepare_shapes(*, root: str | None = None, progress: bool = True, **params: 
             if not os.path.isfile(ann_file):
                 raise DatasetError(f"cannot move the generated Shapes data into '{final}', which exists but "
                                    f"is incomplete; delete that folder and retry.") from None
+    except OSError as exc:  # a disk that fills up while the images are written
+        raise _cache_error(root, source, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left when another process finished first
     return final
+
+
+def _cache_error(root: str, source: str, exc: OSError) -> FileWriteError:
+    """Why the Shapes data cannot be generated under ``root`` (taken from ``source``), with the fix."""
+    reason, _ = why_not_writable(exc, os.path.join(root, "shapes"))
+    return FileWriteError(
+        f"cannot generate the Shapes data under '{root}' ({source} cache folder): {reason}. The data is generated "
+        f"once, then only read: set SEGKIT_DATA (or `root:` of the dataset in the config) to a folder you can "
+        f"write to, with a few MB free.", path=root, errno=exc.errno)
 
 
 @DATASETS.register()

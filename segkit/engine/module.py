@@ -3,7 +3,8 @@
 The *system* (losses summed and logged, optimizer and schedule, evaluation across processes) lives
 here; the *model* is a plain ``nn.Module`` built from the registries.
 
-A step whose loss (on any process) or gradients are not finite is skipped: no weight update, a
+A step whose loss (on any process) or gradients are not finite is skipped: no weight update (and
+the running statistics of BatchNorm are put back as they were before its forward pass), a
 warning with the step and each loss, ``train/nonfinite_steps`` counts them; after
 ``engine.max_nonfinite_steps`` in a row training stops with :class:`TrainingDivergedError`. With
 ``engine.ema`` an average of the weights is updated after every optimizer step, evaluated in their
@@ -74,11 +75,16 @@ class SegkitModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        buffers = [b.clone() for b in self.model.buffers()]  # BatchNorm statistics before this batch
         losses = self.model(images, targets)
         loss = sum(losses.values())
         local_nonfinite = ~torch.isfinite(loss.detach())
         # Every process skips together (a process that skipped alone would leave the others waiting for it).
         if self._any_process(local_nonfinite):
+            # A forward pass that overflowed has also put NaN into the running statistics: undo it too.
+            with torch.no_grad():
+                for buffer, before in zip(self.model.buffers(), buffers):
+                    buffer.copy_(before)
             self._skip_step(f"the training loss is {loss.item()} ({_format_losses(losses)})"
                             if local_nonfinite.item() else "another process's training loss is not finite")
             return self._zero_loss()
@@ -180,6 +186,9 @@ class SegkitModule(pl.LightningModule):
             check_num_classes(self.config.get("model") or {}, dataset, split=split)
             if getattr(dataset, "classes", None) is not None:
                 self.class_names = [str(name) for name in dataset.classes]
+        if stage == "fit" and datamodule is not None and datamodule.split_cfgs.get("val") is not None \
+                and self.evaluator is None:
+            self.evaluator = self._build_evaluator()  # an evaluator that does not fit the data fails before training
 
     # ------------------------------------------------------------------ evaluation
     def _build_evaluator(self) -> Any:
@@ -193,7 +202,8 @@ class SegkitModule(pl.LightningModule):
         threshold = getattr(self.model, "mask_threshold", None)
         if threshold is not None and "mask_threshold" in _parameters(EVALUATORS.get(str(cfg["type"]))):
             defaults["mask_threshold"] = threshold  # the model's test-time setting unless the config says
-        return EVALUATORS.build(cfg, path="evaluation", **defaults)
+        # A constructor's ValueError (an evaluator that does not fit the dataset) names the evaluation section.
+        return EVALUATORS.build_child(cfg, path="evaluation", **defaults)
 
     def on_validation_epoch_start(self) -> None:
         if self.evaluator is None:

@@ -14,7 +14,6 @@ A run writes to ``work_dir``::
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -25,19 +24,22 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from segkit.api import build_model
-from segkit.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from segkit.checkpoint import DIVERGED_FIX, check_resumable, load_checkpoint, nonfinite_tensors
 from segkit.config import Config, config_errors, dump_config
+from segkit.engine.config_check import check_run_config
 from segkit.engine.callbacks import EngineOptions, EpochSeeding, engine_options
 from segkit.engine.datamodule import build_datamodule
-from segkit.engine.workdir import SaveOnInterrupt, lock_work_dir
-from segkit.engine.module import SegkitModule
+from segkit.engine.workdir import RunCSVLogger, SaveOnInterrupt, lock_work_dir, prepare_work_dir, writes_reported_once
+from segkit.engine.module import SegkitModule, TrainingDivergedError
 from segkit.engine.sync_batchnorm import SyncBatchNormPlugin
 from segkit.errors import ConfigError, UserError
-from segkit.fileio import atomic_write_text
+from segkit.fileio import FileWriteError, atomic_open, atomic_write_text, make_folder, write_error
 from segkit.registry import check_arguments
 
 __all__ = ["AtomicCheckpointIO", "IterationTimer", "build_trainer", "default_loggers", "train", "evaluate",
@@ -51,7 +53,10 @@ class TopKCheckpoint(ModelCheckpoint):
     (Lightning keys a callback's state by class and monitor, which it shares with best.ckpt's)."""
 
 
-class CheckpointWriteError(UserError):
+_RESUME_HINT = "Then continue the run with `segkit train CONFIG --resume auto`."
+
+
+class CheckpointWriteError(FileWriteError):
     """A checkpoint could not be written (full disk, no permission); the previous one is intact."""
 
 
@@ -59,38 +64,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, flushes it to disk and renames it into place, so
     a crash or a full disk while saving never leaves a truncated ``last.ckpt``: the previous file
     stays until the new one is complete. A temporary file left by a killed process
-    (``last.ckpt.tmp-<pid>``) is removed by the next save to the same path."""
+    (``last.ckpt.tmp-<pid>``) is removed by the next save to the same path.
+
+    A checkpoint whose weights hold NaN or infinity is not written (the run diverged): the previous
+    one stays, and training stops with :class:`~segkit.engine.module.TrainingDivergedError`.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
                         storage_options: Any | None = None) -> None:
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _refuse_nonfinite(checkpoint, path)
+        make_folder(os.path.dirname(os.path.abspath(path)), what="the checkpoint folder", hint=_RESUME_HINT)
         _remove_stale_temporaries(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
         try:
-            torch.save(checkpoint, tmp)
-            _fsync(tmp)  # on disk before the rename makes it last.ckpt
-            os.replace(tmp, path)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
-                raise
-            reason = {errno.ENOSPC: "there is no space left on the device", errno.EDQUOT: "the disk quota is used up"}
-            raise CheckpointWriteError(
-                f"cannot write the checkpoint '{path}': {reason.get(exc.errno, exc.strerror)}. The previous checkpoint "
-                f"is intact (files are written to a temporary name and renamed only when complete); free some "
-                f"space or point work_dir elsewhere, then continue with `segkit train ... --resume auto`."
-            ) from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            # A file object, not a path: torch then reports a failed write with the OSError behind it.
+            with atomic_open(path, "wb", what="the checkpoint", hint=_RESUME_HINT,
+                             temporary=f"{path}.tmp-{os.getpid()}") as f:
+                torch.save(checkpoint, f)
+        except FileWriteError as exc:
+            raise CheckpointWriteError(str(exc), path=exc.path, errno=exc.errno) from exc
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _refuse_nonfinite(checkpoint: Mapping[str, Any], path: str) -> None:
+    """Stop a diverged run instead of replacing a good checkpoint with weights holding NaN or infinity.
+
+    Raises:
+        TrainingDivergedError: naming the step, the tensors and the file that was kept.
+    """
+    state = checkpoint.get("state_dict")
+    bad = nonfinite_tensors(state) if isinstance(state, Mapping) else []
+    if bad:
+        kept = "the previous one is intact" if os.path.isfile(path) else "no earlier one exists"
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise TrainingDivergedError(
+            f"training stopped at step {checkpoint.get('global_step')} (epoch {checkpoint.get('epoch')}): the weights "
+            f"hold NaN or infinity in {len(bad)} tensor(s) ({shown}), so the checkpoint '{path}' was not written "
+            f"({kept}). The run diverged: {DIVERGED_FIX}, then train again."
+        )
 
 
 def _remove_stale_temporaries(path: str) -> None:
@@ -182,7 +192,7 @@ def default_loggers(work_dir: str) -> list[Logger]:
     A new ``version_N`` per run, so a resumed or repeated run never deletes earlier logs; the CSV
     files are what ``segkit plot`` reads.
     """
-    csv_logger = CSVLogger(save_dir=work_dir, name="logs")
+    csv_logger = RunCSVLogger(save_dir=work_dir, name="logs")
     try:
         import tensorboard  # noqa: F401  (TensorBoardLogger needs it, or tensorboardX)
     except ImportError:
@@ -265,9 +275,14 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
             true`` where the accelerator needs it).
 
     Raises:
-        CheckpointError: ``resume`` is missing, truncated, unsafe, or not a training checkpoint.
+        CheckpointError: ``resume`` is missing, truncated, unsafe, not a training checkpoint, holds
+            weights that are not finite, or was written with another model, optimizer or schedule
+            (checked before anything is built).
+        FileWriteError: ``work_dir`` or a file of the run cannot be written (a file in the way, a full
+            or read-only disk, no permission); what was written before is intact.
         TrainingDivergedError: ``engine.max_nonfinite_steps`` steps in a row had a non-finite loss
-            or gradients.
+            or gradients, or the weights became NaN or infinite (that checkpoint is not written).
+        SIGTERMException: the process received SIGTERM; ``checkpoints/interrupted.ckpt`` was written.
 
     Example:
         >>> metrics = segkit.engine.runner.train(segkit.load_config("configs/quickstart.yaml"))
@@ -275,11 +290,12 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
     _quiet_lightning()
     # Resuming within an epoch continues with the epoch's remaining batches (EpochSeeding says so itself).
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+    check_run_config(cfg)  # every value, before any data is read or model built
     with config_errors(cfg):
         options = engine_options(cfg)
     if resume is not None:
-        _check_resumable(resume)
-    work_dir = resolve_work_dir(cfg)
+        rank_zero_info(check_resumable(resume, cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)))
+    work_dir = prepare_work_dir(resolve_work_dir(cfg))
     lock = lock_work_dir(work_dir)  # held while training: a second run in the same folder is refused
     try:
         seed = int(cfg.get("seed", 0))
@@ -289,19 +305,35 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
         model = build_model(cfg)
         if options.load_from is not None and resume is None:
             _init_from(model, options.load_from)
-        os.makedirs(work_dir, exist_ok=True)
         atomic_write_text(os.path.join(work_dir, "config.yaml"), dump_config(cfg))
         module = SegkitModule(model=model, config=cfg.to_dict() if isinstance(cfg, Config) else dict(cfg),
                               work_dir=work_dir, engine=options)
         with_val = (cfg.get("data") or {}).get("val") is not None
         trainer = build_trainer(cfg, work_dir=work_dir, with_validation=with_val,
                                 extra_callbacks=_engine_callbacks(cfg, options, work_dir=work_dir, seed=seed))
-        with config_errors(cfg):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        with config_errors(cfg), writes_reported_once():
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+            except Exception as exc:
+                if trainer.received_sigterm:  # e.g. data-loading workers ended by the same SIGTERM
+                    raise SIGTERMException() from exc
+                error = _log_write_error(exc, work_dir)
+                if error is None:
+                    raise
+                raise error from exc
     finally:
         if lock is not None:
             lock.close()
     return dict(module.last_metrics)
+
+
+def _log_write_error(exc: Exception, work_dir: str) -> FileWriteError | None:
+    """A full or read-only disk met by a logger (TensorBoard writes its event files itself) as a
+    :class:`FileWriteError` naming the file, or the logs folder where the error does not say which."""
+    if isinstance(exc, UserError):  # segkit's own writes say which file themselves
+        return None
+    path = getattr(exc, "filename", None) or os.path.join(work_dir, "logs")
+    return write_error(os.fsdecode(path), exc, what="the training logs")
 
 
 def _engine_callbacks(cfg: Mapping[str, Any], options: EngineOptions, *, work_dir: str, seed: int) -> list[pl.Callback]:
@@ -317,8 +349,6 @@ def _engine_callbacks(cfg: Mapping[str, Any], options: EngineOptions, *, work_di
 
 def _init_from(model: torch.nn.Module, path: str) -> None:
     """``engine.load_from``: the checkpoint's weights where they fit, reported in one line each."""
-    from pytorch_lightning.utilities.rank_zero import rank_zero_info
-
     from segkit.checkpoint import init_from_checkpoint
 
     report = init_from_checkpoint(model, path)
@@ -330,28 +360,15 @@ def _init_from(model: torch.nn.Module, path: str) -> None:
         rank_zero_info(f"  {len(report['missing'])} tensors are not in the checkpoint: {', '.join(report['missing'][:8])}")
 
 
-def _check_resumable(path: str) -> None:
-    """Refuse a checkpoint that training cannot continue from, naming the file.
+def evaluate(cfg: Mapping[str, Any], checkpoint: str | None, *, split: str = "val") -> dict[str, float]:
+    """Evaluate ``checkpoint`` (weights) with the model and data of ``cfg`` on ``split``.
 
     Raises:
-        CheckpointError: the file is missing, truncated or unsafe, or holds weights only.
+        ConfigError: a value of ``cfg`` out of range (checked before any data is read).
+        CheckpointError: ``checkpoint`` is missing, unreadable, or does not fit the model.
     """
-    ckpt = read_checkpoint(path)
-    missing = [key for key in ("state_dict", "optimizer_states", "loops") if key not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"cannot resume from '{path}': it is not a training checkpoint of `segkit train` (it has no "
-            f"{', '.join(missing)}); only the checkpoints/last.ckpt of a run (or another checkpoint it wrote) can "
-            f"be resumed."
-        )
-    from pytorch_lightning.utilities.rank_zero import rank_zero_info
-
-    rank_zero_info(f"resuming from {path} (written after epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
-
-
-def evaluate(cfg: Mapping[str, Any], checkpoint: str | None, *, split: str = "val") -> dict[str, float]:
-    """Evaluate ``checkpoint`` (weights) with the model and data of ``cfg`` on ``split``."""
     _quiet_lightning()
+    check_run_config(cfg, training=False)
     work_dir = resolve_work_dir(cfg)
     datamodule = build_datamodule(cfg)
     model = build_model(cfg)

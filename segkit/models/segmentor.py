@@ -24,10 +24,10 @@ _WINDOWS_PER_PASS = 8  # sliding windows sent through the network together (boun
 
 
 class _TestConfigError(ValueError):
-    """A bad ``test_cfg`` value; ``key`` is the offending entry (``crop_size``)."""
+    """A bad ``test_cfg`` value; ``key`` is the offending entry (``crop_size``), or None for ``test_cfg`` itself."""
 
-    def __init__(self, message: str, *, key: str) -> None:
-        super().__init__(f"test_cfg.{key}: {message}")
+    def __init__(self, message: str, *, key: str | None) -> None:
+        super().__init__(f"test_cfg{'.' + key if key else ''}: {message}")
         self.message = message
         self.key = key
 
@@ -66,6 +66,9 @@ class SegTestConfig:
         """
         if isinstance(cfg, SegTestConfig):
             return cfg
+        if cfg is not None and not isinstance(cfg, Mapping):
+            raise _TestConfigError(f"must be a mapping such as {{mode: slide, crop_size: 512, stride: 341}} or null, "
+                                   f"got {cfg!r}.", key=None)
         cfg = dict(cfg or {})
         for key in cfg:
             if key not in cls.__dataclass_fields__:
@@ -184,7 +187,7 @@ class EncoderDecoder(nn.Module):
         try:
             kwargs["test_cfg"] = SegTestConfig.from_mapping(kwargs.get("test_cfg"))
         except _TestConfigError as exc:
-            raise ConfigError(exc.message, key=_join(path, f"test_cfg.{exc.key}")) from exc
+            raise ConfigError(exc.message, key=_join(path, "test_cfg" + (f".{exc.key}" if exc.key else ""))) from exc
         backbone, neck, shapes = build_backbone_and_neck(children["backbone"], children["neck"], path=path)
         decode_head = HEADS.build_child(children["decode_head"], path=_join(path, "decode_head"), in_shapes=shapes)
         auxiliary = [
@@ -267,7 +270,7 @@ class EncoderDecoder(nn.Module):
         for indices in by_size.values():
             batch, sizes = self.preprocess([images[i] for i in indices])
             for index, logits in zip(indices, self.whole_inference(batch, sizes)):
-                outputs[index] = {"sem_seg": logits.float().softmax(0)}
+                outputs[index] = {"sem_seg": _probabilities(logits)}
         return outputs
 
     def _predict_one(self, image: Tensor) -> Tensor:
@@ -281,7 +284,7 @@ class EncoderDecoder(nn.Module):
                 scaled = F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
             for flipped in (False, True) if self.test_cfg.flip else (False,):
                 logits = self.inference(scaled.flip(-1) if flipped else scaled)
-                probs = (logits.flip(-1) if flipped else logits).float().softmax(0)
+                probs = _probabilities(logits.flip(-1) if flipped else logits)
                 if tuple(probs.shape[-2:]) != size:
                     probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=self.align_corners)[0]
                 total = probs if total is None else total + probs
@@ -421,3 +424,10 @@ def _check_labels(targets: Any, images: Sequence[Tensor], num_classes: int, igno
             )
         labels.append(label)
     return labels
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    """Class probabilities (float32, softmax over dim 0) of logits Tensor[K, H, W], finite even where the
+    logits are not: NaN counts as 0 and an infinity as the largest finite value (a model with finite but
+    huge weights can overflow), so a pixel never gets NaN scores."""
+    return torch.nan_to_num(logits.float()).softmax(0)

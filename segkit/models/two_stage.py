@@ -98,7 +98,7 @@ class TwoStageDetector(nn.Module):
             if kwargs.get(key) is None:
                 raise ConfigError(f"TwoStageDetector needs a '{key}' section with a 'type'", key=_join(path, key))
         children = {k: kwargs.pop(k, None) for k in ("backbone", "neck", "rpn_head", "roi_head")}
-        check_arguments(cls, {**kwargs, **dict.fromkeys(_CHILDREN)}, path=path, type_name=cls.__name__, kind="model")
+        check_arguments(cls, kwargs, path=path, type_name=cls.__name__, kind="model", provided=_CHILDREN)
         backbone, neck, shapes = build_backbone_and_neck(children["backbone"], children["neck"], path=path)
         rpn = HEADS.build_child(children["rpn_head"], path=_join(path, "rpn_head"), in_shapes=shapes)
         roi_heads = HEADS.build_child(children["roi_head"], path=_join(path, "roi_head"), in_shapes=shapes)
@@ -190,14 +190,16 @@ class TwoStageDetector(nn.Module):
         original_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
         """Map detection boxes from batch pixels back to each input image's pixels, and paste the
-        ``roi_masks`` of a mask head into the input image as ``masks``."""
+        ``roi_masks`` of a mask head into the input image as ``masks`` (finite: NaN becomes 0)."""
         results = []
         for det, size, original in zip(detections, image_sizes, original_sizes):
             det = dict(det)
             if tuple(size) != tuple(original):
                 det["boxes"] = _scale_boxes(det["boxes"], size, original)
             if "roi_masks" in det:
-                det["masks"] = paste_masks_in_image(det.pop("roi_masks"), det["boxes"], original)[:, None]
+                # NaN probabilities (a model whose outputs overflow) count as 0: no pixel of the object.
+                roi_masks = torch.nan_to_num(det.pop("roi_masks"), nan=0.0)
+                det["masks"] = paste_masks_in_image(roi_masks, det["boxes"], original)[:, None]
             results.append(det)
         return results
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from segkit.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
-from segkit.config import Config, config_errors, load_config, resolve_interpolations
+from segkit.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    read_checkpoint,
+)
+from segkit.config import Config, check_text, config_errors, load_config, resolve_interpolations
 from segkit.errors import ConfigError
+from segkit.yamlio import YamlBoundsError, check_bounds
 
 __all__ = ["build_model", "load_model", "config_from_checkpoint"]
 
@@ -38,17 +44,37 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
         return MODELS.build(model_cfg, path="model")
 
 
-def config_from_checkpoint(path: str | os.PathLike[str]) -> Config:
-    """The merged config stored inside a segkit checkpoint (plugins under ``imports:`` imported)."""
+def config_from_checkpoint(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+    """The merged config stored inside a segkit checkpoint, with ``overrides`` applied.
+
+    A checkpoint is data: the plugin modules its config names under ``imports:`` are **not**
+    imported (they are listed in ``cfg.skipped_imports``, and an unknown component type names them
+    with the ways to allow them). Modules the user gives in ``overrides`` (``imports=[my_plugin.py]``,
+    relative to the current folder) are imported.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or unsafe, or carries no config.
+        ConfigError: a malformed override, or an override's plugin module that cannot be imported.
+    """
+    from segkit.config import COMMAND_LINE, apply_overrides
     from segkit.registry import import_modules
 
     path = os.fspath(path)
-    cfg = Config(checkpoint_config(read_checkpoint(path), path), filename=f"{path} (stored config)")
+    stored = checkpoint_config(read_checkpoint(path), path)
+    try:
+        check_bounds(stored)  # shared references in the file would expand when the config is copied
+    except YamlBoundsError as exc:
+        raise CheckpointError(f"the config stored in checkpoint '{path}' cannot be used: {exc}.") from None
+    skipped = stored.pop("imports", None) or []
+    skipped = [str(m) for m in skipped] if isinstance(skipped, (list, tuple)) else [str(skipped)]
+    cfg = Config(stored, filename=f"{path} (stored config)", skipped_imports=skipped)
+    apply_overrides(cfg, overrides)
     with config_errors(cfg):
         resolve_interpolations(cfg)  # a converted model's config may name ${env:...} data paths
-    if cfg.get("imports"):
-        with config_errors(cfg):
-            import_modules(cfg["imports"], path="imports")
+        check_text(cfg)
+        if cfg.origins.get("imports") == COMMAND_LINE and cfg.get("imports"):
+            import_modules(cfg["imports"], path="imports", base_dir=os.getcwd())
+            cfg.skipped_imports = []
     return cfg
 
 
@@ -62,11 +88,7 @@ def load_model(checkpoint: str | os.PathLike[str], *, config: str | os.PathLike[
         >>> outputs = model([image])  # list of dicts: boxes, labels, scores
     """
     if config is None:
-        cfg: Mapping[str, Any] = config_from_checkpoint(checkpoint)
-        if overrides:
-            from segkit.config import apply_overrides
-
-            apply_overrides(cfg, overrides)  # type: ignore[arg-type]
+        cfg: Mapping[str, Any] = config_from_checkpoint(checkpoint, overrides or ())
     elif isinstance(config, Mapping):
         cfg = config
     else:

@@ -124,9 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list every albumentations transform")
 
     p = sub.add_parser("config", help="print the merged config",
-                       description="Print CONFIG after _base_ merging, overrides and interpolation.")
+                       description="Print CONFIG after _base_ merging, overrides and interpolation. With --check, "
+                                   "also check every value as `segkit train` does before it reads data (sections, "
+                                   "ranges, the trainer's accelerator, the evaluator's main_metric, the model's "
+                                   "components) and exit 2 naming the first problem.")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--check", action="store_true", help="check every value and build the model (imports the "
+                   "config's imports:), reading no data")
 
     p = sub.add_parser("data", help="check a config's datasets, or draw their samples",
                        description="`segkit data check` reads every split of CONFIG (images, annotations, label "
@@ -184,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plus-one", action="store_true", help="voc: the +1 pixel convention on the boxes as given "
                    "(see docs/evaluation.md; the default already equals the devkit on VOC files)")
     p.add_argument("--classes", metavar="FILE|a,b,c", help="voc/semseg: class names (voc default: the 20 VOC classes)")
-    p.add_argument("--num-classes", type=int, metavar="N", help="semseg: number of classes (required)")
+    p.add_argument("--num-classes", type=int, metavar="N", help="semseg: number of classes (required; at most "
+                   "4096, the confusion matrix has N*N cells)")
     p.add_argument("--ignore-index", type=int, default=255, metavar="V", help="semseg: ignored label value (255)")
     p.add_argument("--reduce-zero-label", action="store_true", help="semseg: raw 0 is ignored, raw v is class v-1")
 
@@ -284,6 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segkit: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        # Lightning ends training after a SIGTERM (cluster schedulers send it before killing a job) by
+        # raising SIGTERMException, a SystemExit without a status: exit as a process ended by SIGTERM does.
+        lightning = sys.modules.get("pytorch_lightning.utilities.exceptions")
+        if lightning is None or not isinstance(exc, lightning.SIGTERMException):
+            raise
+        print("segkit: stopped by SIGTERM", file=sys.stderr)
+        return 128 + 15
     return 0
 
 
@@ -352,7 +366,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from segkit.api import config_from_checkpoint
-    from segkit.config import apply_overrides, load_config
+    from segkit.config import load_config
     from segkit.engine.runner import evaluate
     from segkit.evaluation.table import format_metrics_table
     from segkit.fileio import atomic_write_json
@@ -360,8 +374,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     first, rest = args.config_or_ckpt, list(args.rest)
     if first.endswith(_CHECKPOINT_SUFFIXES):
         ckpt, overrides = first, rest
-        cfg = config_from_checkpoint(ckpt)
-        apply_overrides(cfg, overrides)
+        cfg = config_from_checkpoint(ckpt, overrides)
     else:
         if not rest or "=" in rest[0]:
             raise UserError(f"`segkit eval {first}` needs a checkpoint after the config: segkit eval CONFIG CKPT")
@@ -383,7 +396,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from segkit.data.coco import load_image
+    from segkit.data.images import load_image
     from segkit.fileio import atomic_open, atomic_write_json
     from segkit.predict import Predictor, coco_results, find_images, label_map, picture_paths, save_label_map
     from segkit.visualize import draw_predictions
@@ -431,10 +444,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _make_folder(path: str) -> None:
     """Create an output folder (and its parents) unless it exists; a UserError if that is impossible."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the output folder '{path}': {exc.strerror or exc}.") from exc
+    from segkit.fileio import make_folder
+
+    make_folder(path, what="the output folder")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -467,7 +479,7 @@ def _cmd_cam(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from segkit.cam import class_activation_map, overlay_heatmap
-    from segkit.data.coco import load_image
+    from segkit.data.images import load_image
     from segkit.fileio import atomic_open
     from segkit.predict import Predictor, as_image_tensor, find_images, picture_paths
 
@@ -505,7 +517,7 @@ def _export_images(args: argparse.Namespace, cfg: Any) -> list:
     """Sample images for `segkit export`: --images, else the first --num-images of data.val, at one size."""
     import torch.nn.functional as F
 
-    from segkit.data.coco import load_image
+    from segkit.data.images import load_image
     from segkit.predict import as_image_tensor, find_images
 
     if args.images:
@@ -584,7 +596,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(iters=args.iters, warmup=args.warmup, batch_size=args.batch_size,
                            image_size=parse_image_size(args.image_size) if args.image_size else None,
                            device=args.device, threads=args.threads, compare=args.compare, skip=parse_skip(args.skip))
-    report = run_bench(load_config(args.config, args.overrides), options)
+    from segkit.engine.config_check import check_run_config
+
+    cfg = load_config(args.config, args.overrides)
+    check_run_config(cfg, trainer=False)  # the device is --device's, not the trainer's
+    report = run_bench(cfg, options)
     print(format_report(report))
     if args.out:
         atomic_write_json(args.out, report)
@@ -663,7 +679,17 @@ def component_signature(obj: object, *, max_length: int | None = 160) -> str:
 def _cmd_config(args: argparse.Namespace) -> int:
     from segkit.config import dump_config, load_config
 
-    cfg = load_config(args.config, args.overrides, import_plugins=False)
+    cfg = load_config(args.config, args.overrides, import_plugins=args.check)
+    if args.check:
+        from segkit.api import build_model
+        from segkit.engine.config_check import check_run_config
+
+        check_run_config(cfg)
+        model = build_model(cfg)
+        parameters = sum(p.numel() for p in model.parameters())
+        print(f"{args.config}: every value checked; the model builds ({type(model).__name__}, {parameters:,} "
+              f"parameters)")
+        return 0
     print(dump_config(cfg), end="")
     return 0
 
@@ -671,7 +697,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     from segkit.config import config_errors, load_config
 
+    from segkit.engine.config_check import check_data_section
+
     cfg = load_config(args.config, args.overrides)
+    check_data_section(cfg)
     if args.action == "check":
         from segkit.data.check import check_config, format_report
 

@@ -27,9 +27,18 @@ from typing import Any
 
 import yaml
 
-from segkit.errors import ConfigError, did_you_mean
+from segkit.errors import ConfigError, UnknownComponentError, did_you_mean
+from segkit.textio import read_text
+from segkit.yamlio import (
+    MAX_VALUES,
+    DuplicateKeyError,
+    YamlBoundsError,
+    check_bounds,
+    load_yaml,
+)
 
-__all__ = ["Config", "load_config", "apply_overrides", "merge", "dump_config", "config_errors", "resolve_interpolations", "TOP_LEVEL_KEYS"]
+__all__ = ["Config", "load_config", "apply_overrides", "merge", "dump_config", "config_errors", "resolve_interpolations",
+           "parse_value", "skipped_imports_hint", "check_text", "TOP_LEVEL_KEYS"]
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -39,6 +48,12 @@ TOP_LEVEL_KEYS = (
     "checkpoint", "engine",
 )
 _REF = re.compile(r"\$\{([^{}]+)\}")
+#: Files a ``_base_`` chain may nest (the config itself, its base, the base's base...).
+MAX_BASE_DEPTH = 16
+#: Config files read for one config, counting a file as often as it is listed.
+MAX_CONFIG_FILES = 64
+#: Size of one config file, in bytes.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 class Config(dict):
@@ -47,13 +62,16 @@ class Config(dict):
     Attributes:
         filename: the top-level config file ("" for configs built in code).
         origins: ``{dotted key: file}`` for every key set by a file or an override.
+        skipped_imports: plugin modules named under ``imports:`` of a config read from a checkpoint,
+            which were not imported (a checkpoint is data; see :func:`segkit.config_from_checkpoint`).
     """
 
     def __init__(self, data: Mapping[str, Any] | None = None, *, filename: str = "",
-                 origins: Mapping[str, str] | None = None) -> None:
+                 origins: Mapping[str, str] | None = None, skipped_imports: Sequence[str] = ()) -> None:
         super().__init__(data or {})
         self.filename = filename
         self.origins: dict[str, str] = dict(origins or {})
+        self.skipped_imports: list[str] = list(skipped_imports)
 
     def origin(self, key: str) -> str | None:
         """The file that set ``key`` or its closest parent that has an origin."""
@@ -79,7 +97,8 @@ class Config(dict):
         return _plain(self)
 
     def __deepcopy__(self, memo: dict) -> Config:
-        return Config(copy.deepcopy(dict(self), memo), filename=self.filename, origins=self.origins)
+        return Config(copy.deepcopy(dict(self), memo), filename=self.filename, origins=self.origins,
+                      skipped_imports=self.skipped_imports)
 
 
 def _plain(value: Any) -> Any:
@@ -92,13 +111,30 @@ def _plain(value: Any) -> Any:
 
 @contextlib.contextmanager
 def config_errors(cfg: Mapping[str, Any]) -> Iterator[None]:
-    """Add the originating file to a :class:`ConfigError` raised inside the block."""
+    """Add the originating file to a :class:`ConfigError` raised inside the block.
+
+    A component missing from the registries of a config read from a checkpoint whose plugins were not
+    imported gets the modules the checkpoint names and how to allow them.
+    """
     try:
         yield
     except ConfigError as exc:
         if exc.file is None and isinstance(cfg, Config):
             exc.file = cfg.origin(exc.key) if exc.key else (cfg.filename or None)
+        if isinstance(exc, UnknownComponentError) and getattr(cfg, "skipped_imports", None):
+            hint = skipped_imports_hint(cfg.skipped_imports)
+            if hint not in exc.message:  # blocks nest
+                exc.message += " " + hint
         raise
+
+
+def skipped_imports_hint(modules: Sequence[str]) -> str:
+    """Why the plugin modules a checkpoint names were not imported, and how to allow them."""
+    names = ", ".join(repr(m) for m in modules)
+    return (f"The checkpoint's stored config names plugin modules under imports: ({names}), which segkit did not "
+            f"import: a checkpoint is data and never loads code. If you trust them, pass a config that lists them "
+            f"(segkit eval CONFIG CKPT), add imports=[...] to the command line, or install the plugin package (a "
+            f"segkit.plugins entry point).")
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -115,10 +151,15 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), *, 
     """
     path = os.fspath(path)
     origins: dict[str, str] = {}
-    data = _load_with_bases(path, origins, stack=())
+    data = _load_with_bases(path, origins, stack=(), reads=[])
     cfg = Config(data, filename=path, origins=origins)
     apply_overrides(cfg, overrides)
     resolve_interpolations(cfg)
+    try:
+        check_bounds(cfg)  # each file was within bounds; so must be what their merge made
+    except YamlBoundsError as exc:
+        raise ConfigError(f"the merged config cannot be used: {exc}.", file=path) from None
+    check_text(cfg)
     _check_top_level(cfg)
     if import_plugins and cfg.get("imports"):
         from segkit.registry import import_modules
@@ -134,15 +175,20 @@ def _read_yaml(path: str, referenced_by: str | None) -> dict[str, Any]:
         hint = f" (listed in _base_ of {referenced_by})" if referenced_by else ""
         raise ConfigError(f"config file '{path}' does not exist{hint}.", key=BASE_KEY if referenced_by else None,
                           file=referenced_by)
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"the file is {os.path.getsize(path):,} bytes, more than the {MAX_CONFIG_BYTES:,} a config "
+                          f"may have; is it a config?", file=path)
+    text = read_text(path, error=ConfigError, what="config file")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
         raise ConfigError(f"invalid YAML at {where}: {exc.problem or exc}", file=path) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=path) from None
+    except YamlBoundsError as exc:
+        raise ConfigError(f"the YAML cannot be used: {exc}.", file=path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -150,11 +196,20 @@ def _read_yaml(path: str, referenced_by: str | None) -> dict[str, Any]:
     return data
 
 
-def _load_with_bases(path: str, origins: dict[str, str], stack: tuple[str, ...]) -> dict[str, Any]:
+def _load_with_bases(path: str, origins: dict[str, str], stack: tuple[str, ...], reads: list[str]) -> dict[str, Any]:
+    """The merge of ``path``'s ``_base_`` files (depth-first) and its own keys; ``stack``: the files
+    whose ``_base_`` led here, ``reads``: every file read so far for this config."""
     real = os.path.realpath(path)
     if real in stack:
         chain = " -> ".join(os.path.relpath(p) for p in (*stack, real))
         raise ConfigError(f"_base_ files form a cycle: {chain}", key=BASE_KEY, file=path)
+    if len(stack) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"the _base_ chain is more than {MAX_BASE_DEPTH} files deep ({os.path.relpath(stack[0])} -> "
+                          f"... -> {os.path.relpath(real)}); merge some of its files", key=BASE_KEY, file=path)
+    reads.append(real)
+    if len(reads) > MAX_CONFIG_FILES:
+        raise ConfigError(f"the config's _base_ files name other files more than {MAX_CONFIG_FILES} times in all (a "
+                          f"file listed twice is read twice); list each base once", key=BASE_KEY, file=path)
     data = _read_yaml(path, referenced_by=None)
     bases = data.pop(BASE_KEY, [])
     if isinstance(bases, str):
@@ -166,7 +221,7 @@ def _load_with_bases(path: str, origins: dict[str, str], stack: tuple[str, ...])
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
         if not os.path.isfile(base_path):
             raise ConfigError(f"_base_ file '{base}' does not exist (looked for {base_path}).", key=BASE_KEY, file=path)
-        merged = merge(merged, _load_with_bases(base_path, origins, (*stack, real)))
+        merged = merge(merged, _load_with_bases(base_path, origins, (*stack, real), reads))
     merged = merge(merged, data, origins=origins, file=path)
     return merged
 
@@ -210,10 +265,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> None:
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}' has an empty key", file=COMMAND_LINE)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw, key=key, file=COMMAND_LINE)
         parts = key.split(".")
         if parts[0] not in TOP_LEVEL_KEYS and parts[0] not in cfg:
             raise ConfigError(
@@ -249,31 +301,47 @@ def resolve_interpolations(cfg: Config) -> None:
     Raises:
         ConfigError: an unknown reference or a cycle, naming the key that holds it.
     """
-    resolved = _resolve(cfg, cfg)
+    resolved = _resolve(cfg, cfg, budget=[MAX_VALUES])
     cfg.clear()
     cfg.update(resolved)
 
 
-def _resolve(root: Config, value: Any, key: str = "", active: tuple[str, ...] = ()) -> Any:
+def _spend(root: Config, budget: list[int], cost: int, key: str) -> None:
+    """Count ``cost`` values or characters made by interpolation against what one config may hold."""
+    budget[0] -= cost
+    if budget[0] < 0:
+        raise ConfigError(f"interpolations (${{...}}) expand to more than {MAX_VALUES:,} values or characters, more "
+                          f"than a config may hold; a value refers to others that refer to others many times over",
+                          key=key, file=root.origin(key))
+
+
+def _resolve(root: Config, value: Any, key: str = "", active: tuple[str, ...] = (), *, budget: list[int]) -> Any:
     if isinstance(value, Mapping):
-        return {k: _resolve(root, v, f"{key}.{k}" if key else str(k), active) for k, v in value.items()}
+        _spend(root, budget, len(value), key)
+        return {k: _resolve(root, v, f"{key}.{k}" if key else str(k), active, budget=budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(root, v, f"{key}[{i}]", active) for i, v in enumerate(value)]
+        _spend(root, budget, len(value), key)
+        return [_resolve(root, v, f"{key}[{i}]", active, budget=budget) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
     whole = _REF.fullmatch(value.strip())
     if whole:
-        return _lookup(root, whole.group(1).strip(), key, active)
-    return _REF.sub(lambda m: str(_lookup(root, m.group(1).strip(), key, active)), value)
+        return _lookup(root, whole.group(1).strip(), key, active, budget)
+    text = _REF.sub(lambda m: str(_lookup(root, m.group(1).strip(), key, active, budget)), value)
+    _spend(root, budget, len(text), key)
+    return text
 
 
-def _lookup(root: Config, ref: str, key: str, active: tuple[str, ...]) -> Any:
+def _lookup(root: Config, ref: str, key: str, active: tuple[str, ...], budget: list[int]) -> Any:
+    _spend(root, budget, 1, key)
     if ref.startswith("env:"):
         name, _, default = ref[4:].partition(",")
         if name in os.environ:
-            return os.environ[name]
+            # A variable that reads as a number, boolean, null or list is one (BS=2 is 2); text stays as given.
+            value = parse_value(os.environ[name], key=key, file=f"environment variable {name}")
+            return os.environ[name] if isinstance(value, str) else value
         if default:
-            return yaml.safe_load(default)
+            return parse_value(default, key=key, file=root.origin(key))
         raise ConfigError(f"environment variable '{name}' referenced by '${{{ref}}}' is not set", key=key,
                           file=root.origin(key))
     if ref in active:
@@ -290,7 +358,51 @@ def _lookup(root: Config, ref: str, key: str, active: tuple[str, ...]) -> Any:
             )
         walked.append(part)
         node = node[part]
-    return _resolve(root, node, ref, (*active, ref))
+    return _resolve(root, node, ref, (*active, ref), budget=budget)
+
+
+def parse_value(text: str, *, key: str | None = None, file: str | None = None) -> Any:
+    """A value written on the command line or in an environment variable, read as YAML (``2`` is an
+    integer, ``[1, 2]`` a list, ``1e-4`` a number); text that is not valid YAML stays a string.
+
+    Raises:
+        ConfigError: the value is YAML that cannot be used (a key twice, too deep or too large once
+            aliases are expanded), naming ``key`` and ``file``.
+    """
+    if not text.strip():
+        return ""
+    try:
+        return load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"the value {_short(text)} cannot be used: {exc.problem}", key=key, file=file) from None
+    except YamlBoundsError as exc:
+        raise ConfigError(f"the value {_short(text)} cannot be used: {exc}", key=key, file=file) from None
+    except yaml.YAMLError:
+        return text
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def check_text(cfg: Config) -> None:
+    """Refuse a NUL character in any key or text value: no path, name or option can hold one."""
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                child = f"{key}.{k}" if key else str(k)
+                if "\0" in str(k):
+                    raise ConfigError("a key holds a NUL character, which no key can", key=child.replace("\0", "\\0"),
+                                      file=cfg.origin(key) if key else cfg.filename or None)
+                walk(v, child)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(value, str) and "\0" in value:
+            raise ConfigError(f"the text {value!r} holds a NUL character, which no path, name or option can hold",
+                              key=key, file=cfg.origin(key))
+
+    walk(cfg, "")
 
 
 def _check_top_level(cfg: Config) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["ConfigError", "UserError", "did_you_mean"]
+__all__ = ["ConfigError", "DatasetError", "UnknownComponentError", "UserError", "did_you_mean"]
 
 
 class UserError(Exception):
@@ -42,9 +42,17 @@ class ConfigError(UserError):
         return prefix + self.message
 
 
+class DatasetError(UserError):
+    """A dataset's files are missing or malformed."""
+
+
+class UnknownComponentError(ConfigError):
+    """A config names a component type that no registry holds (a typo, or a plugin not loaded)."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return ``" Did you mean 'x' or 'y'?"`` for the closest candidates, or ``""``."""
-    candidates = list(candidates)
+    name, candidates = str(name), [str(c) for c in candidates]
     close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
     if not close:
         lowered = {c.lower(): c for c in candidates}

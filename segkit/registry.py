@@ -19,12 +19,12 @@ import importlib
 import inspect
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from segkit.errors import ConfigError, did_you_mean
+from segkit.errors import ConfigError, UnknownComponentError, did_you_mean
 
 __all__ = [
     "Registry",
@@ -169,13 +169,15 @@ class Registry:
             ConfigError: naming ``key``, the known names closest to ``name``, and any plugin that
                 failed to import (it may be the one that defines ``name``).
         """
+        if not isinstance(name, str):
+            raise ConfigError(f"a {self.kind} type is the name of a registered {self.kind} (text), got {name!r}", key=key)
         discover_plugins()
         if name in self._entries:
             return self._entries[name].obj
         extra = self._fallback_names()
         if name in extra:
             return extra[name]
-        raise ConfigError(self._unknown_message(name), key=key)
+        raise UnknownComponentError(self._unknown_message(name), key=key)
 
     def _unknown_message(self, name: object) -> str:
         known = self.names()
@@ -242,8 +244,13 @@ class Registry:
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
 
 
-def check_arguments(obj: Any, kwargs: Mapping[str, Any], *, path: str, type_name: str, kind: str) -> None:
+def check_arguments(obj: Any, kwargs: Mapping[str, Any], *, path: str, type_name: str, kind: str,
+                    provided: Collection[str] = ()) -> None:
     """Check ``kwargs`` against the signature of ``obj`` (a class or function).
+
+    Args:
+        provided: arguments the caller will pass itself (a dataset, the parameters), which the config
+            does not set: not missing, and not checked.
 
     Raises:
         ConfigError: naming the first unknown key (with the nearest valid names), the missing
@@ -271,7 +278,7 @@ def check_arguments(obj: Any, kwargs: Mapping[str, Any], *, path: str, type_name
     missing = [
         n for n, p in params.items()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        and p.default is inspect.Parameter.empty and n not in kwargs
+        and p.default is inspect.Parameter.empty and n not in kwargs and n not in provided
     ]
     if missing:
         raise ConfigError(

@@ -127,7 +127,7 @@ def test_env_interpolation_with_default(tmp_path: Path, monkeypatch: pytest.Monk
     cfg = write(tmp_path / "env.yaml", "work_dir: ${env:SEGKIT_TEST_DIR,/tmp/default}\nseed: ${env:SEGKIT_TEST_SEED}\n")
     monkeypatch.setenv("SEGKIT_TEST_SEED", "7")
     loaded = load_config(cfg)
-    assert loaded["work_dir"] == "/tmp/default" and loaded["seed"] == "7"
+    assert loaded["work_dir"] == "/tmp/default" and loaded["seed"] == 7  # read as YAML, as the default is
 
 
 def test_typo_in_component_argument_names_file_key_and_suggestion(base_tree: Path):

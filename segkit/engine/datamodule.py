@@ -9,11 +9,15 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from segkit.config import config_errors
+from segkit.config_types import Bound, check_bounds_of
 from segkit.data.coco import DatasetError
 from segkit.errors import ConfigError
 from segkit.registry import DATASETS, check_arguments
 
-__all__ = ["SegkitDataModule", "build_datamodule"]
+__all__ = ["SegkitDataModule", "build_datamodule", "check_data_config", "DATA_BOUNDS", "MAX_WORKERS"]
+
+#: Loader worker processes per split (each is a process: a typo such as 10000 would exhaust the machine).
+MAX_WORKERS = 256
 
 
 class SegkitDataModule(pl.LightningDataModule):
@@ -106,9 +110,38 @@ def _source(dataset: Any) -> str:
     return ""
 
 
+#: Ranges of the ``data:`` loader settings.
+DATA_BOUNDS = {
+    "batch_size": Bound(1, integer=True),
+    "val_batch_size": Bound(1, integer=True, nullable=True, meaning="null: data.batch_size"),
+    "num_workers": Bound(0, MAX_WORKERS, integer=True, meaning="0 loads in the main process"),
+}
+
+
+def check_data_config(data: Mapping[str, Any], *, path: str = "data") -> None:
+    """Check the ``data:`` section without reading any data: its keys, types and ranges, and for each
+    split a registered dataset type with arguments it takes.
+
+    Raises:
+        ConfigError: at the dotted key, with the allowed values.
+    """
+    check_arguments(SegkitDataModule, data, path=path, type_name="data", kind="section")
+    check_bounds_of(data, DATA_BOUNDS, path=path)
+    for split in ("train", "val", "test"):
+        split_cfg = data.get(split)
+        if split_cfg is None:
+            continue
+        if not isinstance(split_cfg, Mapping) or "type" not in split_cfg:
+            raise ConfigError(f"a dataset is a mapping with a 'type' key, e.g. {{type: CocoDataset, ann_file: ...}}, "
+                              f"or null; got {split_cfg!r}", key=f"{path}.{split}")
+        kwargs = {k: v for k, v in split_cfg.items() if k != "type"}
+        check_arguments(DATASETS.get(split_cfg["type"], key=f"{path}.{split}.type"), kwargs,
+                        path=f"{path}.{split}", type_name=str(split_cfg["type"]), kind="dataset")
+
+
 def build_datamodule(cfg: Mapping[str, Any]) -> SegkitDataModule:
     """Build the data module from ``cfg["data"]``, naming the file and key of any mistake."""
     data = dict(cfg.get("data") or {})
     with config_errors(cfg):
-        check_arguments(SegkitDataModule, data, path="data", type_name="data", kind="section")
+        check_data_config(data)
         return SegkitDataModule(**data)

@@ -36,11 +36,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from segkit.config_types import Bound, check_bounds_of
 from segkit.errors import ConfigError, did_you_mean
 from segkit.registry import check_arguments
 
 __all__ = ["build_optimizer", "BatchSize", "scale_lr", "fused_allowed", "LRSchedule", "build_scheduler",
-           "SCHEDULE_TYPES"]
+           "SCHEDULE_TYPES", "OPTIMIZER_BOUNDS", "SCHEDULER_BOUNDS", "check_optimizer_config", "check_scheduler_config"]
 
 SCHEDULE_TYPES = ("MultiStep", "Cosine", "Poly", "Constant")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -110,16 +111,14 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], *, path: str = "op
     Example:
         >>> build_optimizer(model, {"type": "SGD", "lr": 0.02, "momentum": 0.9, "backbone_lr_mult": 0.1})
     """
+    check_optimizer_config(cfg, path=path)
     kwargs = dict(cfg)
     name = kwargs.pop("type", "SGD")
     classes = _optimizer_classes()
-    if name not in classes:
-        raise ConfigError(f"unknown optimizer '{name}'." + did_you_mean(str(name), classes), key=f"{path}.type")
     norm_wd = kwargs.pop("norm_weight_decay", None)
     bias_wd = kwargs.pop("bias_weight_decay", None)
     backbone_mult = _backbone_lr_mult(kwargs.pop("backbone_lr_mult", None), path)
     auto_scale = kwargs.pop("auto_scale_lr", None)
-    check_arguments(classes[name], {"params": None, **kwargs}, path=path, type_name=name, kind="optimizer")
     base_lr = kwargs.get("lr", _default_lr(classes[name]))
     if _auto_scale_enabled(auto_scale, path):
         kwargs["lr"] = base_lr = scale_lr(base_lr, auto_scale, batch_size, path=path)
@@ -129,6 +128,63 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], *, path: str = "op
     if allow_fused and "fused" not in kwargs and "foreach" not in kwargs and _can_fuse(classes[name], groups):
         kwargs["fused"] = True
     return classes[name](groups, **kwargs)
+
+
+#: Ranges of the optimizer arguments that torch's optimizers share (each optimizer takes some of them).
+OPTIMIZER_BOUNDS = {
+    "lr": Bound(0, low_open=True),
+    "weight_decay": Bound(0),
+    "momentum": Bound(0, 1),
+    "dampening": Bound(0, 1),
+    "eps": Bound(0),
+    "alpha": Bound(0),
+    "rho": Bound(0, 1),
+    "lr_decay": Bound(0),
+    "initial_accumulator_value": Bound(0),
+    "momentum_decay": Bound(0),
+    "norm_weight_decay": Bound(0, nullable=True),
+    "bias_weight_decay": Bound(0, nullable=True),
+}
+
+
+def check_optimizer_config(cfg: Mapping[str, Any], *, path: str = "optimizer") -> None:
+    """Check an ``optimizer:`` section without a model: the type, every argument's name and type,
+    the ranges of :data:`OPTIMIZER_BOUNDS`, ``betas`` and segkit's extra keys.
+
+    Raises:
+        ConfigError: at the dotted key, with the allowed values.
+    """
+    kwargs = dict(cfg)
+    name = kwargs.pop("type", "SGD")
+    classes = _optimizer_classes()
+    if name not in classes:
+        raise ConfigError(f"unknown optimizer '{name}'." + did_you_mean(str(name), classes), key=f"{path}.type")
+    _backbone_lr_mult(kwargs.pop("backbone_lr_mult", None), path)
+    _auto_scale_enabled(kwargs.pop("auto_scale_lr", None), path)
+    arguments = {k: v for k, v in kwargs.items() if k not in ("norm_weight_decay", "bias_weight_decay")}
+    check_arguments(classes[name], arguments, path=path, type_name=name, kind="optimizer", provided=("params",))
+    check_bounds_of(kwargs, OPTIMIZER_BOUNDS, path=path)
+    betas = kwargs.get("betas")
+    if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                              or any(Bound(0, 1, high_open=True).problem(b) for b in betas)):
+        raise ConfigError(f"betas are two averaging factors in [0, 1), e.g. [0.9, 0.999]; got {betas!r}",
+                          key=f"{path}.betas")
+
+
+def check_scheduler_config(cfg: Mapping[str, Any] | None, *, path: str = "scheduler") -> None:
+    """Check a ``scheduler:`` section without an optimizer (the checks :class:`LRSchedule` makes).
+
+    Raises:
+        ConfigError: at the dotted key, with the allowed values.
+    """
+    LRSchedule(total_iters=1, iters_per_epoch=1, **_schedule_arguments(cfg, path))
+
+
+def _schedule_arguments(cfg: Mapping[str, Any] | None, path: str) -> dict[str, Any]:
+    kwargs = dict(cfg or {})
+    check_arguments(LRSchedule, kwargs, path=path, type_name="scheduler", kind="scheduler",
+                    provided=("total_iters", "iters_per_epoch"))
+    return kwargs
 
 
 def _auto_scale_options(*, base_batch_size: int, enable: bool = True) -> None:
@@ -237,6 +293,16 @@ def _param_groups(model: nn.Module, norm_wd: float | None, bias_wd: float | None
     return groups
 
 
+#: Ranges of the ``scheduler:`` values.
+SCHEDULER_BOUNDS = {
+    "gamma": Bound(0, low_open=True),
+    "min_lr_ratio": Bound(0, 1),
+    "power": Bound(0),
+    "warmup_iters": Bound(0, integer=True),
+    "warmup_ratio": Bound(0, 1),
+}
+
+
 class LRSchedule:
     """Learning-rate factor as a function of the iteration (picklable, for ``LambdaLR``)."""
 
@@ -249,6 +315,11 @@ class LRSchedule:
                               key="scheduler.type")
         if warmup not in ("linear", "constant", None):
             raise ConfigError(f"warmup must be 'linear', 'constant' or null, got {warmup!r}", key="scheduler.warmup")
+        check_bounds_of({"gamma": gamma, "min_lr_ratio": min_lr_ratio, "power": power, "warmup_iters": warmup_iters,
+                         "warmup_ratio": warmup_ratio}, SCHEDULER_BOUNDS, path="scheduler")
+        if not isinstance(milestones, (list, tuple)) or any(Bound(0, integer=True).problem(m) for m in milestones):
+            raise ConfigError(f"milestones is a list of epochs (or iterations with by_epoch: false), integers >= 0; "
+                              f"got {milestones!r}", key="scheduler.milestones")
         self.type = type
         self.total_iters = max(1, int(total_iters))
         scale = max(1, iters_per_epoch) if by_epoch else 1
@@ -284,8 +355,5 @@ class LRSchedule:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None, *, total_iters: int,
                     iters_per_epoch: int, path: str = "scheduler") -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration ``LambdaLR`` following :class:`LRSchedule`."""
-    kwargs = dict(cfg or {})
-    check_arguments(LRSchedule, {"total_iters": 0, "iters_per_epoch": 0, **kwargs}, path=path,
-                    type_name="scheduler", kind="scheduler")
-    schedule = LRSchedule(total_iters=total_iters, iters_per_epoch=iters_per_epoch, **kwargs)
+    schedule = LRSchedule(total_iters=total_iters, iters_per_epoch=iters_per_epoch, **_schedule_arguments(cfg, path))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -281,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail(str(exc))
     except RuntimeError as exc:
-        if args.debug or not _is_worker_death(exc):
+        from segkit.engine.workdir import is_worker_death
+
+        if args.debug or not is_worker_death(exc):
             raise
         _fail(f"a data-loading worker process died ({exc}). The operating system ends a worker that runs out of "
               f"memory, and a crash in a dataset's or transform's native code ends it too. Rerun with "
@@ -320,15 +322,6 @@ def _quiet_peer_disconnects() -> None:
         original(exc_type, exc, tb)
 
     sys.excepthook = hook
-
-
-def _is_worker_death(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is PyTorch's report of a DataLoader worker that exited."""
-    while exc is not None:
-        if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc) and "exited unexpectedly" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _fail(message: str) -> None:

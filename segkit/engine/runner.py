@@ -35,7 +35,8 @@ from segkit.config import Config, config_errors, dump_config
 from segkit.engine.config_check import check_run_config
 from segkit.engine.callbacks import EngineOptions, EpochSeeding, engine_options
 from segkit.engine.datamodule import build_datamodule
-from segkit.engine.workdir import RunCSVLogger, SaveOnInterrupt, lock_work_dir, prepare_work_dir, writes_reported_once
+from segkit.engine.workdir import (RunCSVLogger, SaveOnInterrupt, ended_by_sigterm, lock_work_dir, prepare_work_dir,
+                                   writes_reported_once)
 from segkit.engine.module import SegkitModule, TrainingDivergedError
 from segkit.engine.sync_batchnorm import SyncBatchNormPlugin
 from segkit.errors import ConfigError, UserError
@@ -315,7 +316,7 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
             except Exception as exc:
-                if trainer.received_sigterm:  # e.g. data-loading workers ended by the same SIGTERM
+                if ended_by_sigterm(trainer, exc, wait=0.0):  # data-loading workers ended by the same SIGTERM
                     raise SIGTERMException() from exc
                 error = _log_write_error(exc, work_dir)
                 if error is None:

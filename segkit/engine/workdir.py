@@ -39,7 +39,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from segkit.errors import UserError
 from segkit.fileio import WRITE_ERRNOS, FileWriteError, atomic_open, why_not_writable, write_error
 
-__all__ = ["WorkDirBusy", "lock_work_dir", "prepare_work_dir", "SaveOnInterrupt", "is_termination", "RunCSVLogger",
+__all__ = ["WorkDirBusy", "lock_work_dir", "prepare_work_dir", "SaveOnInterrupt", "is_termination", "is_worker_death",
+           "ended_by_sigterm", "RunCSVLogger",
            "writes_reported_once", "LOCK_NAME", "INTERRUPTED_NAME"]
 
 LOCK_NAME = ".segkit.lock"
@@ -176,16 +177,64 @@ def is_termination(exception: BaseException) -> bool:
     return isinstance(exception, SIGTERMException)
 
 
+def is_worker_death(exception: BaseException | None) -> bool:
+    """Whether ``exception`` (or what caused it) is PyTorch's report of a DataLoader worker that ended."""
+    while exception is not None:
+        text = str(exception)
+        if isinstance(exception, RuntimeError) and "DataLoader worker" in text and (
+                "exited unexpectedly" in text or "killed by signal" in text):
+            return True
+        exception = exception.__cause__ or exception.__context__
+    return False
+
+
+def ended_by_sigterm(trainer: pl.Trainer, exception: BaseException, *, wait: float = 1.0) -> bool:
+    """Whether training ended because this process or its job received SIGTERM.
+
+    A SIGTERM sent to the whole job (SLURM's scancel) also ends the data-loading workers, and the main
+    process may see a worker's end before its own signal handler has run: for a worker's death, the
+    signal is waited for up to ``wait`` seconds (sleeping lets Python run the pending handler).
+    """
+    if is_termination(exception) or trainer.received_sigterm:
+        return True
+    if not is_worker_death(exception):
+        return False
+    if "killed by signal: Terminated" in str(exception):
+        return True
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if trainer.received_sigterm:
+            return True
+    return False
+
+
 class SaveOnInterrupt(pl.Callback):
     """On Ctrl+C or SIGTERM during training, save ``checkpoints/interrupted.ckpt`` and say how to continue."""
 
     def __init__(self, ckpt_dir: str) -> None:
         self.ckpt_dir = ckpt_dir
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's SIGTERM handler is in place now. A job's SIGTERM also ends the data-loading workers,
+        # and PyTorch's SIGCHLD handler would raise their death at whatever line runs next (inside a
+        # logging call, a finally block): put it aside first, then let Lightning stop training. Lightning
+        # restores the handlers it found when training ends.
+        if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+            return
+        lightning = signal.getsignal(signal.SIGTERM)
+
+        def quiet_workers_then_stop(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if callable(lightning):
+                lightning(signum, frame)
+
+        signal.signal(signal.SIGTERM, quiet_workers_then_stop)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A SIGTERM sent to the whole process group (SLURM's scancel) also ends the data-loading workers;
         # their death may reach training before Lightning's own stop does.
-        terminated = is_termination(exception) or bool(getattr(trainer, "received_sigterm", False))
+        terminated = ended_by_sigterm(trainer, exception)
         if not (terminated or isinstance(exception, KeyboardInterrupt)) or trainer.state.fn != "fit":
             return
         if not trainer.is_global_zero:

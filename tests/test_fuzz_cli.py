@@ -29,8 +29,8 @@ from fuzz_file_cases import coco_cases, results_cases, semseg_cases, voc_cases  
 from fuzz_harness import Case, FuzzRunner, memory_guard  # noqa: E402
 from fuzz_shared import Shared  # noqa: E402
 
-# cases per target in the default suite: about 1.5 minutes in all on two idle cores (3 when they are busy)
-DEFAULT_EXAMPLES = {"config": 120, "coco": 100, "results": 120, "semseg": 200, "voc": 100}
+# cases per target in the default suite: about 50 s in all on two idle cores
+DEFAULT_EXAMPLES = {"config": 60, "coco": 50, "results": 60, "semseg": 100, "voc": 50}
 SLOW_EXAMPLES = int(os.environ.get("SEGKIT_FUZZ_EXAMPLES", "300"))
 STRATEGIES = {"config": config_cases, "coco": coco_cases, "results": results_cases, "semseg": semseg_cases,
               "voc": voc_cases}

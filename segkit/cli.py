@@ -338,9 +338,10 @@ def _require_file(path: str, what: str) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from segkit.config import load_config
-    from segkit.engine.runner import resolve_work_dir, train
 
     cfg = load_config(args.config, args.overrides)
+    from segkit.engine.runner import resolve_work_dir, train  # after the config: its errors come sooner
+
     resume = args.resume
     if resume == "auto":
         last = os.path.join(resolve_work_dir(cfg), "checkpoints", "last.ckpt")
@@ -360,9 +361,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from segkit.api import config_from_checkpoint
     from segkit.config import load_config
-    from segkit.engine.runner import evaluate
-    from segkit.evaluation.table import format_metrics_table
-    from segkit.fileio import atomic_write_json
 
     first, rest = args.config_or_ckpt, list(args.rest)
     if first.endswith(_CHECKPOINT_SUFFIXES):
@@ -374,6 +372,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         ckpt, overrides = rest[0], rest[1:]
         _require_file(ckpt, "checkpoint")
         cfg = load_config(first, overrides)
+    # imported once the config has been read: a config's error comes without the training stack's import time
+    from segkit.engine.runner import evaluate
+    from segkit.evaluation.table import format_metrics_table
+    from segkit.fileio import atomic_write_json
+
     metrics = evaluate(cfg, ckpt, split=args.split)
     if not _is_rank_zero():
         return 0

@@ -329,7 +329,12 @@ def _run_shell(block: Block, where: str, fixtures: Path, substitutes: dict[str, 
             pytest.fail(f"{where}: `segkit {' '.join(command)}` exited with {status}:\n{output[-4000:]}")
 
 
-@pytest.mark.parametrize("page", RUN_PAGES)
+# Pages whose commands the default suite runs elsewhere: the two-process DDP training of multi_gpu.md is
+# test_distributed.py's (which also compares its evaluation with one process).
+SLOW_PAGES = {"tutorials/multi_gpu.md"}
+
+
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p for p in RUN_PAGES])
 def test_page_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, substitutes: dict[str, str]):
     blocks = [b for b in ALL_BLOCKS if b.page == page]
     workdir = tmp_path / "work"

@@ -16,7 +16,6 @@ from PIL import Image
 import segkit
 from segkit.checkpoint import CONFIG_KEY
 from segkit.cli import main
-from segkit.errors import ConfigError
 from tests.conftest import TINY_CONFIG
 
 _PLUGIN = """

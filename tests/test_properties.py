@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import string
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision

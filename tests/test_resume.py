@@ -125,7 +125,9 @@ def _run_and_kill(cfg: Path, probe: Path, last: Path, should_kill: Callable[[tup
     return at_kill
 
 
-@pytest.mark.parametrize("ema, num_workers", [(False, 0), (True, 2)], ids=["plain", "ema-workers"])
+# the EMA-and-workers variant repeats the plain one's kill and resume with both on (slow: 30 s more)
+@pytest.mark.parametrize("ema, num_workers", [(False, 0), pytest.param(True, 2, marks=pytest.mark.slow)],
+                         ids=["plain", "ema-workers"])
 def test_killed_run_resumed_with_auto_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, ema: bool,
                                                                                     num_workers: int):
     _make_data(tmp_path / "data")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -75,6 +76,7 @@ def test_plugin_converts_every_batchnorm_and_reverts_with_the_same_tensors():
     assert type(model[1]) is nn.BatchNorm2d and type(model[2][0]) is nn.BatchNorm1d and model[1].weight is weight
 
 
+@pytest.mark.slow  # the synchronised statistics are checked against BatchNorm above; this runs Lightning's DDP
 def test_ddp_training_on_the_cpu_with_sync_bn(tmp_path: Path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY_CONFIG.format(root=tmp_path / "data", work_dir=tmp_path / "work"))

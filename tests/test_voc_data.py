@@ -13,7 +13,7 @@ from PIL import Image
 
 from segkit.cli import main
 from segkit.data.coco import CocoDataset, DatasetError
-from segkit.data.voc import ShapesVOC, VOCDetection, coco_to_voc, parse_voc_xml, voc_to_coco
+from segkit.data.voc import ShapesVOC, VOCDetection, coco_to_voc, parse_voc_xml
 from segkit.errors import ConfigError
 from segkit.evaluation.coco import CocoEvaluator
 from segkit.evaluation.voc import VOCEvaluator

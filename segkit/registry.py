@@ -124,14 +124,24 @@ class Registry:
         module = getattr(obj, "__module__", "?")
         existing = self._entries.get(key)
         if existing is not None and not force:
-            if existing.obj is obj or _same_definition(existing.obj, obj):
-                return  # the same module imported twice (e.g. by path and by name)
+            if existing.obj is obj:
+                return
+            if _same_definition(existing.obj, obj):
+                # The same definition run again (a notebook cell, a module reloaded after an edit, a module
+                # imported by path and by name): the newest one is what the user means.
+                self._entries[key] = RegistryEntry(key, obj, module, _current_plugin or existing.plugin)
+                return
             raise ValueError(
                 f"{self.kind} '{key}' is already registered by module '{existing.module}'"
                 f"{_plugin_suffix(existing.plugin)}; module '{module}' tried to register it again. "
                 f"Rename one of them or pass force=True to replace it."
             )
         self._entries[key] = RegistryEntry(key, obj, module, _current_plugin)
+
+    def remove(self, name: str) -> RegistryEntry | None:
+        """Unregister ``name`` (a component defined for a while, as in a test or a notebook); returns
+        its entry, or ``None`` if nothing had that name."""
+        return self._entries.pop(name, None)
 
     # ---------------------------------------------------------------- lookup
     def _fallback_names(self) -> Mapping[str, Any]:

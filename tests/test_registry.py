@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from segkit.errors import ConfigError
@@ -117,3 +119,31 @@ def test_every_albumentations_transform_is_available_by_name():
     assert isinstance(flip, A.HorizontalFlip)
     with pytest.raises(ConfigError, match="HorizontalFlip"):
         TRANSFORMS.build({"type": "HorizontalFlp"})
+
+
+REGISTRATION = '''
+from segkit.registry import BACKBONES
+
+@BACKBONES.register()
+class NotebookNet:
+    """A backbone defined in a notebook cell."""
+
+    def __init__(self, *, width: int = {width}) -> None:
+        self.width = width
+'''
+
+
+def test_running_a_cell_again_replaces_the_class_it_registered():
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    try:
+        exec(REGISTRATION.format(width=8), namespace)  # noqa: S102 - the test's own code, as a notebook runs a cell
+        first = BACKBONES.build({"type": "NotebookNet"})
+        exec(REGISTRATION.format(width=16), namespace)  # noqa: S102 - the cell, edited and run again
+        second = BACKBONES.build({"type": "NotebookNet"})
+        assert (first.width, second.width) == (8, 16) and type(second) is namespace["NotebookNet"]
+        other = {"__name__": "another_module"}
+        with pytest.raises(ValueError, match="'NotebookNet' is already registered by module '__main__'; module "
+                                             "'another_module' tried to register it again"):
+            exec(REGISTRATION.format(width=4), other)  # noqa: S102 - a different class under the taken name
+    finally:
+        BACKBONES.remove("NotebookNet")

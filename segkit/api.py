@@ -31,6 +31,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     Raises:
         ConfigError: naming the file, the dotted key and the nearest valid name.
     """
+    from segkit.models.base import check_model_class
     from segkit.registry import MODELS
 
     if "model" not in cfg:
@@ -41,6 +42,8 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
         # A training option (synchronised BatchNorm across processes) that the engine reads, not a model argument.
         model_cfg = {k: v for k, v in model_cfg.items() if k != "sync_bn"}
     with config_errors(cfg):
+        if isinstance(model_cfg, Mapping) and isinstance(model_cfg.get("type"), str):
+            check_model_class(MODELS.get(model_cfg["type"], key="model.type"))
         return MODELS.build(model_cfg, path="model")
 
 

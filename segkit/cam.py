@@ -25,8 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["METHODS", "CamResult", "class_activation_map", "default_layer", "overlay_heatmap"]
+from segkit.models.base import describe as describe_model
+
+__all__ = ["METHODS", "CamResult", "UnknownLayerError", "class_activation_map", "default_layer", "overlay_heatmap"]
 
 METHODS = ("hirescam", "gradcam")
+
+
+class UnknownLayerError(ValueError):
+    """The layer asked for is not one of the feature maps the model declares."""
 
 
 @dataclass
@@ -61,37 +65,11 @@ class CamResult:
     layer: str
 
 
-def _is_segmentor(model: nn.Module) -> bool:
-    from segkit.models.segmentor import EncoderDecoder
-
-    return isinstance(model, EncoderDecoder)
-
-
 def default_layer(model: nn.Module) -> str:
-    """The backbone output explained by default: for a detector the one at stride 8 (small objects
-    are pooled from the finer pyramid levels), else the backbone's last output."""
-    shapes = model.backbone.output_shape()
-    if not _is_segmentor(model):
-        for name, shape in shapes.items():
-            if shape.stride == 8:
-                return name
-    return list(shapes)[-1]
-
-
-@contextlib.contextmanager
-def _whole_image(model: nn.Module) -> Iterator[None]:
-    """A segmentor's inference on the whole image at scale 1 without flip, for the duration."""
-    if not _is_segmentor(model):
-        yield
-        return
-    from segkit.models.segmentor import SegTestConfig
-
-    saved = model.test_cfg
-    model.test_cfg = SegTestConfig()
-    try:
-        yield
-    finally:
-        model.test_cfg = saved
+    """The feature map explained by default, as the model declares it (a detector's backbone output
+    at stride 8, where small objects are pooled from; else the last one)."""
+    describe_model(model)  # a model without the contract is refused here
+    return model.default_cam_layer()
 
 
 def class_activation_map(model: nn.Module, image: Tensor, *, layer: str | None = None, target: int | None = None,
@@ -110,39 +88,36 @@ def class_activation_map(model: nn.Module, image: Tensor, *, layer: str | None =
         A :class:`CamResult`.
 
     Raises:
-        ValueError: an unknown layer or method, a detector that detects nothing in the image, or a
+        UnknownLayerError: a layer the model does not declare.
+        ValueError: an unknown method, a detector that detects nothing in the image, or a
             target out of range.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    name = layer or default_layer(model)
-    outputs = list(model.backbone.output_shape())
-    if name not in outputs:
-        raise ValueError(f"the backbone has no output '{name}'; its outputs are {', '.join(outputs)}")
+    info = describe_model(model)
+    name = layer or model.default_cam_layer()
+    if name not in info.feature_strides:
+        raise UnknownLayerError(f"the model has no feature map '{name}'; its feature maps are "
+                                f"{', '.join(info.feature_strides)}")
     captured: dict[str, Any] = {}
 
     def keep_activations(module: nn.Module, inputs: Any, output: Any) -> None:
         if "act" in captured:
-            raise ValueError("the backbone ran more than once for one image; a class activation map needs one pass")
+            raise ValueError("the model's features were computed more than once for one image; a class activation "
+                             "map needs one pass")
         captured["act"] = output[name]
         output[name].retain_grad()
 
-    def keep_logits(module: nn.Module, inputs: Any, output: Tensor) -> None:
-        captured["logits"] = output
-
     image = image.detach().float().to(next(model.parameters()).device)
-    hooks = [model.backbone.register_forward_hook(keep_activations)]
-    if not _is_segmentor(model):
-        hooks.append(model.roi_heads.cls_score.register_forward_hook(keep_logits))
+    hook = model.feature_maps().register_forward_hook(keep_activations)
     try:
-        with torch.enable_grad(), _whole_image(model):
+        with torch.enable_grad(), model.single_pass(), model.recording() as recorded:
             output = model([image])[0]
-            objective, result = _objective(model, output, captured, target)
+            objective, result = model.explain_objective(output, target, recorded)
             model.zero_grad(set_to_none=True)
             objective.backward()
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     act = captured["act"]
     grad = act.grad if method == "hirescam" else act.grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((grad * act).sum(1, keepdim=True)).detach()
@@ -150,49 +125,11 @@ def class_activation_map(model: nn.Module, image: Tensor, *, layer: str | None =
     return CamResult(heatmap=_to_image(model, cam, image), layer=name, **result)
 
 
-def _objective(model: nn.Module, output: dict[str, Tensor], captured: dict[str, Any],
-               target: int | None) -> tuple[Tensor, dict[str, Any]]:
-    """The scalar whose gradient makes the map, and what it explains."""
-    if _is_segmentor(model):
-        probs = output["sem_seg"]
-        predicted = probs.detach().argmax(0)
-        if target is None:
-            counts = torch.bincount(predicted.flatten(), minlength=probs.shape[0])
-            if counts[1:].sum() > 0:
-                counts[0] = 0
-            target = int(counts.argmax())
-        if not 0 <= target < probs.shape[0]:
-            raise ValueError(f"class {target} is out of range: the model has {probs.shape[0]} classes "
-                             f"(0..{probs.shape[0] - 1})")
-        region = predicted == target
-        if not bool(region.any()):
-            region = torch.ones_like(region)  # the class is predicted nowhere: its mean over the image
-        score = probs[target][region].mean()
-        return score, {"target": target, "score": float(score.detach()), "label": target, "box": None}
-    scores = output["scores"].detach()
-    if scores.numel() == 0:
-        raise ValueError("the model detects nothing in this image, so there is no detection to explain; "
-                         "lower model.roi_head.score_threshold")
-    chosen = 0 if target is None else int(target)
-    if not 0 <= chosen < scores.numel():
-        raise ValueError(f"detection {chosen} does not exist: the model made {scores.numel()} detection(s) "
-                         f"(0..{scores.numel() - 1})")
-    label = int(output["labels"][chosen])
-    logits = captured["logits"]
-    # the RoI the detection comes from: its softmax score is the detection's score, bit for bit
-    matches = torch.nonzero(F.softmax(logits.detach().float(), -1)[:, label] == scores[chosen]).flatten()
-    if matches.numel() == 0:
-        raise ValueError("could not find the RoI of the detection among the box classifier's outputs")
-    box = [float(v) for v in output["boxes"][chosen].detach()]
-    result = {"target": chosen, "score": float(scores[chosen]), "label": label, "box": box}
-    return logits[int(matches[0]), label], result
-
-
 def _to_image(model: nn.Module, cam: Tensor, image: Tensor) -> Tensor:
     """The map of the padded batch Tensor[1, 1, h, w] cut to the image's part and resized to it."""
     with torch.no_grad():
-        prepared = model.preprocess([image])
-    batch, size = prepared[0], prepared[1][0]
+        batch, sizes = model.batch_images([image])
+    size = sizes[0]
     full = F.interpolate(cam, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)
     part = full[..., : size[0], : size[1]]
     heatmap = F.interpolate(part, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]

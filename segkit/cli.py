@@ -474,7 +474,7 @@ def _cmd_cam(args: argparse.Namespace) -> int:
     from PIL import Image, ImageDraw
     from tqdm import tqdm
 
-    from segkit.cam import class_activation_map, overlay_heatmap
+    from segkit.cam import UnknownLayerError, class_activation_map, overlay_heatmap
     from segkit.data.images import load_image
     from segkit.fileio import atomic_open
     from segkit.predict import Predictor, as_image_tensor, find_images, picture_paths
@@ -491,9 +491,9 @@ def _cmd_cam(args: argparse.Namespace) -> int:
         try:
             cam = class_activation_map(predictor.model, as_image_tensor(image), layer=args.layer,
                                        target=args.target, method=args.method)
+        except UnknownLayerError as exc:
+            raise UserError(f"--layer: {exc}.") from exc
         except ValueError as exc:
-            if "backbone has no output" in str(exc):
-                raise UserError(f"--layer: {exc}.") from exc
             lines.append(f"{file}: no map ({exc})")
             continue
         canvas = Image.fromarray(overlay_heatmap(image, cam.heatmap))
@@ -537,7 +537,9 @@ def _example_image(model: Any, images: list) -> Any:
     """The image to trace with: for a detector the first one it detects something in (every branch runs)."""
     import torch
 
-    if not hasattr(model, "roi_heads"):
+    from segkit.models.base import describe
+
+    if not describe(model).is_detector:
         return images[0]
     with torch.no_grad():
         for image in images:

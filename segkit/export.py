@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from segkit.errors import UserError
 from segkit.fileio import atomic_open
+from segkit.models.base import describe
 
 __all__ = ["FORMATS", "export_model", "check_export", "load_exported", "output_names", "ExportMismatch"]
 
@@ -53,18 +54,9 @@ class ExportMismatch(UserError):
     """The exported model's outputs differ from the PyTorch model's beyond the tolerance."""
 
 
-def _is_segmentor(model: nn.Module) -> bool:
-    from segkit.models.segmentor import EncoderDecoder
-
-    return isinstance(model, EncoderDecoder)
-
-
 def output_names(model: nn.Module) -> tuple[str, ...]:
-    """Names of the exported model's outputs, in order."""
-    if _is_segmentor(model):
-        return ("sem_seg",)
-    names = ("boxes", "labels", "scores")
-    return names + ("masks",) if getattr(model, "mask_threshold", None) is not None else names
+    """Names of the exported model's outputs, in order: the output keys the model declares."""
+    return describe(model).output_keys
 
 
 class _OneImage(nn.Module):
@@ -84,14 +76,13 @@ class _OneImage(nn.Module):
 
 
 def _description(model: nn.Module, fmt: str, size: tuple[int, int], class_names: Sequence[str] | None) -> dict:
+    info = describe(model).as_dict()
     return {
         "format": fmt,
-        "task": "semantic_segmentation" if _is_segmentor(model) else "detection",
         "input": {"name": "image", "shape": [3, size[0], size[1]], "dtype": "float32",
                   "values": "RGB in [0, 1]"},
-        "outputs": list(output_names(model)),
+        **info,
         "class_names": list(class_names) if class_names is not None else None,
-        "mask_threshold": getattr(model, "mask_threshold", None),
     }
 
 

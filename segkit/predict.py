@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from segkit.errors import UserError
+from segkit.models.base import ModelInfo, describe
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -79,29 +80,27 @@ class Predictor:
         self.model = load_model(checkpoint, config=self.config).to(self.device).eval()
         self.score_threshold = None if score_threshold is None else float(score_threshold)
         self.batch_size = int(batch_size)
-        self.class_names = _class_names(checkpoint, self.model, self.config, segmentor=self.is_segmentor)
+        self.info = describe(self.model)
+        self.class_names = _class_names(checkpoint, self.info)
         self.category_ids = _category_ids(self.config)
 
     @property
     def is_segmentor(self) -> bool:
         """Whether the model is a semantic segmentor (its outputs hold ``sem_seg``, not detections)."""
-        from segkit.models.segmentor import EncoderDecoder
-
-        return isinstance(self.model, EncoderDecoder)
+        return not self.info.is_detector
 
     @property
     def mask_threshold(self) -> float:
         """Probability from which a mask pixel belongs to its object (the model's setting, else 0.5)."""
-        value = getattr(self.model, "mask_threshold", None)
+        value = self.info.mask_threshold
         return 0.5 if value is None else float(value)
 
     def class_name(self, label: int) -> str:
         """The name of detection label ``label`` (1..K) or, for a segmentor, of class index ``label``
         (0..K-1); ``class_<label>`` where none is known."""
         label = int(label)
-        if self.is_segmentor:
-            return self.class_names[label] if 0 <= label < len(self.class_names) else f"class_{label}"
-        return _name_of(self.class_names, label)
+        index = label - self.info.first_label
+        return self.class_names[index] if 0 <= index < len(self.class_names) else f"class_{label}"
 
     def category_id(self, label: int) -> int:
         """The dataset category id of ``label`` (the label itself unless the config maps it)."""
@@ -255,16 +254,14 @@ def _resolve_config(checkpoint: str | os.PathLike[str], config: Any, overrides: 
     return config_from_checkpoint(checkpoint, overrides)
 
 
-def _class_names(checkpoint: str | os.PathLike[str], model: torch.nn.Module, cfg: Mapping[str, Any], *,
-                 segmentor: bool) -> list[str]:
+def _class_names(checkpoint: str | os.PathLike[str], info: ModelInfo) -> list[str]:
     from segkit.checkpoint import CLASSES_KEY
 
     names = _read_checkpoint_entry(checkpoint, CLASSES_KEY)
     if isinstance(names, (list, tuple)) and names:
         return [str(n) for n in names]
-    num_classes = _num_classes(model, cfg)
-    first = 0 if segmentor else 1  # segmentation class indices start at 0, detection labels at 1
-    return [f"class_{i}" for i in range(first, num_classes + first)]
+    first = info.first_label  # segmentation class indices start at 0, detection labels at 1
+    return [f"class_{i}" for i in range(first, info.num_classes + first)]
 
 
 def label_map(output: Mapping[str, Any]) -> Tensor:
@@ -292,19 +289,6 @@ def _read_checkpoint_entry(checkpoint: str | os.PathLike[str], key: str) -> Any:
     return ckpt.get(key) if isinstance(ckpt, Mapping) else None
 
 
-def _num_classes(model: torch.nn.Module, cfg: Mapping[str, Any]) -> int:
-    for owner in (getattr(model, "roi_heads", None), getattr(model, "decode_head", None), model):
-        value = getattr(owner, "num_classes", None)
-        if isinstance(value, int):
-            return value
-    model_cfg = cfg.get("model", {}) if isinstance(cfg, Mapping) else {}
-    for section in ("roi_head", "decode_head"):
-        value = (model_cfg.get(section) or {}).get("num_classes") if isinstance(model_cfg, Mapping) else None
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def _category_ids(cfg: Mapping[str, Any]) -> list[int] | None:
     data = cfg.get("data") if isinstance(cfg, Mapping) else None
     if not isinstance(data, Mapping):
@@ -314,10 +298,6 @@ def _category_ids(cfg: Mapping[str, Any]) -> list[int] | None:
         if isinstance(ids, Sequence) and not isinstance(ids, str) and ids:
             return [int(i) for i in ids]
     return None
-
-
-def _name_of(names: Sequence[str], label: int) -> str:
-    return names[label - 1] if 1 <= label <= len(names) else f"class_{label}"
 
 
 # ------------------------------------------------------------------------------- files and results

@@ -51,7 +51,7 @@ def test_map_explains_the_detection_asked_for_and_leaves_no_gradient(trained_mas
 def test_bad_requests_are_clear_errors(trained_mask_ckpt):
     model = _model(trained_mask_ckpt)
     image = _val_images(trained_mask_ckpt, 1)[0]
-    with pytest.raises(ValueError, match="no output 'c9'; its outputs are c2, c3, c4, c5"):
+    with pytest.raises(ValueError, match="no feature map 'c9'; its feature maps are c2, c3, c4, c5"):
         class_activation_map(model, image, layer="c9")
     with pytest.raises(ValueError, match="detection 500 does not exist"):
         class_activation_map(model, image, target=500)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from segkit.bench.measure import _sync
 from segkit.errors import UserError
+from segkit.models.base import describe
 
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
 
@@ -52,16 +53,8 @@ def synthetic_batch(batch_size: int, size: tuple[int, int], task: str, num_class
 
 def _task(model: nn.Module) -> tuple[str, int, bool]:
     """``(task, num_classes, masks)`` of a model, for synthetic targets."""
-    from segkit.models.segmentor import EncoderDecoder
-
-    if isinstance(model, EncoderDecoder):
-        return "semantic", model.num_classes, False
-    roi_heads = getattr(model, "roi_heads", None)
-    num_classes = getattr(roi_heads, "num_classes", None)
-    if not isinstance(num_classes, int):
-        raise UserError(f"synthetic inputs are made for detectors with roi_heads.num_classes and for EncoderDecoder "
-                        f"segmentors, not for {type(model).__name__}; leave out --image-size to use the config's data.")
-    return "detection", num_classes, getattr(roi_heads, "mask_head", None) is not None
+    info = describe(model)
+    return ("detection" if info.is_detector else "semantic"), info.num_classes, info.has_masks
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -159,9 +152,9 @@ def _bench_eval(cfg: Mapping[str, Any], model: nn.Module, data: _DataSource, dev
     if dataset is None:
         return f"data.val cannot be read: {data.errors.get('val') or data.first_error()}"
     eval_cfg = {k: v for k, v in (cfg.get("evaluation") or {}).items() if k not in EVALUATION_RESERVED_KEYS}
-    eval_cfg.setdefault("type", "CocoEvaluator")
+    threshold = describe(model).mask_threshold  # (refuses a model without the contract)
+    eval_cfg.setdefault("type", model.default_evaluator)
     defaults: dict[str, Any] = {"dataset": dataset}
-    threshold = getattr(model, "mask_threshold", None)
     with config_errors(cfg):
         evaluator_class = EVALUATORS.get(str(eval_cfg["type"]), key="evaluation.type")
         if threshold is not None and "mask_threshold" in inspect.signature(evaluator_class).parameters:

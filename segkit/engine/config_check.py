@@ -92,7 +92,7 @@ def check_run_config(cfg: Mapping[str, Any], *, training: bool = True, trainer: 
         check_data_config(cfg.get("data") or {})
         if trainer:
             check_trainer_config(cfg.get("trainer") or {})
-        check_evaluation_config(cfg.get("evaluation") or {})
+        check_evaluation_config(cfg.get("evaluation") or {}, default_type=_default_evaluator(cfg["model"]))
         if training:
             check_optimizer_config(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01})
             check_scheduler_config(cfg.get("scheduler"))
@@ -198,9 +198,23 @@ def _check_devices(devices: Any, accelerator: str, path: str) -> None:
                               key=f"{path}.devices")
 
 
-def check_evaluation_config(evaluation: Mapping[str, Any], *, path: str = "evaluation") -> None:
-    """Check an ``evaluation:`` section without its dataset: the evaluator type, its arguments, the
-    interval, and that ``main_metric`` is among the metrics the evaluator declares.
+def _default_evaluator(model: Mapping[str, Any]) -> str:
+    """The evaluator type the model class declares for an ``evaluation`` section that names none.
+
+    Raises:
+        ConfigError: an unknown model type, or one that does not implement the model contract.
+    """
+    from segkit.models.base import check_model_class
+    from segkit.registry import MODELS
+
+    return check_model_class(MODELS.get(str(model["type"]), key="model.type")).default_evaluator
+
+
+def check_evaluation_config(evaluation: Mapping[str, Any], *, path: str = "evaluation",
+                            default_type: str = "CocoEvaluator") -> None:
+    """Check an ``evaluation:`` section without its dataset: the evaluator type (``default_type``, the
+    model's, when the section names none), its arguments, the interval, and that ``main_metric`` is
+    among the metrics the evaluator declares.
 
     Raises:
         ConfigError: at the dotted key, with the allowed values.
@@ -210,7 +224,7 @@ def check_evaluation_config(evaluation: Mapping[str, Any], *, path: str = "evalu
     from segkit.registry import EVALUATORS, check_arguments
 
     kwargs = {k: v for k, v in evaluation.items() if k not in (*EVALUATION_RESERVED_KEYS, "type")}
-    type_name = evaluation.get("type", "CocoEvaluator")
+    type_name = evaluation.get("type", default_type)
     evaluator = EVALUATORS.get(type_name, key=f"{path}.type")
     check_arguments(evaluator, kwargs, path=path, type_name=str(type_name), kind="evaluator", provided=("dataset",))
     check_bounds_of(evaluation, {"interval": Bound(1, integer=True)}, path=path)

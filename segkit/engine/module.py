@@ -29,6 +29,7 @@ from segkit.engine.callbacks import EngineOptions, ModelEMA, engine_options
 from segkit.engine.optim import BatchSize, build_optimizer, build_scheduler, fused_allowed
 from segkit.errors import ConfigError, UserError
 from segkit.fileio import atomic_write_json
+from segkit.models.base import describe
 
 __all__ = ["SegkitModule", "TrainingDivergedError", "EVALUATION_RESERVED_KEYS", "check_num_classes"]
 
@@ -195,11 +196,11 @@ class SegkitModule(pl.LightningModule):
         from segkit.registry import EVALUATORS
 
         cfg = {k: v for k, v in (self.config.get("evaluation") or {}).items() if k not in EVALUATION_RESERVED_KEYS}
-        cfg.setdefault("type", "CocoEvaluator")
+        cfg.setdefault("type", self.model.default_evaluator)
         datamodule = self.trainer.datamodule
         split = "val" if self.trainer.state.stage != "test" or not datamodule.split_cfgs.get("test") else "test"
         defaults: dict[str, Any] = {"dataset": datamodule.build_dataset(split)}
-        threshold = getattr(self.model, "mask_threshold", None)
+        threshold = describe(self.model).mask_threshold
         if threshold is not None and "mask_threshold" in _parameters(EVALUATORS.get(str(cfg["type"]))):
             defaults["mask_threshold"] = threshold  # the model's test-time setting unless the config says
         # A constructor's ValueError (an evaluator that does not fit the dataset) names the evaluation section.

@@ -38,6 +38,7 @@ from torch import nn
 
 from segkit.config_types import Bound, check_bounds_of
 from segkit.errors import ConfigError, did_you_mean
+from segkit.models.base import SegkitModel
 from segkit.registry import check_arguments
 
 __all__ = ["build_optimizer", "BatchSize", "scale_lr", "fused_allowed", "LRSchedule", "build_scheduler",
@@ -242,10 +243,10 @@ def _backbone_lr_mult(value: Any, path: str) -> float | None:
 
 
 def _backbone_parameters(model: nn.Module, path: str) -> set[int]:
-    backbone = getattr(model, "backbone", None)
-    if not isinstance(backbone, nn.Module):
-        raise ConfigError(f"backbone_lr_mult needs a model with a backbone, but {type(model).__name__} has no "
-                          f"'backbone' submodule", key=f"{path}.backbone_lr_mult")
+    backbone = model.backbone_module() if isinstance(model, SegkitModel) else None
+    if backbone is None:
+        raise ConfigError(f"backbone_lr_mult needs a model with a backbone, but {type(model).__name__} declares "
+                          f"none (SegkitModel.backbone_module)", key=f"{path}.backbone_lr_mult")
     return {id(p) for p in backbone.parameters()}
 
 

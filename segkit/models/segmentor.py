@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.errors import ConfigError, did_you_mean
+from segkit.models.base import ModelInfo, SegkitModel
 from segkit.models.two_stage import _check_images, _join, build_backbone_and_neck
 from segkit.registry import HEADS, MODELS
 
@@ -98,7 +100,7 @@ class SegTestConfig:
 
 
 @MODELS.register()
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(SegkitModel):
     """Semantic segmentor over any backbone, neck and decode heads honouring the shape contracts.
 
     Images are normalised with ``pixel_mean`` / ``pixel_std`` and padded with 0 at the bottom / right
@@ -128,6 +130,8 @@ class EncoderDecoder(nn.Module):
         >>> model.eval()([torch.rand(3, 300, 400)])[0]["sem_seg"].shape
         torch.Size([21, 300, 400])
     """
+
+    default_evaluator: ClassVar[str] = "SemSegEvaluator"
 
     def __init__(
         self,
@@ -203,6 +207,28 @@ class EncoderDecoder(nn.Module):
     def num_classes(self) -> int:
         """Number of classes K predicted by the decode head."""
         return int(self.decode_head.num_classes)
+
+    # ------------------------------------------------------------------ contract
+    def describe(self) -> ModelInfo:
+        """Semantic segmentation into the decode head's ``num_classes``, inferred with ``test_cfg``."""
+        shapes = self.backbone.output_shape()
+        return ModelInfo(task="semantic_segmentation", num_classes=self.num_classes, first_label=0,
+                         test_settings=asdict(self.test_cfg),
+                         feature_strides={name: int(shape.stride) for name, shape in shapes.items()})
+
+    def batch_images(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """The normalised, padded batch of ``images`` and each image's ``(h, w)`` in it."""
+        return self.preprocess(images)
+
+    @contextlib.contextmanager
+    def single_pass(self) -> Iterator[None]:
+        """Whole-image inference at scale 1 without flip for the duration (``test_cfg`` is put back after)."""
+        saved = self.test_cfg
+        self.test_cfg = SegTestConfig()
+        try:
+            yield
+        finally:
+            self.test_cfg = saved
 
     # ------------------------------------------------------------------ forward
     def forward(

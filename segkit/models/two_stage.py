@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.errors import ConfigError
+from segkit.models.base import ModelInfo, SegkitModel, detection_index, detection_result
 from segkit.ops.masks import paste_masks_in_image, resize_masks
 from segkit.registry import BACKBONES, HEADS, MODELS, NECKS, check_arguments
 
@@ -20,7 +22,7 @@ _CHILDREN = ("backbone", "neck", "rpn", "roi_heads")
 
 
 @MODELS.register()
-class TwoStageDetector(nn.Module):
+class TwoStageDetector(SegkitModel):
     """Faster R-CNN style detector over any backbone, neck and heads honouring the shape contracts.
 
     Preprocessing happens inside: images are normalised with ``pixel_mean`` / ``pixel_std``,
@@ -209,6 +211,59 @@ class TwoStageDetector(nn.Module):
         mask_head = getattr(self.roi_heads, "mask_head", None)
         return None if mask_head is None else float(getattr(mask_head, "mask_threshold", 0.5))
 
+    # ------------------------------------------------------------------ contract
+    def describe(self) -> ModelInfo:
+        """Detection (instance segmentation with a mask head) of the RoI heads' ``num_classes``, with
+        their test-time filters."""
+        heads = self.roi_heads
+        threshold = self.mask_threshold
+        shapes = self.backbone.output_shape()
+        return ModelInfo(
+            task="detection" if threshold is None else "instance_segmentation",
+            num_classes=int(heads.num_classes),
+            score_threshold=_optional_float(getattr(heads, "score_threshold", None)),
+            mask_threshold=threshold,
+            detections_per_image=getattr(heads, "detections_per_image", None),
+            test_settings={"min_size": self.min_size, "max_size": self.max_size},
+            feature_strides={name: int(shape.stride) for name, shape in shapes.items()},
+        )
+
+    def batch_images(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """The normalised, resized and padded batch of ``images`` and each image's ``(h, w)`` in it."""
+        batch, sizes, _ = self.preprocess(images)
+        return batch, sizes
+
+    def default_cam_layer(self) -> str:
+        """The backbone output at stride 8 (small objects are pooled from the finer levels), else the last."""
+        strides = self.describe().feature_strides
+        return next((name for name, stride in strides.items() if stride == 8), list(strides)[-1])
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, Any]]:
+        """Records the box classifier's logits (``"logits"``, one row per RoI) of the next forward pass."""
+        recorded: dict[str, Any] = {}
+
+        def keep_logits(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            recorded["logits"] = output
+
+        hook = self.roi_heads.cls_score.register_forward_hook(keep_logits)
+        try:
+            yield recorded
+        finally:
+            hook.remove()
+
+    def explain_objective(self, output: Mapping[str, Tensor], target: int | None,
+                          recorded: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """The box classifier's logit of the detection's class for the RoI the detection comes from:
+        its softmax score is the detection's score, bit for bit."""
+        chosen = detection_index(output, target)
+        label = int(output["labels"][chosen])
+        logits = recorded["logits"]
+        matches = torch.nonzero(F.softmax(logits.detach().float(), -1)[:, label] == output["scores"][chosen]).flatten()
+        if matches.numel() == 0:
+            raise ValueError("could not find the RoI of the detection among the box classifier's outputs")
+        return logits[int(matches[0]), label], detection_result(output, chosen)
+
 
 def build_backbone_and_neck(
     backbone_cfg: Mapping[str, Any], neck_cfg: Mapping[str, Any] | None, *, path: str
@@ -226,6 +281,10 @@ def build_backbone_and_neck(
         neck = NECKS.build_child(neck_cfg, path=_join(path, "neck"), in_shapes=shapes)
         shapes = neck.output_shape()
     return backbone, neck, shapes
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _join(path: str, key: str) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "plugin_errors",
     "import_modules",
     "all_registries",
+    "join_key",
 ]
 
 ENTRY_POINT_GROUP = "segkit.plugins"
@@ -232,7 +233,7 @@ class Registry:
             )
         kwargs = dict(cfg)
         type_name = kwargs.pop("type")
-        obj = self.get(type_name, key=_join(path, "type"))
+        obj = self.get(type_name, key=join_key(path, "type"))
         from_config = getattr(obj, "from_config", None)
         if inspect.isclass(obj) and callable(from_config):
             return from_config(kwargs, path=path, **defaults)
@@ -283,7 +284,7 @@ def check_arguments(obj: Any, kwargs: Mapping[str, Any], *, path: str, type_name
                 raise ConfigError(
                     f"{type_name} ({kind}) has no argument '{key}'."
                     + (did_you_mean(key, named) or f" Its arguments are: {', '.join(named)}."),
-                    key=_join(path, key),
+                    key=join_key(path, key),
                 )
     missing = [
         n for n, p in params.items()
@@ -300,10 +301,11 @@ def check_arguments(obj: Any, kwargs: Mapping[str, Any], *, path: str, type_name
     for key, value in kwargs.items():
         problem = type_problem(obj, key, value)
         if problem is not None:
-            raise ConfigError(f"{type_name} ({kind}) argument '{key}' {problem}.", key=_join(path, key))
+            raise ConfigError(f"{type_name} ({kind}) argument '{key}' {problem}.", key=join_key(path, key))
 
 
-def _join(path: str, key: str) -> str:
+def join_key(path: str, key: str) -> str:
+    """The dotted config key ``path.key`` (``key`` at the top level)."""
     return f"{path}.{key}" if path else key
 
 

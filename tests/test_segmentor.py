@@ -211,7 +211,7 @@ def test_slide_equals_whole_when_the_window_covers_the_image():
 
 def test_slide_averages_overlapping_window_logits():
     model = build(test_cfg={"mode": "slide", "crop_size": [64, 48], "stride": [40, 30]})
-    image = model._normalise(random_image(100, 90))
+    image = model.preprocessor.normalise(random_image(100, 90))
     with torch.no_grad():
         logits = model.slide_inference(image)
         # reference: windows as in MMSegmentation's slide inference, each inferred alone

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -15,8 +14,9 @@ from torch import Tensor, nn
 
 from segkit.errors import ConfigError, did_you_mean
 from segkit.models.base import ModelInfo, SegkitModel
-from segkit.models.two_stage import _check_images, _join, build_backbone_and_neck
-from segkit.registry import HEADS, MODELS
+from segkit.models.preprocess import ImagePreprocessor, check_images, pad_stack, round_up
+from segkit.models.two_stage import build_backbone_and_neck
+from segkit.registry import HEADS, MODELS, join_key
 
 __all__ = ["EncoderDecoder", "SegTestConfig"]
 
@@ -148,10 +148,7 @@ class EncoderDecoder(SegkitModel):
         test_cfg: Mapping[str, Any] | SegTestConfig | None = None,
     ) -> None:
         super().__init__()
-        if len(pixel_mean) != 3 or len(pixel_std) != 3:
-            raise ValueError(f"pixel_mean and pixel_std need three values (RGB), got {pixel_mean!r} and {pixel_std!r}")
-        if size_divisor < 1:
-            raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
+        self.preprocessor = ImagePreprocessor(pixel_mean=pixel_mean, pixel_std=pixel_std, size_divisor=size_divisor)
         num_classes = int(decode_head.num_classes)
         for i, head in enumerate([decode_head, *auxiliary_heads]):
             name = "decode_head" if i == 0 else f"auxiliary_head[{i - 1}]"
@@ -167,9 +164,6 @@ class EncoderDecoder(SegkitModel):
         self.neck = neck
         self.decode_head = decode_head
         self.auxiliary_heads = nn.ModuleList(auxiliary_heads)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.size_divisor = int(size_divisor)
         self.ignore_index = int(ignore_index)
         self.align_corners = bool(align_corners)
         self.test_cfg = SegTestConfig.from_mapping(test_cfg)
@@ -191,17 +185,32 @@ class EncoderDecoder(SegkitModel):
         try:
             kwargs["test_cfg"] = SegTestConfig.from_mapping(kwargs.get("test_cfg"))
         except _TestConfigError as exc:
-            raise ConfigError(exc.message, key=_join(path, "test_cfg" + (f".{exc.key}" if exc.key else ""))) from exc
+            raise ConfigError(exc.message, key=join_key(path, "test_cfg" + (f".{exc.key}" if exc.key else ""))) from exc
         backbone, neck, shapes = build_backbone_and_neck(children["backbone"], children["neck"], path=path)
-        decode_head = HEADS.build_child(children["decode_head"], path=_join(path, "decode_head"), in_shapes=shapes)
+        decode_head = HEADS.build_child(children["decode_head"], path=join_key(path, "decode_head"), in_shapes=shapes)
         auxiliary = [
             HEADS.build_child(item, path=key, in_shapes=shapes)
-            for key, item in _auxiliary_configs(children["auxiliary_head"], _join(path, "auxiliary_head"))
+            for key, item in _auxiliary_configs(children["auxiliary_head"], join_key(path, "auxiliary_head"))
         ]
         try:
             return cls(backbone=backbone, neck=neck, decode_head=decode_head, auxiliary_heads=auxiliary, **kwargs)
         except ValueError as exc:
             raise ConfigError(str(exc), key=path or None) from exc
+
+    @property
+    def size_divisor(self) -> int:
+        """The padded batch's sides are multiples of this."""
+        return self.preprocessor.size_divisor
+
+    @property
+    def pixel_mean(self) -> Tensor:
+        """Per-channel mean Tensor[3, 1, 1] subtracted from inputs in [0, 1]."""
+        return self.preprocessor.pixel_mean
+
+    @property
+    def pixel_std(self) -> Tensor:
+        """Per-channel deviation Tensor[3, 1, 1] inputs are divided by."""
+        return self.preprocessor.pixel_std
 
     @property
     def num_classes(self) -> int:
@@ -250,12 +259,12 @@ class EncoderDecoder(SegkitModel):
         Raises:
             ValueError: malformed images or targets, or missing targets in training.
         """
-        images = _check_images(images)
+        images = check_images(images)
         if not self.training:
             return self.predict(images)
         labels = _check_labels(targets, images, self.num_classes, self.ignore_index)
         batch, _ = self.preprocess(images)
-        sem_seg = _pad_stack(labels, tuple(batch.shape[-2:]), self.ignore_index).to(batch.device)
+        sem_seg = pad_stack(labels, tuple(batch.shape[-2:]), self.ignore_index).to(batch.device)
         features = self.extract_features(batch)
         losses = dict(self.decode_head.losses(self.decode_head(features), sem_seg))
         many = len(self.auxiliary_heads) > 1
@@ -273,11 +282,8 @@ class EncoderDecoder(SegkitModel):
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Normalise images and pad them with 0 into one batch Tensor[N, 3, H_pad, W_pad] whose sides
         are multiples of ``size_divisor``; also returns each image's ``(h, w)``."""
-        normalised = [self._normalise(image) for image in images]
-        sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in normalised]
-        d = self.size_divisor
-        padded = (_round_up(max(s[0] for s in sizes), d), _round_up(max(s[1] for s in sizes), d))
-        return _pad_stack(normalised, padded, 0.0), sizes
+        batch = self.preprocessor(images)
+        return batch.tensor, batch.image_sizes
 
     # ------------------------------------------------------------------ inference
     def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
@@ -301,7 +307,7 @@ class EncoderDecoder(SegkitModel):
 
     def _predict_one(self, image: Tensor) -> Tensor:
         size = (int(image.shape[-2]), int(image.shape[-1]))
-        image = self._normalise(image)
+        image = self.preprocessor.normalise(image)
         total, count = None, 0
         for scale in self.test_cfg.scales:
             scaled = image
@@ -311,8 +317,7 @@ class EncoderDecoder(SegkitModel):
             for flipped in (False, True) if self.test_cfg.flip else (False,):
                 logits = self.inference(scaled.flip(-1) if flipped else scaled)
                 probs = _probabilities(logits.flip(-1) if flipped else logits)
-                if tuple(probs.shape[-2:]) != size:
-                    probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=self.align_corners)[0]
+                probs = self.preprocessor.maps_to_input(probs, size, align_corners=self.align_corners)
                 total = probs if total is None else total + probs
                 count += 1
         return total / count
@@ -322,8 +327,8 @@ class EncoderDecoder(SegkitModel):
         if self.test_cfg.mode == "slide":
             return self.slide_inference(image)
         size = (int(image.shape[-2]), int(image.shape[-1]))
-        padded = (_round_up(size[0], self.size_divisor), _round_up(size[1], self.size_divisor))
-        return self.whole_inference(_pad_stack([image], padded, 0.0), [size])[0]
+        padded = (round_up(size[0], self.size_divisor), round_up(size[1], self.size_divisor))
+        return self.whole_inference(pad_stack([image], padded, 0.0), [size])[0]
 
     def whole_inference(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
         """Logits of a padded, normalised batch Tensor[N, 3, H_pad, W_pad], upsampled to the padded
@@ -344,7 +349,7 @@ class EncoderDecoder(SegkitModel):
         image = F.pad(image, (0, width - w, 0, height - h))
         origins = [(y, x) for y in _window_starts(height, crop_h, stride_h) for x in _window_starts(width, crop_w, stride_w)]
         crops = torch.stack([image[:, y : y + crop_h, x : x + crop_w] for y, x in origins])
-        crops = F.pad(crops, (0, _round_up(crop_w, self.size_divisor) - crop_w, 0, _round_up(crop_h, self.size_divisor) - crop_h))
+        crops = F.pad(crops, (0, round_up(crop_w, self.size_divisor) - crop_w, 0, round_up(crop_h, self.size_divisor) - crop_h))
         sums = image.new_zeros((self.num_classes, height, width))
         counts = image.new_zeros((1, height, width))
         for start in range(0, len(origins), _WINDOWS_PER_PASS):
@@ -361,28 +366,21 @@ class EncoderDecoder(SegkitModel):
             logits = F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         return logits
 
-    def _normalise(self, image: Tensor) -> Tensor:
-        return (image - self.pixel_mean.to(image.dtype)) / self.pixel_std.to(image.dtype)
-
 
 # ---------------------------------------------------------------------- helpers
-def _round_up(value: int, divisor: int) -> int:
-    return int(math.ceil(value / divisor) * divisor)
-
-
 def _check_config_keys(cls: type, cfg: Mapping[str, Any], path: str) -> None:
     """Raise a ConfigError at the first misnamed, unknown or missing section of a model config."""
     for wrong, right in (("auxiliary_heads", "auxiliary_head"), ("decode_heads", "decode_head"), ("head", "decode_head")):
         if wrong in cfg:
-            raise ConfigError(f"the config key for this part is '{right}', not '{wrong}'", key=_join(path, wrong))
+            raise ConfigError(f"the config key for this part is '{right}', not '{wrong}'", key=join_key(path, wrong))
     allowed = [*_CONFIG_KEYS, *(k for k in inspect.signature(cls).parameters if k != "auxiliary_heads" and k not in _CONFIG_KEYS)]
     for key in cfg:
         if key not in allowed:
             hint = did_you_mean(key, allowed) or f" Its arguments are: {', '.join(allowed)}."
-            raise ConfigError(f"{cls.__name__} (model) has no argument '{key}'." + hint, key=_join(path, key))
+            raise ConfigError(f"{cls.__name__} (model) has no argument '{key}'." + hint, key=join_key(path, key))
     for key in ("backbone", "decode_head"):
         if cfg.get(key) is None:
-            raise ConfigError(f"{cls.__name__} needs a '{key}' section with a 'type'", key=_join(path, key))
+            raise ConfigError(f"{cls.__name__} needs a '{key}' section with a 'type'", key=join_key(path, key))
 
 
 def _pair(value: Any, key: str) -> tuple[int, int] | None:
@@ -413,11 +411,6 @@ def _auxiliary_configs(value: Any, path: str) -> list[tuple[str, Mapping[str, An
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [(f"{path}[{i}]", item) for i, item in enumerate(value)]
     raise ConfigError(f"expected one head mapping (with a 'type') or a list of them, got {type(value).__name__}", key=path)
-
-
-def _pad_stack(tensors: Sequence[Tensor], size: tuple[int, int], value: float) -> Tensor:
-    """Stack Tensor[..., h_i, w_i] into Tensor[N, ..., H, W], padding bottom / right with ``value``."""
-    return torch.stack([F.pad(t, (0, size[1] - t.shape[-1], 0, size[0] - t.shape[-2]), value=value) for t in tensors])
 
 
 def _check_labels(targets: Any, images: Sequence[Tensor], num_classes: int, ignore_index: int) -> list[Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -13,8 +12,9 @@ from torch import Tensor, nn
 
 from segkit.errors import ConfigError
 from segkit.models.base import ModelInfo, SegkitModel, detection_index, detection_result
-from segkit.ops.masks import paste_masks_in_image, resize_masks
-from segkit.registry import BACKBONES, HEADS, MODELS, NECKS, check_arguments
+from segkit.models.preprocess import ImagePreprocessor, check_images
+from segkit.ops.masks import paste_masks_in_image
+from segkit.registry import BACKBONES, HEADS, MODELS, NECKS, check_arguments, join_key
 
 __all__ = ["TwoStageDetector"]
 
@@ -25,7 +25,7 @@ _CHILDREN = ("backbone", "neck", "rpn", "roi_heads")
 class TwoStageDetector(SegkitModel):
     """Faster R-CNN style detector over any backbone, neck and heads honouring the shape contracts.
 
-    Preprocessing happens inside: images are normalised with ``pixel_mean`` / ``pixel_std``,
+    Preprocessing happens inside (:class:`~segkit.models.preprocess.ImagePreprocessor`): images are normalised with ``pixel_mean`` / ``pixel_std``,
     optionally resized so the short side is ``min_size`` unless that makes the long side exceed
     ``max_size`` (bilinear, the scale recomputed from the rounded size; target boxes scaled the
     same way, target masks with nearest neighbours), and padded at the bottom / right into one
@@ -66,21 +66,12 @@ class TwoStageDetector(SegkitModel):
         size_divisor: int = 32,
     ) -> None:
         super().__init__()
-        if len(pixel_mean) != 3 or len(pixel_std) != 3:
-            raise ValueError(f"pixel_mean and pixel_std need three values (RGB), got {pixel_mean!r} and {pixel_std!r}")
-        if size_divisor < 1:
-            raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
-        if max_size is not None and min_size is None:
-            raise ValueError("max_size only applies together with min_size; set min_size too or drop max_size")
+        self.preprocessor = ImagePreprocessor(pixel_mean=pixel_mean, pixel_std=pixel_std, min_size=min_size,
+                                              max_size=max_size, size_divisor=size_divisor)
         self.backbone = backbone
         self.neck = neck
         self.rpn = rpn
         self.roi_heads = roi_heads
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.min_size = min_size
-        self.max_size = max_size if max_size is not None or min_size is None else int(round(min_size * 1333 / 800))
-        self.size_divisor = int(size_divisor)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, path: str, **defaults: Any) -> TwoStageDetector:
@@ -95,15 +86,15 @@ class TwoStageDetector(SegkitModel):
         kwargs = {**defaults, **cfg}
         for wrong, right in (("rpn", "rpn_head"), ("roi_heads", "roi_head")):
             if wrong in kwargs:
-                raise ConfigError(f"the config key for this part is '{right}', not '{wrong}'", key=_join(path, wrong))
+                raise ConfigError(f"the config key for this part is '{right}', not '{wrong}'", key=join_key(path, wrong))
         for key in ("backbone", "rpn_head", "roi_head"):
             if kwargs.get(key) is None:
-                raise ConfigError(f"TwoStageDetector needs a '{key}' section with a 'type'", key=_join(path, key))
+                raise ConfigError(f"TwoStageDetector needs a '{key}' section with a 'type'", key=join_key(path, key))
         children = {k: kwargs.pop(k, None) for k in ("backbone", "neck", "rpn_head", "roi_head")}
         check_arguments(cls, kwargs, path=path, type_name=cls.__name__, kind="model", provided=_CHILDREN)
         backbone, neck, shapes = build_backbone_and_neck(children["backbone"], children["neck"], path=path)
-        rpn = HEADS.build_child(children["rpn_head"], path=_join(path, "rpn_head"), in_shapes=shapes)
-        roi_heads = HEADS.build_child(children["roi_head"], path=_join(path, "roi_head"), in_shapes=shapes)
+        rpn = HEADS.build_child(children["rpn_head"], path=join_key(path, "rpn_head"), in_shapes=shapes)
+        roi_heads = HEADS.build_child(children["roi_head"], path=join_key(path, "roi_head"), in_shapes=shapes)
         try:
             return cls(backbone=backbone, neck=neck, rpn=rpn, roi_heads=roi_heads, **kwargs)
         except ValueError as exc:
@@ -131,19 +122,15 @@ class TwoStageDetector(SegkitModel):
         Raises:
             ValueError: malformed images or targets, or missing targets in training.
         """
-        images = _check_images(images)
-        if self.training:
-            targets = _check_targets(targets, images)
-        else:
-            targets = None
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        batch, image_sizes, targets = self.preprocess(images, targets)
-        features = self.extract_features(batch)
-        proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
-        detections, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
+        images = check_images(images)
+        targets = _check_targets(targets, images) if self.training else None
+        batch = self.preprocessor(images, targets)
+        features = self.extract_features(batch.tensor)
+        proposals, rpn_losses = self.rpn(features, batch.image_sizes, tuple(batch.tensor.shape[-2:]), batch.targets)
+        detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, batch.targets)
         if self.training:
             return {**rpn_losses, **roi_losses}
-        return self.postprocess(detections, image_sizes, original_sizes)
+        return self.postprocess(detections, batch.image_sizes, batch.original_sizes)
 
     def extract_features(self, batch: Tensor) -> dict[str, Tensor]:
         """Backbone (and neck) maps of a preprocessed batch Tensor[N, 3, H, W]."""
@@ -153,37 +140,14 @@ class TwoStageDetector(SegkitModel):
     def preprocess(
         self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
     ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]] | None]:
-        """Normalise, resize and pad images into one batch.
+        """Normalise, resize and pad images into one batch (:class:`~segkit.models.preprocess.ImagePreprocessor`).
 
         Returns:
             ``(batch, image_sizes, targets)``: batch Tensor[N, 3, H_pad, W_pad]; the ``(h, w)`` of
             each image inside it; copies of the targets with boxes in batch pixels (or ``None``).
         """
-        resized, sizes, new_targets = [], [], [] if targets is not None else None
-        for i, image in enumerate(images):
-            image = (image - self.pixel_mean.to(image.dtype)) / self.pixel_std.to(image.dtype)
-            if self.min_size is not None:
-                h, w = image.shape[-2:]
-                scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
-                image = F.interpolate(
-                    image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-                )[0]
-            resized.append(image)
-            sizes.append((int(image.shape[-2]), int(image.shape[-1])))
-            if new_targets is not None:
-                target = dict(targets[i])
-                if self.min_size is not None:
-                    target["boxes"] = _scale_boxes(target["boxes"], images[i].shape[-2:], image.shape[-2:])
-                    if "masks" in target:
-                        target["masks"] = resize_masks(target["masks"], scale)
-                new_targets.append(target)
-        d = self.size_divisor
-        height = int(math.ceil(max(s[0] for s in sizes) / d) * d)
-        width = int(math.ceil(max(s[1] for s in sizes) / d) * d)
-        batch = resized[0].new_zeros((len(resized), 3, height, width))
-        for i, image in enumerate(resized):
-            batch[i, :, : image.shape[-2], : image.shape[-1]].copy_(image)
-        return batch, sizes, new_targets
+        batch = self.preprocessor(images, targets)
+        return batch.tensor, batch.image_sizes, batch.targets
 
     def postprocess(
         self,
@@ -196,8 +160,7 @@ class TwoStageDetector(SegkitModel):
         results = []
         for det, size, original in zip(detections, image_sizes, original_sizes):
             det = dict(det)
-            if tuple(size) != tuple(original):
-                det["boxes"] = _scale_boxes(det["boxes"], size, original)
+            det["boxes"] = self.preprocessor.boxes_to_input(det["boxes"], size, original)
             if "roi_masks" in det:
                 # NaN probabilities (a model whose outputs overflow) count as 0: no pixel of the object.
                 roi_masks = torch.nan_to_num(det.pop("roi_masks"), nan=0.0)
@@ -210,6 +173,21 @@ class TwoStageDetector(SegkitModel):
         """Probability from which a mask pixel belongs to the object (``None`` without a mask head)."""
         mask_head = getattr(self.roi_heads, "mask_head", None)
         return None if mask_head is None else float(getattr(mask_head, "mask_threshold", 0.5))
+
+    @property
+    def min_size(self) -> int | None:
+        """Target short side of the input resize (``None``: inputs keep their size)."""
+        return self.preprocessor.min_size
+
+    @property
+    def max_size(self) -> int | None:
+        """Cap on the long side after resizing."""
+        return self.preprocessor.max_size
+
+    @property
+    def size_divisor(self) -> int:
+        """The padded batch's sides are multiples of this."""
+        return self.preprocessor.size_divisor
 
     # ------------------------------------------------------------------ contract
     def describe(self) -> ModelInfo:
@@ -274,49 +252,17 @@ def build_backbone_and_neck(
         ``(backbone, neck or None, shapes)``: ``shapes`` is the neck's ``output_shape()`` (the
         backbone's without a neck), what the heads are built with.
     """
-    backbone = BACKBONES.build_child(backbone_cfg, path=_join(path, "backbone"))
+    backbone = BACKBONES.build_child(backbone_cfg, path=join_key(path, "backbone"))
     shapes = backbone.output_shape()
     neck = None
     if neck_cfg is not None:
-        neck = NECKS.build_child(neck_cfg, path=_join(path, "neck"), in_shapes=shapes)
+        neck = NECKS.build_child(neck_cfg, path=join_key(path, "neck"), in_shapes=shapes)
         shapes = neck.output_shape()
     return backbone, neck, shapes
 
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _scale_boxes(boxes: Tensor, old_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
-    """Scale xyxy boxes from an image of ``old_size`` (h, w) to one of ``new_size``."""
-    ratio_h = torch.tensor(float(new_size[0]), device=boxes.device) / torch.tensor(float(old_size[0]), device=boxes.device)
-    ratio_w = torch.tensor(float(new_size[1]), device=boxes.device) / torch.tensor(float(old_size[1]), device=boxes.device)
-    ratios = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h])
-    return boxes * ratios.to(boxes.dtype)
-
-
-def _check_images(images: Any) -> list[Tensor]:
-    if isinstance(images, Tensor):
-        if images.dim() != 4:
-            raise ValueError(
-                f"images must be a list of float tensors [3, H, W] (or one [N, 3, H, W] tensor), got a tensor of shape {tuple(images.shape)}"
-            )
-        images = list(images.unbind(0))
-    if not isinstance(images, (list, tuple)) or not images:
-        raise ValueError(f"images must be a non-empty list of float tensors [3, H, W], got {type(images).__name__}")
-    for i, image in enumerate(images):
-        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
-            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise ValueError(f"images[{i}] must be a tensor of shape [3, H, W] (RGB, channels first), got {shape}")
-        if not image.is_floating_point():
-            raise ValueError(f"images[{i}] must be a float tensor with values in [0, 1], got dtype {image.dtype}")
-        if image.shape[-1] == 0 or image.shape[-2] == 0:
-            raise ValueError(f"images[{i}] is empty (shape {tuple(image.shape)})")
-    return list(images)
 
 
 def _check_targets(targets: Any, images: Sequence[Tensor]) -> list[Mapping[str, Tensor]]:

@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "Evaluator",
     "CocoEvaluator",
     "COCO_METRIC_NAMES",
     "SemSegEvaluator",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 _LOCATIONS = {
+    "Evaluator": "segkit.evaluation.base",
     "CocoEvaluator": "segkit.evaluation.coco",
     "SemSegEvaluator": "segkit.evaluation.semseg",
     "VOCEvaluator": "segkit.evaluation.voc",

@@ -37,6 +37,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from segkit.evaluation.base import Evaluator
 from segkit.evaluation.table import COCO_METRIC_NAMES, format_metrics_table
 from segkit.registry import EVALUATORS
 
@@ -66,7 +67,7 @@ _RESIZE_CHUNK = 32
 
 
 @EVALUATORS.register()
-class CocoEvaluator:
+class CocoEvaluator(Evaluator):
     """COCO bbox/segm AP of detections, with pycocotools' ``COCOeval``.
 
     Args:
@@ -93,6 +94,7 @@ class CocoEvaluator:
 
     def __init__(self, *, dataset: Any, iou_types: Sequence[IouType] | IouType = ("bbox",), per_class: bool = False,
                  mask_threshold: float | None = None, backend: Backend = "auto") -> None:
+        super().__init__()
         self.backend = resolve_backend(backend)
         self.coco: COCO = _dataset_coco(dataset)
         self.iou_types = _check_iou_types(iou_types, self.coco)
@@ -107,7 +109,6 @@ class CocoEvaluator:
         self.classes = [str(name) for name in dataset.classes]
         self.label_to_cat_id = {int(k): int(v) for k, v in dict(dataset.label_to_cat_id).items()}
         self._label_lookup = _label_lookup(self.label_to_cat_id, self.coco)
-        self._images: dict[int, dict[str, Any]] = {}
 
     @classmethod
     def metric_names(cls, *, iou_types: Sequence[str] | str = ("bbox",), per_class: bool = False,
@@ -124,15 +125,6 @@ class CocoEvaluator:
             [f"{t}/AP-*" for t in types] if per_class else [])
 
     # ---------------------------------------------------------------- accumulation
-    def reset(self) -> None:
-        """Forget every processed image."""
-        self._images = {}
-
-    @property
-    def image_ids(self) -> list[int]:
-        """Sorted ids of the images processed so far (or merged in)."""
-        return sorted(self._images)
-
     def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
         """Convert one batch of predictions to COCO results, stored by image id.
 
@@ -154,17 +146,18 @@ class CocoEvaluator:
             ValueError: mismatched lengths, an image id not in the ground truth, labels outside
                 ``1..K``, or missing masks for ``"segm"``.
         """
-        if len(targets) != len(outputs):
-            raise ValueError(
-                f"process() got {len(targets)} targets but {len(outputs)} outputs; pass the batch's "
-                f"targets together with the model's outputs for the same images."
-            )
-        for target, output in zip(targets, outputs):
-            image_id = _image_id(target, self.coco)
-            if image_id not in self._images:
-                self._images[image_id] = self._convert(image_id, target, output)
+        super().process(targets, outputs)
 
-    def _convert(self, image_id: int, target: Mapping[str, Any], output: Mapping[str, Any]) -> dict[str, Any]:
+    def image_id(self, target: Mapping[str, Any]) -> int:
+        """The target's ``image_id``, which must be an image of the ground truth."""
+        image_id = super().image_id(target)
+        if image_id not in self.coco.imgs:
+            raise ValueError(f"image_id {image_id} is not an image of the evaluator's ground truth; evaluate with the "
+                             f"dataset the images came from.")
+        return image_id
+
+    def image_result(self, image_id: int, target: Mapping[str, Any], output: Mapping[str, Any]) -> dict[str, Any]:
+        """The image's detections as COCO results (category ids, xywh boxes in file pixels, RLE masks)."""
         if "orig_size" not in target:
             raise ValueError(
                 f"the target of image {image_id} has no 'orig_size' (int64 [2], height and width of the "
@@ -220,31 +213,9 @@ class CocoEvaluator:
         return self._label_lookup[labels]
 
     # ---------------------------------------------------------------- processes
-    def state(self) -> dict[str, Any]:
-        """The per-image results, picklable, for gathering from other processes (see :meth:`merge`)."""
-        return {"iou_types": list(self.iou_types), "images": dict(self._images)}
-
-    def merge(self, states: Sequence[Mapping[str, Any]]) -> None:
-        """Add the results of other processes' :meth:`state`; an image id already present is skipped.
-
-        Gathering every process's state (this one's included) and merging it gives exactly the
-        results of one process that saw each image once, so a distributed sampler's padding
-        duplicates are dropped.
-
-        Raises:
-            ValueError: a state that does not come from a ``CocoEvaluator`` with these iou types.
-        """
-        for state in states:
-            if not isinstance(state, Mapping) or "images" not in state:
-                raise ValueError("merge() takes a list of CocoEvaluator.state() dicts, e.g. from all_gather_objects().")
-            missing = set(self.iou_types) - set(state.get("iou_types", ()))
-            if missing:
-                raise ValueError(
-                    f"a merged state lacks iou types {sorted(missing)}; every process must build its "
-                    f"evaluator with the same iou_types {list(self.iou_types)}."
-                )
-            for image_id, entry in state["images"].items():
-                self._images.setdefault(int(image_id), entry)
+    def state_values(self) -> dict[str, Any]:
+        """The iou types, which every process's evaluator must share."""
+        return {"iou_types": list(self.iou_types)}
 
     # ---------------------------------------------------------------- scoring
     def results(self, iou_type: str = "bbox") -> list[dict[str, Any]]:
@@ -272,17 +243,8 @@ class CocoEvaluator:
             raise ValueError(f"this evaluator has no masks; its iou_types are {list(self.iou_types)}.")
         return [area for image_id in sorted(self._images) for area in self._images[image_id]["mask_areas"].tolist()]
 
-    def evaluate(self) -> dict[str, float]:
-        """Score the processed images; returns ``{"bbox/AP": ..., ...}`` (see the module docstring).
-
-        Raises:
-            RuntimeError: if no image was processed.
-        """
-        if not self._images:
-            raise RuntimeError(
-                "CocoEvaluator.evaluate() found no processed images; call process(targets, outputs) on "
-                "the evaluation batches (and merge() the other processes' states) first."
-            )
+    def score(self) -> dict[str, float]:
+        """The metrics of the processed images, ``{"bbox/AP": ..., ...}`` (see the module docstring)."""
         class_names = None
         if self.per_class:
             class_names = {self.label_to_cat_id[label]: self.classes[label - 1] for label in sorted(self.label_to_cat_id)
@@ -525,18 +487,6 @@ def _label_lookup(label_to_cat_id: Mapping[int, int], coco: COCO) -> np.ndarray:
         if cat_id in coco.cats:
             lookup[label] = cat_id
     return lookup
-
-
-def _image_id(target: Mapping[str, Any], coco: COCO) -> int:
-    if "image_id" not in target:
-        raise ValueError("a target has no 'image_id'; COCO evaluation needs the COCO image id of every image.")
-    image_id = int(target["image_id"])
-    if image_id not in coco.imgs:
-        raise ValueError(
-            f"image_id {image_id} is not an image of the evaluator's ground truth; evaluate with the "
-            f"dataset the images came from."
-        )
-    return image_id
 
 
 def _hw(size: Any) -> tuple[int, int]:

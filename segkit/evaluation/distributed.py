@@ -12,19 +12,14 @@ travel through it.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from segkit.evaluation.base import Evaluator
+
 __all__ = ["all_gather_objects", "broadcast_object", "evaluate_distributed", "get_rank", "get_world_size", "is_distributed"]
-
-
-class _Evaluator(Protocol):
-    def state(self) -> Any: ...
-
-    def merge(self, states: list[Any]) -> None: ...
-
-    def evaluate(self) -> dict[str, float]: ...
 
 
 def is_distributed() -> bool:
@@ -63,7 +58,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def evaluate_distributed(evaluator: _Evaluator, *, src: int = 0) -> dict[str, float]:
+def evaluate_distributed(evaluator: Evaluator, *, src: int = 0) -> dict[str, float]:
     """Gather ``evaluator.state()`` from every process, merge and evaluate on ``src``, broadcast.
 
     Every process must call it and gets the same metrics. If evaluation fails on ``src``, it

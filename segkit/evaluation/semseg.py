@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segkit.evaluation.base import Evaluator
 from segkit.evaluation.table import SEMSEG_METRIC_NAMES as SEMSEG_SUMMARY_NAMES
 from segkit.registry import EVALUATORS
 
@@ -156,7 +157,7 @@ def segmentation_metrics(confusion: torch.Tensor | np.ndarray, class_names: Sequ
 
 
 @EVALUATORS.register()
-class SemSegEvaluator:
+class SemSegEvaluator(Evaluator):
     """mIoU, pixel and class accuracy of ``sem_seg`` scores against the dataset's label maps.
 
     Args:
@@ -176,8 +177,11 @@ class SemSegEvaluator:
         >>> print(format_metrics_table(evaluator.evaluate()))  # segkit.evaluation.table
     """
 
+    state_keys = ("num_classes",)  # processes must agree on it
+
     def __init__(self, *, dataset: Any, num_classes: int | None = None, ignore_index: int | None = None,
                  per_class: bool = True) -> None:
+        super().__init__()
         self.num_classes, self.class_names = _dataset_classes(dataset, num_classes)
         if ignore_index is None:
             ignore_index = getattr(dataset, "ignore_index", None)
@@ -186,22 +190,12 @@ class SemSegEvaluator:
             raise ValueError(f"ignore_index must be an int (the label value of unscored pixels), got {ignore_index!r}.")
         self.ignore_index = int(ignore_index)
         self.per_class = bool(per_class)
-        # image id -> (flat indices int64 [M], counts int64 [M]) of the non-zero confusion entries.
-        self._images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # self._images: image id -> (flat indices int64 [M], counts int64 [M]) of the non-zero confusion entries.
 
     @classmethod
     def metric_names(cls, *, per_class: bool = True, **options: Any) -> list[str]:
         """The names :meth:`evaluate` reports with these options (``*`` stands for a class name)."""
         return [*SEMSEG_SUMMARY_NAMES, *(["IoU-*", "Acc-*"] if per_class else [])]
-
-    def reset(self) -> None:
-        """Forget every processed image."""
-        self._images = {}
-
-    @property
-    def image_ids(self) -> list[int]:
-        """Sorted ids of the images processed so far (or merged in)."""
-        return sorted(self._images)
 
     def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
         """Compute and keep the confusion matrix of each image of a batch.
@@ -220,16 +214,11 @@ class SemSegEvaluator:
             ValueError: mismatched lengths, a missing key, scores that are not ``[K, H', W']``, or
                 label / predicted values outside ``0..K-1`` (naming the image).
         """
-        if len(targets) != len(outputs):
-            raise ValueError(f"process() got {len(targets)} targets but {len(outputs)} outputs; pass the batch's "
-                             f"targets together with the model's outputs for the same images.")
-        for target, output in zip(targets, outputs):
-            image_id = _image_id(target)
-            if image_id not in self._images:
-                self._images[image_id] = self._sparse_confusion(image_id, target, output)
+        super().process(targets, outputs)
 
-    def _sparse_confusion(self, image_id: int, target: Mapping[str, Any],
-                          output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_result(self, image_id: int, target: Mapping[str, Any],
+                     output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The non-zero entries of the image's confusion matrix: flat indices into ``[K * K]`` and counts."""
         scores = output.get("sem_seg")
         if not isinstance(scores, torch.Tensor) or scores.ndim != 3 or scores.shape[0] != self.num_classes:
             shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
@@ -268,26 +257,14 @@ class SemSegEvaluator:
                 "lengths": np.array([len(e[0]) for e in entries], dtype=np.int64),
                 "indices": indices.numpy(), "counts": counts.numpy()}
 
-    def merge(self, states: Sequence[Mapping[str, Any]]) -> None:
-        """Add the images of other processes' :meth:`state`; an image id already present is skipped.
-
-        Gathering every process's state (this one's included) and merging it gives exactly the
-        result of one process that saw each image once.
-
-        Raises:
-            ValueError: a state that is not a ``SemSegEvaluator`` state with the same ``num_classes``.
-        """
-        for state in states:
-            if not isinstance(state, Mapping) or not {"image_ids", "lengths", "indices", "counts"} <= set(state):
-                raise ValueError("merge() takes a list of SemSegEvaluator.state() dicts, e.g. from all_gather_objects().")
-            if state.get("num_classes") != self.num_classes:
-                raise ValueError(f"a merged state has num_classes={state.get('num_classes')} but this evaluator "
-                                 f"{self.num_classes}; every process must evaluate the same dataset.")
-            lengths = [int(n) for n in state["lengths"]]
-            indices = torch.as_tensor(np.asarray(state["indices"], dtype=np.int64)).split(lengths)
-            counts = torch.as_tensor(np.asarray(state["counts"], dtype=np.int64)).split(lengths)
-            for image_id, index, count in zip(state["image_ids"], indices, counts):
-                self._images.setdefault(int(image_id), (index, count))
+    def image_results_of(self, state: Mapping[str, Any]) -> list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """The per-image confusion entries of a :meth:`state`."""
+        if not {"image_ids", "lengths", "indices", "counts"} <= set(state):
+            raise ValueError("merge() takes a list of SemSegEvaluator.state() dicts, e.g. from all_gather_objects().")
+        lengths = [int(n) for n in state["lengths"]]
+        indices = torch.as_tensor(np.asarray(state["indices"], dtype=np.int64)).split(lengths)
+        counts = torch.as_tensor(np.asarray(state["counts"], dtype=np.int64)).split(lengths)
+        return [(int(image_id), (index, count)) for image_id, index, count in zip(state["image_ids"], indices, counts)]
 
     # ---------------------------------------------------------------- scoring
     @property
@@ -298,15 +275,8 @@ class SemSegEvaluator:
         flat.index_add_(0, _concat_cpu([e[0] for e in entries]), _concat_cpu([e[1] for e in entries]))
         return flat.view(self.num_classes, self.num_classes)
 
-    def evaluate(self) -> dict[str, float]:
-        """Score the processed images; returns ``{"mIoU": ..., ...}`` (see the module docstring).
-
-        Raises:
-            RuntimeError: if no image was processed.
-        """
-        if not self._images:
-            raise RuntimeError("SemSegEvaluator.evaluate() found no processed images; call process(targets, outputs) "
-                               "on the evaluation batches (and merge() the other processes' states) first.")
+    def score(self) -> dict[str, float]:
+        """The metrics of the processed images, ``{"mIoU": ..., ...}`` (see the module docstring)."""
         return segmentation_metrics(self.confusion, self.class_names, per_class=self.per_class)
 
     def __repr__(self) -> str:
@@ -345,13 +315,6 @@ def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[st
         repeated = sorted({n for i, n in enumerate(names) if n in names[:i]})
         raise ValueError(f"class names must be distinct to name per-class metrics; repeated: {repeated}.")
     return names
-
-
-def _image_id(target: Mapping[str, Any]) -> int:
-    if "image_id" not in target:
-        raise ValueError("a target has no 'image_id'; semantic-segmentation evaluation keys images by it so that "
-                         "images repeated by a distributed sampler count once.")
-    return int(target["image_id"])
 
 
 def _concat_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

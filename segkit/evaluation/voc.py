@@ -277,17 +277,8 @@ class VOCEvaluator(CocoEvaluator):
         per_threshold = [f"voc/mAP{round(float(t) * 100)}" for t in thrs] if len(thrs) > 1 else []
         return ["voc/mAP", *per_threshold, "voc/AP-*"]
 
-    def evaluate(self) -> dict[str, float]:
-        """Score the processed images; returns ``{"voc/mAP": ..., "voc/AP-<class>": ...}``.
-
-        Raises:
-            RuntimeError: if no image was processed.
-        """
-        if not self._images:
-            raise RuntimeError(
-                "VOCEvaluator.evaluate() found no processed images; call process(targets, outputs) on "
-                "the evaluation batches (and merge() the other processes' states) first."
-            )
+    def score(self) -> dict[str, float]:
+        """The metrics of the processed images, ``{"voc/mAP": ..., "voc/AP-<class>": ...}``."""
         cat_to_label = {cat: label for label, cat in self.label_to_cat_id.items()}
         detections = {}
         for image_id, entry in self._images.items():

@@ -855,11 +855,11 @@ def _coco2voc_parser() -> argparse.ArgumentParser:
 
 
 def _convert_coco2voc(argv: list[str]) -> int:
-    from segkit.data.coco import _read_coco
+    from segkit.data.coco import read_coco
     from segkit.data.voc import coco_to_voc
 
     args = _coco2voc_parser().parse_args(argv)
-    coco = _read_coco(args.ann_file)
+    coco = read_coco(args.ann_file)
     ids = coco_to_voc(coco.dataset, args.img_dir, args.out_root, split=args.split, progress=None)
     print(f"wrote {len(ids)} images to {args.out_root} (split {args.split})")
     return 0

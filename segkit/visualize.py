@@ -80,19 +80,19 @@ def draw_detections(image: ImageInput, output: Mapping[str, Any], class_names: S
     order = order[scores[order] >= score_threshold]
     colors = class_colors(labels)
     if output.get("masks") is not None and len(order):
-        masks = _binary_masks(output["masks"], mask_threshold, canvas.shape[:2])[order]
-        canvas = _blend_masks(canvas, masks, colors[order], alpha)
+        masks = binary_masks(output["masks"], mask_threshold, canvas.shape[:2])[order]
+        canvas = blend_masks(canvas, masks, colors[order], alpha)
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     height, width = canvas.shape[:2]
     line = max(1, round(max(height, width) / 320))
-    font = _font(height, width)
+    font = label_font(height, width)
     for i in order:
         color = tuple(int(c) for c in colors[i])
         x0, y0, x1, y1 = boxes[i]
         draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color, width=line)
-        text = f"{_name_of(class_names, int(labels[i]))} {scores[i]:.2f}"
-        _draw_label(draw, (x0, y0), text, color, font, (height, width))
+        text = f"{class_name_of(class_names, int(labels[i]))} {scores[i]:.2f}"
+        draw_label(draw, (x0, y0), text, color, font, (height, width))
     return np.asarray(picture)
 
 
@@ -144,7 +144,7 @@ def _numpy(value: Any, dtype: Any) -> np.ndarray:
     return np.asarray(value) if dtype is None else np.asarray(value, dtype=dtype)
 
 
-def _binary_masks(masks: Any, threshold: float, size: tuple[int, int]) -> np.ndarray:
+def binary_masks(masks: Any, threshold: float, size: tuple[int, int]) -> np.ndarray:
     """Masks ``[N, 1, H, W]`` or ``[N, H, W]`` (probabilities or binary) as bool ``[N, H, W]``."""
     array = _numpy(masks, None)
     if array.ndim == 4:
@@ -155,7 +155,7 @@ def _binary_masks(masks: Any, threshold: float, size: tuple[int, int]) -> np.nda
     return array >= threshold if np.issubdtype(array.dtype, np.floating) else array > 0
 
 
-def _blend_masks(canvas: np.ndarray, masks: np.ndarray, colors: np.ndarray, alpha: float) -> np.ndarray:
+def blend_masks(canvas: np.ndarray, masks: np.ndarray, colors: np.ndarray, alpha: float) -> np.ndarray:
     """Blend ``colors[i]`` where ``masks[i]``; where masks overlap the last one (highest score) wins."""
     covered = masks.any(axis=0)
     if not covered.any():
@@ -168,7 +168,7 @@ def _blend_masks(canvas: np.ndarray, masks: np.ndarray, colors: np.ndarray, alph
     return out
 
 
-def _font(height: int, width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font(height: int, width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     size = int(np.clip(round(min(height, width) / 32), 9, 28))
     try:
         return ImageFont.load_default(size=size)
@@ -176,7 +176,7 @@ def _font(height: int, width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFo
         return ImageFont.load_default()
 
 
-def _draw_label(draw: ImageDraw.ImageDraw, corner: tuple[float, float], text: str, color: tuple[int, ...],
+def draw_label(draw: ImageDraw.ImageDraw, corner: tuple[float, float], text: str, color: tuple[int, ...],
                 font: Any, size: tuple[int, int]) -> None:
     """A filled label with contrasting text above the box corner, or just inside the box when the
     corner is at the top of the image; kept inside the image horizontally."""
@@ -202,7 +202,7 @@ def _draw_legend(canvas: np.ndarray, entries: Sequence[tuple[int, str]]) -> np.n
         return canvas
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
-    font = _font(*canvas.shape[:2])
+    font = label_font(*canvas.shape[:2])
     boxes = [draw.textbbox((0, 0), name, font=font) for _, name in entries]
     row = max(b[3] - b[1] for b in boxes) + 4
     rows = max(1, min(len(entries), (canvas.shape[0] - 4) // row))
@@ -216,7 +216,7 @@ def _draw_legend(canvas: np.ndarray, entries: Sequence[tuple[int, str]]) -> np.n
     return np.asarray(picture)
 
 
-def _name_of(names: Sequence[str], label: int) -> str:
+def class_name_of(names: Sequence[str], label: int) -> str:
     return str(names[label - 1]) if 1 <= label <= len(names) else f"class_{label}"
 
 

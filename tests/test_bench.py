@@ -140,15 +140,15 @@ def test_compare_torchvision_fcn_matches_the_architecture_and_times_both(tmp_pat
 def test_fcn_reference_gets_torchvision_architecture_and_weights():
     import copy
 
-    from segkit.bench import TorchvisionSegmentor, _build_reference, _match_reference
+    from segkit.bench import TorchvisionSegmentor, build_reference, match_reference
 
     torch.set_num_threads(1)  # restored by the fixture
     cfg = copy.deepcopy(segkit.load_config(CONFIGS / "fcn_r50_d8_voc.yaml"))
-    notes = _match_reference("fcn_resnet50", cfg)
+    notes = match_reference("fcn_resnet50", cfg)
     assert cfg["model"]["backbone"]["stem"] == "default" and cfg["model"]["decode_head"]["num_convs"] == 1
     assert cfg["model"]["backbone"]["pretrained"] is None and len(notes) == 2
     ours = segkit.build_model(cfg)
-    reference = _build_reference("fcn_resnet50", cfg, ours, (64, 64), seed=0)
+    reference = build_reference("fcn_resnet50", cfg, ours, (64, 64), seed=0)
     assert isinstance(reference, TorchvisionSegmentor)
     ours_backbone, their_backbone = ours.backbone.state_dict(), reference.net.backbone.state_dict()
     assert ours_backbone.keys() == their_backbone.keys()

@@ -14,7 +14,7 @@ from segkit.ops.norm import NORMS, make_norm
 
 __all__ = ["MaskRCNNHead"]
 
-_DEFAULT_FEATURES = ("p2", "p3", "p4", "p5")
+DEFAULT_FEATURES = ("p2", "p3", "p4", "p5")
 
 
 @HEADS.register()
@@ -67,7 +67,7 @@ class MaskRCNNHead(nn.Module):
         *,
         in_shapes: Mapping[str, ShapeSpec],
         num_classes: int,
-        in_features: Sequence[str] = _DEFAULT_FEATURES,
+        in_features: Sequence[str] = DEFAULT_FEATURES,
         pooler_resolution: int = 14,
         pooler_sampling_ratio: int = 2,
         pooler_aligned: bool = False,

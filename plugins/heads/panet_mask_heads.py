@@ -18,7 +18,7 @@ from segkit.ops import ShapeSpec
 from segkit.ops.norm import make_norm
 from segkit.registry import HEADS
 from segkit_plugins.heads.afp_box_heads import FUSIONS, fuse_levels
-from segkit_plugins.heads.mask_heads import _DEFAULT_FEATURES, MaskRCNNHead
+from segkit_plugins.heads.mask_heads import DEFAULT_FEATURES, MaskRCNNHead
 
 __all__ = ["AFPMaskHead", "FusedMaskHead", "PANetMaskHead"]
 
@@ -79,7 +79,7 @@ class PANetMaskHead(MaskRCNNHead):
         fused: bool = True,
         fusion: str = "max",
         fc_conv_dim: int | None = None,
-        in_features: Sequence[str] = _DEFAULT_FEATURES,
+        in_features: Sequence[str] = DEFAULT_FEATURES,
         pooler_resolution: int = 14,
         pooler_sampling_ratio: int = 2,
         pooler_aligned: bool = False,

@@ -47,11 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segkit.bench.inputs import (Batch, _bench_data, _bench_eval, _DataSource, _keep_input_size, _task, _to_device,
+from segkit.bench.inputs import (Batch, bench_data, bench_eval, DataSource, keep_input_size, model_task, to_device,
                                  synthetic_batch)
-from segkit.bench.measure import (_device, _device_name, _empty_entry, _infer, _MemoryProbe, _optimizer, _record,
-                                  _Timer, _train_step, _versions)
-from segkit.bench.reference import (REFERENCES, Reference, TorchvisionSegmentor, _build_reference, _match_reference,
+from segkit.bench.measure import (resolve_device, device_name, empty_entry, infer_once, MemoryProbe, bench_optimizer, record_times,
+                                  Timer, run_train_step, library_versions)
+from segkit.bench.reference import (REFERENCES, Reference, TorchvisionSegmentor, build_reference, match_reference,
                                     reference_for)
 from segkit.bench.report import format_report
 from segkit.errors import UserError
@@ -149,18 +149,18 @@ def run_bench(cfg: Mapping[str, Any], options: BenchOptions, *,
     """
     cfg = copy.deepcopy(cfg)
     reference_name = reference_for(cfg) if options.compare else None
-    device = _device(options.device)
+    device = resolve_device(options.device)
     if options.threads:
         torch.set_num_threads(options.threads)
     batch_size = options.batch_size or int((cfg.get("data") or {}).get("batch_size") or 2)
-    data = _DataSource(cfg, batch_size)
-    adjustments = _match_reference(reference_name, cfg) if reference_name else []
+    data = DataSource(cfg, batch_size)
+    adjustments = match_reference(reference_name, cfg) if reference_name else []
     size, source = options.image_size, ""
     if size is None and (data.get("train") is None or data.eval_dataset() is None):
         size, source = SYNTHETIC_DEFAULT_SIZE, f" (the config's data cannot be read: {data.first_error()})"
     if size is not None:
         source = f"synthetic {size[0]}x{size[1]}" + source
-        adjustments += _keep_input_size(cfg, size)
+        adjustments += keep_input_size(cfg, size)
     else:
         source = "data.train (training steps) and data.val (inference)"
     for note in adjustments:
@@ -168,11 +168,11 @@ def run_bench(cfg: Mapping[str, Any], options: BenchOptions, *,
 
     subjects, infer_images = _build_subjects(cfg, reference_name, size, data, batch_size, device)
     skipped = {phase: "--skip" for phase in PHASES if phase in options.skip}
-    probe = _MemoryProbe(device)
-    _time_models(subjects, infer_images, batch_size, skipped, _Timer(options.iters, options.warmup, device, log), probe)
+    probe = MemoryProbe(device)
+    _time_models(subjects, infer_images, batch_size, skipped, Timer(options.iters, options.warmup, device, log), probe)
     ours = subjects["segkit"]
-    for phase, bench_fn in (("data", lambda: _bench_data(data, batch_size, options.iters, log)),
-                            ("eval", lambda: _bench_eval(cfg, ours.model, data, device, options.iters, log))):
+    for phase, bench_fn in (("data", lambda: bench_data(data, batch_size, options.iters, log)),
+                            ("eval", lambda: bench_eval(cfg, ours.model, data, device, options.iters, log))):
         if phase not in skipped:
             measured = bench_fn()
             if isinstance(measured, str):
@@ -184,9 +184,9 @@ def run_bench(cfg: Mapping[str, Any], options: BenchOptions, *,
     report: dict[str, Any] = {
         "config": getattr(cfg, "filename", "") or None, "model": str((cfg.get("model") or {}).get("type")),
         "compare": options.compare, "reference_model": reference.builder if reference else None,
-        "same_weights": reference.same_weights if reference else None, "device": _device_name(device),
+        "same_weights": reference.same_weights if reference else None, "device": device_name(device),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "versions": _versions(), "inputs": source,
+        "cpu_count": os.cpu_count(), "versions": library_versions(), "inputs": source,
         "image_size": list(size) if size else None, "batch_size": batch_size, "iters": options.iters,
         "warmup": options.warmup, "adjustments": adjustments, "skipped": skipped, "memory_method": probe.method,
         "segkit": ours.entry, "reference": subjects["reference"].entry if reference else None,
@@ -205,16 +205,16 @@ class _Subject:
     entry: dict[str, Any]
 
     def infer(self, images: list[Tensor]) -> Callable[[], None]:
-        return lambda: _infer(self.model, images)
+        return lambda: infer_once(self.model, images)
 
     def train_step(self) -> None:
-        loss = _train_step(self.model, self.optimizer, next(self.batches))
+        loss = run_train_step(self.model, self.optimizer, next(self.batches))
         if not bool(torch.isfinite(loss)):
             self.entry["train_loss_finite"] = False
 
 
 def _build_subjects(cfg: Mapping[str, Any], reference_name: str | None, size: tuple[int, int] | None,
-                    data: _DataSource, batch_size: int,
+                    data: DataSource, batch_size: int,
                     device: torch.device) -> tuple[dict[str, _Subject], list[Tensor]]:
     """segkit's model (and the reference) with optimizers and batches, and the inference images."""
     from segkit.api import build_model
@@ -225,32 +225,32 @@ def _build_subjects(cfg: Mapping[str, Any], reference_name: str | None, size: tu
     ours = build_model(cfg).to(device)
     models = {"segkit": ours}
     if reference_name:
-        models["reference"] = _build_reference(reference_name, cfg, ours, size, seed).to(device)
+        models["reference"] = build_reference(reference_name, cfg, ours, size, seed).to(device)
     if size is not None:
-        task = _task(ours)
+        task = model_task(ours)
         gen = torch.Generator().manual_seed(seed)
         train_batches = [synthetic_batch(batch_size, size, *task, generator=gen) for _ in range(_TRAIN_BATCHES)]
         infer_batch = synthetic_batch(batch_size, size, *task, generator=gen)
     else:
         train_batches, infer_batch = data.batches(_TRAIN_BATCHES)
-    train_batches = [_to_device(b, device) for b in train_batches]
+    train_batches = [to_device(b, device) for b in train_batches]
     subjects = {}
     with config_errors(cfg):
         for name, model in models.items():
-            subjects[name] = _Subject(model, _optimizer(model, cfg, batch_size), itertools.cycle(train_batches),
-                                      _empty_entry(model))
-    return subjects, _to_device(infer_batch, device)[0]
+            subjects[name] = _Subject(model, bench_optimizer(model, cfg, batch_size), itertools.cycle(train_batches),
+                                      empty_entry(model))
+    return subjects, to_device(infer_batch, device)[0]
 
 
 def _time_models(subjects: Mapping[str, _Subject], images: list[Tensor], batch_size: int, skipped: Mapping[str, str],
-                 timer: _Timer, probe: _MemoryProbe) -> None:
+                 timer: Timer, probe: MemoryProbe) -> None:
     """The infer, throughput and train phases, all models alternately; results go to each ``entry``."""
     entries = {name: subject.entry for name, subject in subjects.items()}
     # Inference first, while compared models still hold the same weights: training steps move them
     # apart, and a detector's postprocessing cost depends on how many detections pass its threshold.
     if "infer" not in skipped:
         fns = {name: subject.infer(images[:1]) for name, subject in subjects.items()}
-        _record(entries, "infer", timer.run("inference, batch 1", fns), probe, fns, mem_key="infer_peak_mem_mb")
+        record_times(entries, "infer", timer.run("inference, batch 1", fns), probe, fns, mem_key="infer_peak_mem_mb")
     if "throughput" not in skipped:
         if batch_size == 1 and "infer" not in skipped:
             for entry in entries.values():  # the same measurement
@@ -258,7 +258,7 @@ def _time_models(subjects: Mapping[str, _Subject], images: list[Tensor], batch_s
                               for suffix in ("_s", "_min_s", "_max_s", "_all_s")})
         else:
             fns = {name: subject.infer(images[:batch_size]) for name, subject in subjects.items()}
-            _record(entries, "throughput_batch", timer.run(f"inference, batch {batch_size}", fns))
+            record_times(entries, "throughput_batch", timer.run(f"inference, batch {batch_size}", fns))
         for entry in entries.values():
             if entry["throughput_batch_s"]:
                 entry["throughput_img_s"] = batch_size / entry["throughput_batch_s"]
@@ -266,7 +266,7 @@ def _time_models(subjects: Mapping[str, _Subject], images: list[Tensor], batch_s
         for entry in entries.values():
             entry["train_loss_finite"] = True
         fns = {name: subject.train_step for name, subject in subjects.items()}
-        _record(entries, "train_step", timer.run(f"training step, batch {batch_size}", fns), probe, fns,
+        record_times(entries, "train_step", timer.run(f"training step, batch {batch_size}", fns), probe, fns,
                 mem_key="peak_mem_mb")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segkit.bench.measure import _sync
+from segkit.bench.measure import sync_device
 from segkit.errors import UserError
 from segkit.models.base import describe
 
@@ -51,19 +51,19 @@ def synthetic_batch(batch_size: int, size: tuple[int, int], task: str, num_class
     return images, targets
 
 
-def _task(model: nn.Module) -> tuple[str, int, bool]:
+def model_task(model: nn.Module) -> tuple[str, int, bool]:
     """``(task, num_classes, masks)`` of a model, for synthetic targets."""
     info = describe(model)
     return ("detection" if info.is_detector else "semantic"), info.num_classes, info.has_masks
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
+def to_device(batch: Batch, device: torch.device) -> Batch:
     images, targets = batch
     return ([image.to(device) for image in images],
             [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets])
 
 
-class _DataSource:
+class DataSource:
     """The config's datasets and loaders, built on first use; errors are kept as reasons, not raised."""
 
     def __init__(self, cfg: Mapping[str, Any], batch_size: int) -> None:
@@ -112,7 +112,7 @@ class _DataSource:
         return batches, collate([evaluation[i % len(evaluation)] for i in range(self.batch_size)])
 
 
-def _bench_data(data: _DataSource, batch_size: int, iters: int, log: Callable[[str], None]) -> dict[str, Any] | str:
+def bench_data(data: DataSource, batch_size: int, iters: int, log: Callable[[str], None]) -> dict[str, Any] | str:
     """Images/s through the train DataLoader, from the first batch's arrival (worker start-up is
     ``data_first_batch_s``); at least 4 batches per worker so prefetched batches do not dominate."""
     if data.get("train") is None:
@@ -137,7 +137,7 @@ def _bench_data(data: _DataSource, batch_size: int, iters: int, log: Callable[[s
             "data_batches": batches, "data_images": images, "data_workers": module.num_workers}
 
 
-def _bench_eval(cfg: Mapping[str, Any], model: nn.Module, data: _DataSource, device: torch.device, iters: int,
+def bench_eval(cfg: Mapping[str, Any], model: nn.Module, data: DataSource, device: torch.device, iters: int,
                 log: Callable[[str], None]) -> dict[str, Any] | str:
     """The config's evaluator on ``iters`` validation batches: ``process`` of each batch's outputs
     and one ``evaluate``; the model's own time is ``eval_model_s``."""
@@ -167,10 +167,10 @@ def _bench_eval(cfg: Mapping[str, Any], model: nn.Module, data: _DataSource, dev
     images = 0
     with torch.no_grad():
         for batch in itertools.islice(iter(data.module().val_dataloader()), iters):
-            inputs, targets = _to_device(batch, device)
+            inputs, targets = to_device(batch, device)
             start = time.perf_counter()
             outputs = model(inputs)
-            _sync(device)
+            sync_device(device)
             model_s += time.perf_counter() - start
             targets = [{**t, "image_size": tuple(img.shape[-2:])} for t, img in zip(targets, inputs)]
             start = time.perf_counter()
@@ -185,7 +185,7 @@ def _bench_eval(cfg: Mapping[str, Any], model: nn.Module, data: _DataSource, dev
             "eval_images": images, "eval_model_s": model_s}
 
 
-def _keep_input_size(cfg: dict[str, Any], size: tuple[int, int]) -> list[str]:
+def keep_input_size(cfg: dict[str, Any], size: tuple[int, int]) -> list[str]:
     """Make a resizing detector keep synthetic images at their size, unless the command line set it."""
     from segkit.config import COMMAND_LINE
 

@@ -29,7 +29,7 @@ _MB = 1024.0 ** 2
 
 
 # ------------------------------------------------------------------------------ timing, memory
-class _Timer:
+class Timer:
     """Runs callables alternately (the order flips every iteration), ``warmup`` untimed rounds first."""
 
     def __init__(self, iters: int, warmup: int, device: torch.device, log: Callable[[str], None]) -> None:
@@ -47,18 +47,18 @@ class _Timer:
                   file=sys.stderr) as bar:
             for it in range(rounds):
                 for name in names if it % 2 == 0 else names[::-1]:
-                    _sync(self.device)
+                    sync_device(self.device)
                     start = time.perf_counter()
                     fns[name]()
-                    _sync(self.device)
+                    sync_device(self.device)
                     if it >= self.warmup:
                         times[name].append(time.perf_counter() - start)
                     bar.update()
         return times
 
 
-def _record(results: dict[str, dict[str, Any]], key: str, times: Mapping[str, list[float]],
-            probe: _MemoryProbe | None = None, fns: Mapping[str, Callable[[], None]] | None = None,
+def record_times(results: dict[str, dict[str, Any]], key: str, times: Mapping[str, list[float]],
+            probe: MemoryProbe | None = None, fns: Mapping[str, Callable[[], None]] | None = None,
             mem_key: str = "") -> None:
     for name, values in times.items():
         results[name].update({f"{key}_s": statistics.median(values), f"{key}_min_s": min(values),
@@ -67,12 +67,12 @@ def _record(results: dict[str, dict[str, Any]], key: str, times: Mapping[str, li
             results[name][mem_key] = probe.measure(fns[name])
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class _MemoryProbe:
+class MemoryProbe:
     """The peak memory one call needs above the memory in use just before it, in MB."""
 
     def __init__(self, device: torch.device) -> None:
@@ -177,7 +177,7 @@ def _malloc_trim() -> None:
 
 
 # ------------------------------------------------------------------------------- model steps
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> Tensor:
+def run_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> Tensor:
     images, targets = batch
     model.train()
     losses = model(images, targets)
@@ -189,13 +189,13 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch
     return loss.detach()
 
 
-def _infer(model: nn.Module, images: list[Tensor]) -> None:
+def infer_once(model: nn.Module, images: list[Tensor]) -> None:
     model.eval()
     with torch.no_grad():
         model(images)
 
 
-def _optimizer(model: nn.Module, cfg: Mapping[str, Any], batch_size: int) -> torch.optim.Optimizer:
+def bench_optimizer(model: nn.Module, cfg: Mapping[str, Any], batch_size: int) -> torch.optim.Optimizer:
     """The config's optimizer over ``model``, at the learning rate of the schedule's first iteration."""
     from segkit.engine.optim import BatchSize, build_optimizer, build_scheduler
 
@@ -205,7 +205,7 @@ def _optimizer(model: nn.Module, cfg: Mapping[str, Any], batch_size: int) -> tor
     return optimizer
 
 
-def _empty_entry(model: nn.Module) -> dict[str, Any]:
+def empty_entry(model: nn.Module) -> dict[str, Any]:
     entry: dict[str, Any] = {}
     for key in ("train_step", "infer", "throughput_batch"):
         entry.update({f"{key}_s": None, f"{key}_min_s": None, f"{key}_max_s": None, f"{key}_all_s": None})
@@ -214,7 +214,7 @@ def _empty_entry(model: nn.Module) -> dict[str, Any]:
     return entry
 
 
-def _device(name: str | None) -> torch.device:
+def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -229,14 +229,14 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return "cpu"
 
 
-def _versions() -> dict[str, str | None]:
+def library_versions() -> dict[str, str | None]:
     import segkit
 
     try:

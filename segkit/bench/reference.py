@@ -74,7 +74,7 @@ def reference_for(cfg: Mapping[str, Any]) -> str:
                     f"{parts}, which has no torchvision equivalent. Configs that can be compared: {choices}.")
 
 
-def _match_reference(name: str, cfg: dict[str, Any]) -> list[str]:
+def match_reference(name: str, cfg: dict[str, Any]) -> list[str]:
     """Settings of segkit's model changed to torchvision's architecture, as notes."""
     model = cfg["model"]
     pretrained = model["backbone"].get("pretrained")
@@ -107,7 +107,7 @@ def _match_reference(name: str, cfg: dict[str, Any]) -> list[str]:
     return notes + ([f"to match torchvision's fcn_resnet50: {', '.join(changed)}"] if changed else [])
 
 
-def _build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tuple[int, int] | None,
+def build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tuple[int, int] | None,
                      seed: int) -> nn.Module:
     """torchvision's model for ``name``, with its weights loaded into ``ours`` (proving the match)."""
     torch.manual_seed(seed)

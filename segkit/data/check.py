@@ -239,7 +239,7 @@ def _config_source(cfg: Mapping[str, Any]) -> str:
 def _check_unbuilt(report: SplitReport, cfg: Mapping[str, Any], *, max_images: int | None,
                    progress: bool | None) -> None:
     """Go on from the raw files of a dataset whose constructor refused them (see the module docstring)."""
-    from segkit.data.coco import _read_coco
+    from segkit.data.coco import read_coco
     from segkit.data.voc import VOCDetection
     from segkit.registry import DATASETS
 
@@ -254,7 +254,7 @@ def _check_unbuilt(report: SplitReport, cfg: Mapping[str, Any], *, max_images: i
             and isinstance(cfg.get("ann_file"), str) and isinstance(cfg.get("img_dir"), str)):
         return
     try:
-        data = _read_coco(cfg["ann_file"]).dataset
+        data = read_coco(cfg["ann_file"]).dataset
     except DatasetError:
         return  # the JSON itself is unreadable: build_failed already says why
     category_ids = cfg.get("category_ids")
@@ -267,7 +267,7 @@ def _check_unbuilt(report: SplitReport, cfg: Mapping[str, Any], *, max_images: i
 
 def _scan_voc_files(report: SplitReport, cfg: Mapping[str, Any]) -> None:
     """Every unreadable XML file of a VOC split (each is a ``bad_annotation_file``)."""
-    from segkit.data.voc import VOC_DETECTION_CLASSES, _split_ids, parse_voc_xml
+    from segkit.data.voc import VOC_DETECTION_CLASSES, read_split_ids, parse_voc_xml
 
     roots = [cfg["root"]] if isinstance(cfg["root"], str) else list(cfg["root"])
     split = cfg.get("split", "trainval")
@@ -276,7 +276,7 @@ def _scan_voc_files(report: SplitReport, cfg: Mapping[str, Any]) -> None:
     unknown = cfg.get("unknown_classes", "error")
     for root, name in zip(roots, splits):
         try:
-            ids = _split_ids(str(root), str(name))
+            ids = read_split_ids(str(root), str(name))
         except UserError:
             return
         for voc_id in ids:

@@ -142,7 +142,7 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def _load_coco(self) -> COCO:
         """The ground truth (subclasses that read other formats build it here)."""
-        return _read_coco(self.ann_file)
+        return read_coco(self.ann_file)
 
     def annotation_source(self, image_id: int) -> str:
         """The file holding the annotations of ``image_id`` (named in error messages)."""
@@ -409,12 +409,12 @@ def _image_hw(info: Mapping[str, Any], img_dir: str) -> tuple[int, int]:
         return im.height, im.width
 
 
-def _read_coco(ann_file: str) -> COCO:
+def read_coco(ann_file: str) -> COCO:
     if not os.path.isfile(ann_file):
         raise DatasetError(f"annotation file '{ann_file}' does not exist. Check the dataset's ann_file path "
                            f"(relative paths are resolved from {os.getcwd()}).")
     data = load_json(ann_file, error=DatasetError, what="annotation file")
-    return _read_coco_dict(data, ann_file)
+    return read_coco_dict(data, ann_file)
 
 
 def _check_fields(data: Mapping[str, Any], ann_file: str) -> None:
@@ -448,7 +448,7 @@ def _check_fields(data: Mapping[str, Any], ann_file: str) -> None:
             raise DatasetError(f"{where} has area {ann['area']!r}; it must be a non-negative number.")
 
 
-def _read_coco_dict(data: Any, ann_file: str) -> COCO:
+def read_coco_dict(data: Any, ann_file: str) -> COCO:
     """A pycocotools ``COCO`` of an instances dict, checked; ``ann_file`` names it in errors."""
     if not isinstance(data, dict):
         raise DatasetError(f"annotation file '{ann_file}' must hold a JSON object with 'images', "

@@ -29,11 +29,11 @@ from segkit.errors import UserError
 from segkit.fileio import atomic_open
 from segkit.predict import as_image_array
 from segkit.visualize import (
-    _binary_masks,
-    _blend_masks,
-    _draw_label,
-    _font,
-    _name_of,
+    binary_masks,
+    blend_masks,
+    draw_label,
+    label_font,
+    class_name_of,
     class_colors,
     draw_semantic,
 )
@@ -83,16 +83,16 @@ def draw_target(image: Any, target: Mapping[str, Any], class_names: Sequence[str
     labels = _numpy(target.get("labels", np.zeros(0)), np.int64).reshape(-1)
     colors = class_colors(labels)
     if target.get("masks") is not None and len(boxes):
-        canvas = _blend_masks(canvas, _binary_masks(target["masks"], 0.5, canvas.shape[:2]), colors, alpha)
+        canvas = blend_masks(canvas, binary_masks(target["masks"], 0.5, canvas.shape[:2]), colors, alpha)
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     height, width = canvas.shape[:2]
     line = max(1, round(max(height, width) / 320))
-    font = _font(height, width)
+    font = label_font(height, width)
     for (x0, y0, x1, y1), label, color in zip(boxes, labels.tolist(), colors):
         color = tuple(int(c) for c in color)
         draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color, width=line)
-        _draw_label(draw, (x0, y0), _name_of(class_names, label), color, font, (height, width))
+        draw_label(draw, (x0, y0), class_name_of(class_names, label), color, font, (height, width))
     return np.asarray(picture)
 
 
@@ -148,7 +148,7 @@ def contact_sheet(pictures: Sequence[np.ndarray], *, captions: Sequence[str] | N
     rows = math.ceil(len(pictures) / columns)
     cell_h = max(p.shape[0] for p in pictures)
     cell_w = max(p.shape[1] for p in pictures)
-    font = _font(max(cell_h, 256), max(cell_w, 256))
+    font = label_font(max(cell_h, 256), max(cell_w, 256))
     caption_h = 0
     if captions:
         left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Ag", font=font)

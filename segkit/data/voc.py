@@ -28,7 +28,7 @@ import albumentations as A
 import numpy as np
 from tqdm import tqdm
 
-from segkit.data.coco import CocoDataset, _read_coco_dict
+from segkit.data.coco import CocoDataset, read_coco_dict
 from segkit.data.images import check_pixel_count
 from segkit.errors import ConfigError, DatasetError, did_you_mean
 from segkit.registry import DATASETS
@@ -142,7 +142,7 @@ def parse_voc_xml(path: str, classes: Sequence[str] = VOC_DETECTION_CLASSES, *,
     return {"filename": filename, "width": width, "height": height, "objects": objects}
 
 
-def _split_ids(root: str, split: str) -> list[str]:
+def read_split_ids(root: str, split: str) -> list[str]:
     folder = os.path.join(root, "ImageSets", "Main")
     path = os.path.join(folder, f"{split}.txt")
     if not os.path.isdir(root):
@@ -194,7 +194,7 @@ def voc_to_coco(
         raise ConfigError(f"unknown_classes must be 'error' or 'skip', got {unknown_classes!r}", key="unknown_classes")
     classes = _check_classes(classes)
     parent = os.path.commonpath([os.path.abspath(r) for r in roots]) if len(roots) > 1 else None
-    jobs = [(root, voc_id) for root, split in zip(roots, splits) for voc_id in _split_ids(root, split)]
+    jobs = [(root, voc_id) for root, split in zip(roots, splits) for voc_id in read_split_ids(root, split)]
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
@@ -290,7 +290,7 @@ class VOCDetection(CocoDataset):
                          min_box_size=min_box_size)
 
     def _load_coco(self) -> Any:
-        return _read_coco_dict(self._voc, self.ann_file)
+        return read_coco_dict(self._voc, self.ann_file)
 
     def annotation_source(self, image_id: int) -> str:
         info = self.coco.imgs[image_id]

@@ -196,12 +196,12 @@ def score_coco(gt_file: str, results_file: str, *, iou_type: str = "bbox", per_c
     Raises:
         ScoreError / DatasetError: a missing or malformed file (named with the bad record).
     """
-    from segkit.data.coco import _read_coco, check_ground_truth_masks
+    from segkit.data.coco import read_coco, check_ground_truth_masks
     from segkit.evaluation.coco import evaluate_coco_results
 
     if iou_type not in ("bbox", "segm"):
         raise ScoreError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}.")
-    coco = _read_coco(gt_file)
+    coco = read_coco(gt_file)
     _check_scored_ground_truth(coco, iou_type, gt_file)
     sizes = None
     if iou_type == "segm":  # the ground truth's masks are rasterised: check them as training data is checked
@@ -292,15 +292,15 @@ def score_voc(gt_root: str, pred: str, *, split: str = "test", classes: Sequence
         the metrics and the classes that had no detection file.
     """
     from segkit.data.voc import VOC_DETECTION_CLASSES, voc_to_coco
-    from segkit.evaluation.voc import _coco_ground_truth, evaluate_voc
+    from segkit.evaluation.voc import coco_ground_truth, evaluate_voc
 
     classes = tuple(classes or VOC_DETECTION_CLASSES)
     method = method or guess_voc_method(gt_root)
     data = voc_to_coco(gt_root, split, classes, use_difficult=True)
-    from segkit.data.coco import _read_coco_dict
+    from segkit.data.coco import read_coco_dict
 
-    coco = _read_coco_dict(data, os.path.join(gt_root, "Annotations"))
-    ground_truth = _coco_ground_truth(coco, {k: k for k in range(1, len(classes) + 1)})
+    coco = read_coco_dict(data, os.path.join(gt_root, "Annotations"))
+    ground_truth = coco_ground_truth(coco, {k: k for k in range(1, len(classes) + 1)})
     if use_difficult:
         for entry in ground_truth.values():
             entry["difficult"] = np.zeros_like(entry["difficult"])

@@ -268,7 +268,7 @@ class VOCEvaluator(CocoEvaluator):
         self.iou_thrs = thrs
         self.method = method
         self.plus_one = bool(plus_one)
-        self._ground_truth = _coco_ground_truth(self.coco, self.label_to_cat_id)
+        self._ground_truth = coco_ground_truth(self.coco, self.label_to_cat_id)
 
     @classmethod
     def metric_names(cls, *, iou_thrs: Sequence[float] | float = (0.5,), **options: Any) -> list[str]:
@@ -298,7 +298,7 @@ class VOCEvaluator(CocoEvaluator):
 _EMPTY_GT: dict[str, Any] = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64), "difficult": np.zeros(0, bool)}
 
 
-def _coco_ground_truth(coco: Any, label_to_cat_id: Mapping[int, int]) -> dict[int, dict[str, np.ndarray]]:
+def coco_ground_truth(coco: Any, label_to_cat_id: Mapping[int, int]) -> dict[int, dict[str, np.ndarray]]:
     """``{image id: {"boxes", "labels", "difficult"}}`` from a COCO object (difficult = flagged or crowd)."""
     cat_to_label = {int(cat): int(label) for label, cat in label_to_cat_id.items()}
     out: dict[int, dict[str, list[Any]]] = {int(i): {"boxes": [], "labels": [], "difficult": []} for i in coco.imgs}

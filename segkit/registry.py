@@ -139,6 +139,45 @@ class Registry:
             )
         self._entries[key] = RegistryEntry(key, obj, module, _current_plugin)
 
+    def add_variant(self, base: type, name: str, summary: str, *, fixed: Mapping[str, Any] | None = None,
+                    defaults: Mapping[str, Any] | None = None, module: str | None = None) -> type:
+        """Register ``name``, a named variant of the class ``base``: a subclass whose arguments in ``fixed``
+        are set (and no longer accepted) and whose other ``defaults`` differ.
+
+        The variant's signature (what ``segkit list`` shows and the registry checks config keys
+        against) is ``base``'s with those changes, so every other argument stays an option.
+
+        Example:
+            >>> ResNeXt = BACKBONES.add_variant(ResNet, "ResNeXt", "ResNet with grouped convolutions.",
+            ...                                 defaults={"groups": 32, "width_per_group": 4})
+
+        Raises:
+            ValueError: ``fixed`` or ``defaults`` name an argument ``base`` does not have, or ``name`` is taken.
+        """
+        fixed, defaults = dict(fixed or {}), dict(defaults or {})
+        base_params = list(inspect.signature(base).parameters.values())
+        unknown = sorted((set(fixed) | set(defaults)) - {p.name for p in base_params})
+        if unknown:
+            raise ValueError(f"variant {name}: {base.__name__} has no argument(s) {unknown}")
+        params = [p.replace(default=defaults.get(p.name, p.default)) for p in base_params if p.name not in fixed]
+        allowed = {p.name for p in params}
+
+        def __init__(self: Any, **options: Any) -> None:
+            bad = sorted(set(options) - allowed)
+            if bad:
+                raise TypeError(f"{name}() got unexpected keyword argument(s) {bad}")
+            base.__init__(self, **fixed, **{**defaults, **options})
+
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        __init__.__signature__ = inspect.Signature([self_param, *params])  # type: ignore[attr-defined]
+        settings = ", ".join(f"{k}={v!r}" for k, v in {**fixed, **defaults}.items())
+        doc = f"{summary}\n\n``{base.__name__}({settings}, ...)``; every other argument is a ``{base.__name__}`` option."
+        module = module or inspect.stack()[1].frame.f_globals.get("__name__", base.__module__)
+        variant = type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": module, "__qualname__": name})
+        __init__.__qualname__ = f"{name}.__init__"
+        self.add(variant, name=name)
+        return variant
+
     def remove(self, name: str) -> RegistryEntry | None:
         """Unregister ``name`` (a component defined for a while, as in a test or a notebook); returns
         its entry, or ``None`` if nothing had that name."""

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
 from segkit.registry import BACKBONES
-from segkit_plugins.backbones.resnet_blocks import NORMS, BasicBlock, Bottleneck, make_norm
+from segkit.ops.norm import check_norm
+from segkit_plugins.backbones.resnet_blocks import BasicBlock, Bottleneck, make_norm
 from segkit_plugins.backbones.resnet_loading import load_pretrained
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "make_norm", "load_pretrained", "STAGE_BLOCKS"]
@@ -244,8 +245,7 @@ def _check(*, depth: int, groups: int, width_per_group: int, se_reduction: int |
         raise ValueError(f"unknown ResNet variant '{variant}'; choose one of {', '.join(_VARIANTS)}")
     if stem not in _STEMS:
         raise ValueError(f"unknown stem '{stem}'; choose one of {', '.join(_STEMS)}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
+    check_norm(norm, owner="ResNet", optional=False)
     basic = STAGE_BLOCKS[depth][0] is BasicBlock
     if basic and (groups != 1 or width_per_group != 64 or variant != "resnet"):
         raise ValueError(f"depth {depth} uses basic blocks, which support only groups=1, width_per_group=64 and "

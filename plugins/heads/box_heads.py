@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.registry import HEADS
-from segkit.ops.norm import make_norm
+from segkit.ops.conv import conv_norm_act
+from segkit.ops.norm import check_norm
 
 __all__ = ["TwoFCHead", "ConvFCHead", "pooled_linear"]
 
-_CONV_NORMS = (None, "BN", "SyncBN", "GN")
 
 
 def _channels_last_rows(x: Tensor) -> Tensor | None:
@@ -104,20 +104,14 @@ class ConvFCHead(nn.Module):
         norm: str | None = None,
     ) -> None:
         super().__init__()
-        if norm not in _CONV_NORMS:
-            raise ValueError(f"ConvFCHead norm must be one of {_CONV_NORMS}, got {norm!r}")
+        check_norm(norm, owner="ConvFCHead")
         if num_convs < 0 or num_fcs < 0 or num_convs + num_fcs == 0:
             raise ValueError(f"ConvFCHead needs num_convs >= 0, num_fcs >= 0 and at least one layer, "
                              f"got num_convs={num_convs}, num_fcs={num_fcs}")
         channels = in_channels
         self.convs = nn.ModuleList()
         for _ in range(num_convs):
-            conv = nn.Conv2d(channels, conv_dim, 3, padding=1, bias=norm is None)
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
-            layers: list[nn.Module] = [conv] if norm is None else [conv, make_norm(norm, conv_dim)]
-            self.convs.append(nn.Sequential(*layers))
+            self.convs.append(conv_norm_act(channels, conv_dim, 3, norm=norm))
             channels = conv_dim
         width = channels * resolution * resolution
         self.fcs = nn.ModuleList()

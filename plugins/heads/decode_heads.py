@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.ops.encoding import ContextEncoding
-from segkit.ops.norm import NORMS, make_norm
+from segkit.ops.conv import conv_norm_act
+from segkit.ops.norm import check_norm
 from segkit.ops.shape_spec import ShapeSpec
 from segkit.registry import HEADS
 
@@ -56,17 +57,6 @@ def _feature_names(
             f"set {key} to one of them (or a list of them)"
         )
     return names
-
-
-def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, norm: str | None) -> nn.Sequential:
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm is None)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    layers: list[nn.Module] = [conv]
-    if norm is not None:
-        layers.append(make_norm(norm, out_channels))
-    return nn.Sequential(*layers, nn.ReLU(inplace=True))
 
 
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -121,8 +111,7 @@ class BaseDecodeHead(nn.Module):
             raise ValueError(f"{owner} dropout is a probability in [0, 1), got {dropout}")
         if loss_weight < 0:
             raise ValueError(f"{owner} loss_weight must be >= 0, got {loss_weight}")
-        if norm is not None and norm not in NORMS:
-            raise ValueError(f"{owner} norm must be null or one of {', '.join(NORMS)}, got {norm!r}")
+        check_norm(norm, owner=owner)
         self.in_features = _feature_names(in_features, in_shapes, owner=owner)
         self.in_channels = sum(in_shapes[name].channels for name in self.in_features)
         self.num_classes = int(num_classes)
@@ -224,7 +213,8 @@ class FCNHead(BaseDecodeHead):
         )
         widths = [in_channels] + [self.channels] * num_convs
         self.convs = nn.Sequential(
-            *(_conv_norm_relu(c_in, c_out, kernel_size, norm) for c_in, c_out in zip(widths, widths[1:]))
+            *(conv_norm_act(c_in, c_out, kernel_size, norm=norm, activation=True)
+              for c_in, c_out in zip(widths, widths[1:]))
         )
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -304,14 +294,16 @@ class EncHead(BaseDecodeHead):
             raise ValueError("EncHead extra_encoding only adds an SE-loss; it needs use_se_loss: true")
         self.use_se_loss = bool(use_se_loss)
         self.se_loss_weight = float(se_loss_weight)
-        self.reduce = _conv_norm_relu(self.in_channels, self.channels, 3, norm)
+        self.reduce = conv_norm_act(self.in_channels, self.channels, 3, norm=norm, activation=True)
         self.lateral_features: tuple[str, ...] = ()
         if lateral:
             self.lateral_features = _feature_names(lateral_features, in_shapes, owner="EncHead", key="lateral_features")
             self.lateral_convs = nn.ModuleList(
-                _conv_norm_relu(in_shapes[name].channels, self.channels, 1, norm) for name in self.lateral_features
+                conv_norm_act(in_shapes[name].channels, self.channels, 1, norm=norm, activation=True)
+                for name in self.lateral_features
             )
-            self.fusion = _conv_norm_relu(self.channels * (1 + len(self.lateral_features)), self.channels, 1, norm)
+            self.fusion = conv_norm_act(self.channels * (1 + len(self.lateral_features)), self.channels, 1, norm=norm,
+                                        activation=True)
         self.encoding = ContextEncoding(in_channels=self.channels, num_codes=num_codes, norm=norm)
         self.attention = nn.Linear(self.channels, self.channels)
         self.se_classifier = nn.Linear(self.channels, self.num_classes) if use_se_loss else None

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from segkit.ops import MultiLevelRoIAlign, ShapeSpec, shared_channels
 from segkit.ops.masks import project_masks_on_boxes
 from segkit.registry import HEADS
-from segkit.ops.norm import NORMS, make_norm
+from segkit.ops.conv import conv_norm_act
+from segkit.ops.norm import check_norm
 
 __all__ = ["MaskRCNNHead"]
 
@@ -83,8 +84,7 @@ class MaskRCNNHead(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if norm is not None and norm not in NORMS:
-            raise ValueError(f"mask head norm must be null or one of {', '.join(NORMS)}, got {norm!r}")
+        check_norm(norm, owner="mask head")
         if num_convs < 0:
             raise ValueError(f"num_convs must be >= 0, got {num_convs}")
         if max_train_rois is not None and max_train_rois < 1:
@@ -107,10 +107,7 @@ class MaskRCNNHead(nn.Module):
         )
         self.convs = nn.ModuleList()
         for _ in range(num_convs):
-            layers: list[nn.Module] = [nn.Conv2d(channels, conv_dim, 3, padding=1, bias=norm is None)]
-            if norm is not None:
-                layers.append(make_norm(norm, conv_dim))
-            self.convs.append(nn.Sequential(*layers))
+            self.convs.append(conv_norm_act(channels, conv_dim, 3, norm=norm, init="default"))  # initialised below
             channels = conv_dim
         self.deconv = nn.ConvTranspose2d(channels, conv_dim, 2, stride=2)
         self.predictor = nn.Conv2d(conv_dim, 1 if class_agnostic else num_classes, 1)

@@ -7,29 +7,18 @@ targets, loss, inference, ``class_agnostic``, ``max_train_rois`` and ``mask_thre
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
-from segkit.ops.norm import make_norm
+from segkit.ops.conv import conv_norm_act
 from segkit.registry import HEADS
 from segkit_plugins.heads.afp_box_heads import FUSIONS, fuse_levels
 from segkit_plugins.heads.mask_heads import DEFAULT_FEATURES, MaskRCNNHead
 
 __all__ = ["AFPMaskHead", "FusedMaskHead", "PANetMaskHead"]
-
-
-def _conv_block(in_channels: int, out_channels: int, norm: str | None) -> nn.Sequential:
-    """Sequential(3x3 conv[, norm]) as in :class:`MaskRCNNHead`, Kaiming-initialised; ReLU is applied by the caller."""
-    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm is None)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    return nn.Sequential(conv, make_norm(norm, out_channels)) if norm is not None else nn.Sequential(conv)
 
 
 @HEADS.register()
@@ -123,13 +112,13 @@ class PANetMaskHead(MaskRCNNHead):
         self.fusion = fusion
         if self.adaptive_pooling:
             in_channels = self.convs[0][0].in_channels
-            self.level_convs = nn.ModuleList(_conv_block(in_channels, conv_dim, norm) for _ in self.in_features)
+            self.level_convs = nn.ModuleList(conv_norm_act(in_channels, conv_dim, 3, norm=norm) for _ in self.in_features)
             self.convs[0] = nn.Identity()
         if self.fused:
             fc_conv_dim = conv_dim if fc_conv_dim is None else int(fc_conv_dim)
             height, width = self.pooler.output_size
             self.fc_convs = nn.ModuleList([
-                _conv_block(conv_dim, fc_conv_dim, norm), _conv_block(fc_conv_dim, fc_conv_dim // 2, norm),
+                conv_norm_act(conv_dim, fc_conv_dim, 3, norm=norm), conv_norm_act(fc_conv_dim, fc_conv_dim // 2, 3, norm=norm),
             ])
             self.fc = nn.Linear(fc_conv_dim // 2 * height * width, 4 * height * width)
             # The authors initialise the FC with N(0, 0.01) and a zero bias.
@@ -181,29 +170,9 @@ class PANetMaskHead(MaskRCNNHead):
         return logits if branch is None else logits + branch
 
 
-def _signature_with_defaults(cls: type, **defaults: Any) -> inspect.Signature:
-    """The signature of ``cls.__init__`` (``self`` included) with some defaults replaced."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    return inspect.Signature([p.replace(default=defaults[p.name]) if p.name in defaults else p for p in params])
-
-
-@HEADS.register()
-class AFPMaskHead(PANetMaskHead):
-    """:class:`PANetMaskHead` with adaptive feature pooling only (``fused`` defaults to false)."""
-
-    def __init__(self, *, adaptive_pooling: bool = True, fused: bool = False, **kwargs: Any) -> None:
-        super().__init__(adaptive_pooling=adaptive_pooling, fused=fused, **kwargs)
-
-
-@HEADS.register()
-class FusedMaskHead(PANetMaskHead):
-    """:class:`PANetMaskHead` with the fused FCN + FC branch only (``adaptive_pooling`` defaults to false)."""
-
-    def __init__(self, *, adaptive_pooling: bool = False, fused: bool = True, **kwargs: Any) -> None:
-        super().__init__(adaptive_pooling=adaptive_pooling, fused=fused, **kwargs)
-
-
-# The registry checks config keys against the constructor's signature and `segkit list` prints it:
-# show every argument of PANetMaskHead (with the variant's defaults) instead of `**kwargs`.
-AFPMaskHead.__init__.__signature__ = _signature_with_defaults(PANetMaskHead, adaptive_pooling=True, fused=False)
-FusedMaskHead.__init__.__signature__ = _signature_with_defaults(PANetMaskHead, adaptive_pooling=False, fused=True)
+AFPMaskHead = HEADS.add_variant(
+    PANetMaskHead, "AFPMaskHead", ":class:`PANetMaskHead` with adaptive feature pooling only.",
+    defaults={"adaptive_pooling": True, "fused": False})
+FusedMaskHead = HEADS.add_variant(
+    PANetMaskHead, "FusedMaskHead", ":class:`PANetMaskHead` with the fused FCN + FC branch only.",
+    defaults={"adaptive_pooling": False, "fused": True})

@@ -14,27 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
-from segkit.ops.norm import make_norm
+from segkit.ops.conv import conv_norm_act
+from segkit.ops.norm import check_norm
 from segkit.registry import NECKS
 
-__all__ = ["FPN", "conv_norm"]
+__all__ = ["FPN"]
 
 _EXTRA_BLOCKS = ("maxpool", None)
-_NORMS = (None, "BN", "SyncBN", "GN")
-
-
-def conv_norm(in_channels: int, out_channels: int, kernel_size: int, norm: str | None, *, stride: int = 1) -> nn.Sequential:
-    """``Sequential(conv[, norm])``: the FPN's conv layout and initialisation (the conv has a bias only
-    without a norm); necks built on the FPN reuse it."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                     bias=norm is None)
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    layers: list[nn.Module] = [conv]
-    if norm is not None:
-        layers.append(make_norm(norm, out_channels))
-    return nn.Sequential(*layers)
 
 
 @NECKS.register()
@@ -72,15 +58,16 @@ class FPN(nn.Module):
             raise ValueError(f"FPN in_features {missing} are not produced by the backbone, which gives {list(in_shapes)}")
         if extra_block not in _EXTRA_BLOCKS:
             raise ValueError(f"FPN extra_block must be one of {_EXTRA_BLOCKS}, got {extra_block!r}")
-        if norm not in _NORMS:
-            raise ValueError(f"FPN norm must be one of {_NORMS}, got {norm!r}")
+        check_norm(norm, owner="FPN")
         strides = [int(in_shapes[f].stride) for f in in_features]
         if any(s <= 0 or s & (s - 1) for s in strides) or strides != sorted(set(strides)):
             raise ValueError(f"FPN inputs must have increasing power-of-two strides, got {dict(zip(in_features, strides))}")
         self.in_features = tuple(in_features)
         self.extra_block = extra_block
-        self.lateral_convs = nn.ModuleList(conv_norm(in_shapes[f].channels, out_channels, 1, norm) for f in in_features)
-        self.output_convs = nn.ModuleList(conv_norm(out_channels, out_channels, 3, norm) for _ in in_features)
+        self.lateral_convs = nn.ModuleList(
+            conv_norm_act(in_shapes[f].channels, out_channels, 1, norm=norm, init="kaiming_uniform") for f in in_features)
+        self.output_convs = nn.ModuleList(
+            conv_norm_act(out_channels, out_channels, 3, norm=norm, init="kaiming_uniform") for _ in in_features)
         self._shapes = {f"p{int(math.log2(s))}": ShapeSpec(out_channels, s) for s in strides}
         if extra_block == "maxpool":
             self._shapes[f"p{int(math.log2(strides[-1])) + 1}"] = ShapeSpec(out_channels, strides[-1] * 2)

@@ -32,11 +32,12 @@ from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
 from segkit.registry import NECKS
-from segkit_plugins.necks.fpn import FPN, conv_norm
+from segkit.ops.conv import conv_norm_act
+from segkit.ops.norm import check_norm
+from segkit_plugins.necks.fpn import FPN
 
 __all__ = ["PAFPN"]
 
-_NORMS = (None, "BN", "SyncBN", "GN")
 _BOTTOM_UP_INPUTS = ("output", "sum")
 
 
@@ -86,8 +87,7 @@ class PAFPN(FPN):
         bottom_up: bool = True,
         bottom_up_input: str = "output",
     ) -> None:
-        if norm not in _NORMS:
-            raise ValueError(f"PAFPN norm must be one of {_NORMS}, got {norm!r}")
+        check_norm(norm, owner="PAFPN")
         if bottom_up_input not in _BOTTOM_UP_INPUTS:
             raise ValueError(f"PAFPN bottom_up_input must be one of {_BOTTOM_UP_INPUTS}, got {bottom_up_input!r}")
         super().__init__(
@@ -106,8 +106,11 @@ class PAFPN(FPN):
                 "or set bottom_up: false"
             )
         num_steps = len(in_features) - 1
-        self.downsample_convs = nn.ModuleList(conv_norm(out_channels, out_channels, 3, norm, stride=2) for _ in range(num_steps))
-        self.bottom_up_convs = nn.ModuleList(conv_norm(out_channels, out_channels, 3, norm) for _ in range(num_steps))
+        self.downsample_convs = nn.ModuleList(
+            conv_norm_act(out_channels, out_channels, 3, norm=norm, stride=2, init="kaiming_uniform")
+            for _ in range(num_steps))
+        self.bottom_up_convs = nn.ModuleList(
+            conv_norm_act(out_channels, out_channels, 3, norm=norm, init="kaiming_uniform") for _ in range(num_steps))
 
     def forward(self, features: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
         """Build the top-down pyramid, then the augmented bottom-up one.

@@ -4,7 +4,8 @@ from segkit.ops.anchors import AnchorGenerator, cell_anchors
 from segkit.ops.box_coder import BoxCoder
 from segkit.ops.losses import smooth_l1_loss
 from segkit.ops.matcher import Matcher
-from segkit.ops.norm import NORMS, make_norm
+from segkit.ops.conv import conv_norm_act
+from segkit.ops.norm import NORMS, check_norm, make_norm
 from segkit.ops.poolers import MultiLevelRoIAlign, assign_boxes_to_levels, boxes_to_rois
 from segkit.ops.sampler import BalancedSampler
 from segkit.ops.shape_spec import ShapeSpec, shared_channels
@@ -21,6 +22,8 @@ __all__ = [
     "assign_boxes_to_levels",
     "boxes_to_rois",
     "cell_anchors",
+    "check_norm",
+    "conv_norm_act",
     "make_norm",
     "smooth_l1_loss",
 ]

@@ -7,7 +7,7 @@ import math
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["NORMS", "make_norm"]
+__all__ = ["NORMS", "check_norm", "make_norm"]
 
 #: Names :func:`make_norm` accepts.
 NORMS = ("BN", "SyncBN", "GN", "FrozenBN")
@@ -24,3 +24,15 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     if norm == "GN":
         return nn.GroupNorm(math.gcd(32, channels), channels)
     raise ValueError(f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
+
+
+def check_norm(norm: str | None, *, owner: str = "the layer", optional: bool = True) -> None:
+    """Refuse a norm name outside :data:`NORMS` (``None``, no norm, is allowed where ``optional``).
+
+    Raises:
+        ValueError: naming ``owner`` and the allowed names.
+    """
+    if norm is None and optional or norm in NORMS:
+        return
+    allowed = ("null or " if optional else "") + f"one of {', '.join(NORMS)}"
+    raise ValueError(f"{owner} norm must be {allowed}, got {norm!r}")

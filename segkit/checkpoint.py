@@ -26,13 +26,15 @@ from segkit.yamlio import YamlBoundsError, check_bounds
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_state_dict_checked", "load_checkpoint",
            "checkpoint_config", "check_finite", "check_resumable", "nonfinite_tensors", "config_differences", "MISSING",
-           "CONFIG_KEY", "CLASSES_KEY", "EMA_KEY"]
+           "CONFIG_KEY", "CLASSES_KEY", "EMA_KEY", "BACKBONE_INFO_KEY"]
 
 CONFIG_KEY = "segkit_config"
 #: Key of the class names (``names[label - 1]`` names label ``label``) in a segkit checkpoint.
 CLASSES_KEY = "segkit_classes"
 #: Key of the averaged weights (``engine.ema``): ``{"state_dict": {...}, "updates": n, ...}``.
 EMA_KEY = "segkit_ema"
+#: Key of the architecture description in a backbone checkpoint written by ``segkit convert``.
+BACKBONE_INFO_KEY = "segkit_backbone"
 _MODEL_PREFIX = "model."
 
 

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.png", help="the picture to write (default WORK_DIR/curves.png)")
 
     p = sub.add_parser("convert", help="convert weights (torchvision / timm) or datasets (voc2coco, coco2voc)",
-                       description="Rename a torchvision or timm state dict for segkit. A ResNet-family backbone "
+                       description="Rename a torchvision or timm state dict for segkit with the weight converter "
+                                   "that recognises it (`segkit list converters`). A ResNet-family backbone "
                                    "(resnet*, resnext*, seresnet*, seresnext*, legacy_senet154) is written with its "
                                    "architecture, {'state_dict': ..., 'segkit_backbone': {...}}, for use as "
                                    "model.backbone.pretrained. A torchvision Faster / Mask R-CNN ResNet-FPN detector "
@@ -722,50 +723,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import torch
+    from segkit.checkpoint import extract_state_dict, read_checkpoint
+    from segkit.weights import convert_weights, save_converted
 
-    from segkit.checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint
-    from segkit.fileio import atomic_open
-    from segkit.models.convert import BACKBONE_INFO_KEY, convert_timm_resnet, infer_resnet_arch
-    from segkit.models.convert_detectors import is_torchvision_detector
-    from segkit.registry import BACKBONES
-
-    state = extract_state_dict(read_checkpoint(args.input))
-    if args.source == "torchvision" and is_torchvision_detector(state):
-        return _convert_detector(args, state)
-    if args.source == "timm":
-        state = convert_timm_resnet(state)
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "last_linear."))}
-    arch = infer_resnet_arch(state)
-    # Building the backbone proves that every key is used and every shape fits.
-    model = BACKBONES.build({"type": "ResNet", **arch}, path="segkit convert")
-    load_state_dict_checked(model, state, source=f"'{args.input}' ({args.source} format)", strict=True)
-    with atomic_open(args.output, "wb") as f:
-        torch.save({"state_dict": state, BACKBONE_INFO_KEY: {"type": "ResNet", **arch, "source": args.source}}, f)
-    options = ", ".join(f"{k}: {v}" for k, v in arch.items())
-    print(f"wrote {args.output}: ResNet backbone ({options}), {len(state)} tensors")
-    return 0
-
-
-def _convert_detector(args: argparse.Namespace, state: dict) -> int:
-    """Write a torchvision Faster / Mask R-CNN as a self-contained segkit checkpoint."""
-    import torch
-
-    from segkit.api import build_model
-    from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY, load_state_dict_checked
-    from segkit.fileio import atomic_open
-    from segkit.models.convert_detectors import (convert_torchvision_detector, describe_detector_config,
-                                                  detector_class_names)
-
-    state, cfg = convert_torchvision_detector(state)
-    # Building the model from the stored config proves that `segkit eval OUT` will load every tensor.
-    model = build_model(cfg)
-    load_state_dict_checked(model, state, source=f"'{args.input}' (torchvision detector)", strict=True)
-    classes = detector_class_names(cfg["model"]["roi_head"]["num_classes"])
-    with atomic_open(args.output, "wb") as f:
-        torch.save({"state_dict": state, CONFIG_KEY: cfg, CLASSES_KEY: classes}, f)
-    print(f"wrote {args.output}: {describe_detector_config(cfg)}, {len(state)} tensors; evaluate with "
-          f"`segkit eval {args.output}` (COCO from $SEGKIT_COCO, default data/coco)")
+    converted = convert_weights(extract_state_dict(read_checkpoint(args.input)), args.source)
+    save_converted(converted, args.output, source=args.source, origin=args.input)
+    print(f"wrote {args.output}: {converted.description}, {len(converted.state_dict)} tensors")
+    if converted.kind == "model":
+        print(f"evaluate with `segkit eval {args.output}`" + (f" ({converted.note})" if converted.note else ""))
     return 0
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "DATASETS",
     "TRANSFORMS",
     "EVALUATORS",
+    "CONVERTERS",
     "ENTRY_POINT_GROUP",
     "discover_plugins",
     "plugin_errors",
@@ -379,6 +380,7 @@ MODELS = Registry("model")
 DATASETS = Registry("dataset")
 TRANSFORMS = Registry("transform", fallback=_albumentations_transforms)
 EVALUATORS = Registry("evaluator")
+CONVERTERS = Registry("weight converter")
 
 
 def all_registries() -> dict[str, Registry]:
@@ -391,6 +393,7 @@ def all_registries() -> dict[str, Registry]:
         "datasets": DATASETS,
         "transforms": TRANSFORMS,
         "evaluators": EVALUATORS,
+        "converters": CONVERTERS,
     }
 
 

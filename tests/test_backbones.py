@@ -11,7 +11,7 @@ import torchvision
 from segkit.checkpoint import CheckpointError
 from segkit.cli import main
 from segkit.errors import ConfigError
-from segkit.models.convert import convert_timm_resnet, infer_resnet_arch
+from segkit_plugins.backbones.resnet_weights import convert_timm_resnet, infer_resnet_arch
 from segkit.ops import ShapeSpec
 from segkit.registry import BACKBONES
 from tests.reference import torchvision_stages
@@ -241,7 +241,9 @@ def test_convert_of_a_non_resnet_state_dict_exits_2(tmp_path: Path, capsys: pyte
     src = tmp_path / "vgg.pth"
     torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, src)
     code, err = _run_cli(["convert", "--from", "torchvision", str(src), str(tmp_path / "o.pth")], capsys)
-    assert code == 2 and "not a ResNet-family backbone" in " ".join(err.split())
+    message = " ".join(err.split())
+    assert code == 2 and "no torchvision converter recognises this state dict (first keys: features.0.weight)" in message
+    assert "TorchvisionResNet: torchvision resnet*/resnext* backbones" in message
 
 
 def test_list_backbones_shows_every_variant_with_its_signature(capsys: pytest.CaptureFixture[str]):

@@ -58,7 +58,7 @@ def test_mask_rcnn_coco_config_matches_torchvision_maskrcnn_resnet50_fpn():
     """Same architecture as torchvision's model: every parameter shape agrees after conversion."""
     import torchvision
 
-    from segkit.models.convert_detectors import convert_torchvision_detector
+    from segkit_plugins.heads.rcnn_weights import convert_torchvision_detector
 
     cfg = segkit.load_config(CONFIGS[0].parent / "mask_rcnn_r50_fpn_coco.yaml",
                              ["model.backbone.pretrained=null", "model.roi_head.num_classes=90"])

@@ -16,7 +16,7 @@ import segkit
 from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY, CheckpointError
 from segkit.cli import main
 from segkit.config import TOP_LEVEL_KEYS
-from segkit.models.convert_detectors import convert_torchvision_detector
+from segkit_plugins.heads.rcnn_weights import convert_torchvision_detector
 from segkit.ops import ShapeSpec
 from segkit.registry import HEADS
 
@@ -227,7 +227,7 @@ def test_a_state_dict_that_is_neither_backbone_nor_detector_exits_2(tmp_path: Pa
     src = tmp_path / "garbage.pth"
     torch.save({"encoder.blocks.0.weight": torch.zeros(4, 4)}, src)
     code, err = _run_cli(["convert", "--from", "torchvision", str(src), str(tmp_path / "o.pth")], capsys)
-    assert code == 2 and "not a ResNet-family backbone" in err and "maskrcnn_resnet50_fpn" in err
+    assert code == 2 and "no torchvision converter recognises" in err and "maskrcnn_resnet50_fpn" in err
     assert "encoder.blocks.0.weight" in err and "Traceback" not in err
     assert not (tmp_path / "o.pth").exists()
 

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torchvision.models.detection import roi_heads as tv_roi_heads
 
-from segkit.models.convert_detectors import convert_torchvision_detector
+from segkit_plugins.heads.rcnn_weights import convert_torchvision_detector
 from segkit.ops.masks import paste_masks_in_image, project_masks_on_boxes, resize_masks
 from segkit.registry import MODELS
 

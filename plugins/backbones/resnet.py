@@ -3,7 +3,7 @@
 Parameter names equal torchvision's ``resnetXX`` / ``resnextXX`` (``conv1``, ``bn1``,
 ``layer1.0.conv1``, ``layer1.0.downsample.0``, ...) and timm's ``seresnet*`` / ``seresnext*``
 (``layer1.0.se.fc1``), without the classifier, so those state dicts load without a key map; timm's
-``legacy_senet154`` and deep-stem layouts load through :func:`segkit.models.convert.convert_timm_resnet`.
+``legacy_senet154`` and deep-stem layouts load through :func:`segkit_plugins.backbones.resnet_weights.convert_timm_resnet`.
 """
 
 from __future__ import annotations

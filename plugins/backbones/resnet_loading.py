@@ -7,13 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from segkit.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, read_checkpoint
-from segkit.models.convert import BACKBONE_INFO_KEY, convert_timm_resnet, detect_resnet_format
+from segkit.checkpoint import (BACKBONE_INFO_KEY, CheckpointError, extract_state_dict, load_state_dict_checked,
+                               read_checkpoint)
+from segkit_plugins.backbones.resnet_weights import CLASSIFIER_PREFIXES, convert_timm_resnet, detect_resnet_format
 
 __all__ = ["PRETRAINED_FORMATS", "load_pretrained"]
 
 PRETRAINED_FORMATS = ("auto", "torchvision", "timm", "segkit")
-_CLASSIFIER_PREFIXES = ("fc.", "last_linear.")
 
 
 def load_pretrained(model: nn.Module, path: str, *, format: str = "auto") -> None:  # noqa: A002
@@ -27,7 +27,7 @@ def load_pretrained(model: nn.Module, path: str, *, format: str = "auto") -> Non
             segkit-native file carries.
         path: the file.
         format: ``"torchvision"`` (keys as they are), ``"timm"`` (renamed by
-            :func:`~segkit.models.convert.convert_timm_resnet`), ``"segkit"`` (written by
+            :func:`~segkit_plugins.backbones.resnet_weights.convert_timm_resnet`), ``"segkit"`` (written by
             ``segkit convert``) or ``"auto"`` (recognised from the file).
 
     Raises:
@@ -46,7 +46,7 @@ def load_pretrained(model: nn.Module, path: str, *, format: str = "auto") -> Non
         _check_arch(model, ckpt.get(BACKBONE_INFO_KEY), path)
     elif format == "timm":
         state = convert_timm_resnet(state)
-    state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
     own = model.state_dict()
     if state and not any(k in own for k in state):
         raise CheckpointError(

@@ -113,10 +113,10 @@ def build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tu
     torch.manual_seed(seed)
     if name == "fcn_resnet50":
         return _torchvision_fcn(cfg, ours)
-    from segkit.models.convert_detectors import convert_torchvision_detector
+    from segkit.weights import convert_weights
 
     reference = _torchvision_detector(name, cfg, size)
-    state, _ = convert_torchvision_detector(reference.state_dict())
+    state = convert_weights(reference.state_dict(), "torchvision").state_dict  # the registered converter's map
     _load_or_explain(ours, state, name, cfg)
     return reference
 

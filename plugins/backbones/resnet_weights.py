@@ -1,5 +1,6 @@
-"""Key mapping from torchvision and timm checkpoints to segkit models (whole torchvision detectors:
-:mod:`segkit.models.convert_detectors`)."""
+"""Weights of other libraries for the ResNet family: key maps from torchvision and timm, the
+architecture a state dict was made for, and the ``TorchvisionResNet`` / ``TimmResNet`` converters
+that ``segkit convert`` uses (whole torchvision detectors: :mod:`segkit_plugins.heads.rcnn_weights`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from typing import Any
 from torch import Tensor
 
 from segkit.checkpoint import CheckpointError
+from segkit.registry import CONVERTERS
+from segkit.weights import ConvertedWeights, WeightConverter
 
 __all__ = ["convert_torchvision_faster_rcnn", "convert_timm_resnet", "detect_resnet_format", "infer_resnet_arch",
-           "BACKBONE_INFO_KEY"]
+           "TimmResNet", "TorchvisionResNet", "CLASSIFIER_PREFIXES"]
 
-#: Key of the architecture description in a segkit-native backbone checkpoint.
-BACKBONE_INFO_KEY = "segkit_backbone"
+#: Keys of the ImageNet classifier, which a backbone does not have.
+CLASSIFIER_PREFIXES = ("fc.", "last_linear.")
 
 # (pattern, replacement) applied in order; the first match wins. Old torchvision checkpoints lack
 # the ``.0`` of the Conv2dNormActivation wrappers, so both spellings are accepted.
@@ -66,7 +69,6 @@ _TIMM_DEEP_STEM_RULES = (
     (r"^conv1\.4\.", "bn2."),
     (r"^conv1\.6\.", "conv3."),
 )
-_TIMM_CLASSIFIERS = ("fc.", "last_linear.")
 
 
 def detect_resnet_format(state_dict: Mapping[str, Tensor]) -> str:
@@ -92,7 +94,7 @@ def convert_timm_resnet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     rules = _TIMM_SENET_RULES + (_TIMM_DEEP_STEM_RULES if "conv1.0.weight" in state_dict else ())
     converted = {}
     for key, value in state_dict.items():
-        if key.startswith(_TIMM_CLASSIFIERS):
+        if key.startswith(CLASSIFIER_PREFIXES):
             continue
         new_key = key
         for pattern, replacement in rules:
@@ -160,3 +162,39 @@ def infer_resnet_arch(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         "base_channels": base,
     }
 
+
+_ACCEPTS = "resnet*/resnext* backbones (classifier dropped)"
+
+
+class _ResNetConverter(WeightConverter):
+    def matches(self, state_dict: Mapping[str, Tensor]) -> bool:
+        return "conv1.weight" in state_dict or "layer0.conv1.weight" in state_dict or "conv1.0.weight" in state_dict
+
+    def rename(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return dict(state_dict)
+
+    def convert(self, state_dict: Mapping[str, Tensor]) -> ConvertedWeights:
+        state = {k: v for k, v in self.rename(state_dict).items() if not k.startswith(CLASSIFIER_PREFIXES)}
+        arch = infer_resnet_arch(state)
+        options = ", ".join(f"{k}: {v}" for k, v in arch.items())
+        return ConvertedWeights(state, "backbone", {"type": "ResNet", **arch}, f"ResNet backbone ({options})")
+
+
+@CONVERTERS.register()
+class TorchvisionResNet(_ResNetConverter):
+    """torchvision ``resnet*`` / ``resnext*`` / ``wide_resnet*`` state dicts to a ``ResNet`` backbone."""
+
+    source = "torchvision"
+    accepts = "torchvision " + _ACCEPTS
+
+
+@CONVERTERS.register()
+class TimmResNet(_ResNetConverter):
+    """timm ``resnet*``, ``resnext*``, ``seresnet*``, ``seresnext*``, ``legacy_senet154`` and deep-stem
+    state dicts to a ``ResNet`` backbone (:func:`convert_timm_resnet`)."""
+
+    source = "timm"
+    accepts = "timm " + _ACCEPTS + ", seresnet*/seresnext*/legacy_senet154, deep stems"
+
+    def rename(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return convert_timm_resnet(state_dict)

@@ -1,4 +1,5 @@
-"""Whole torchvision detectors (Faster / Mask R-CNN, ResNet-FPN, v1 and v2) to segkit checkpoints.
+"""Whole torchvision detectors (Faster / Mask R-CNN, ResNet-FPN, v1 and v2) to segkit checkpoints:
+the ``TorchvisionRCNN`` converter of ``segkit convert``.
 
 torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` ("v1") and their ``_v2``
 variants (the recipe of Li et al., "Benchmarking Detection Transfer Learning with Vision
@@ -17,10 +18,12 @@ import torch
 from torch import Tensor
 
 from segkit.checkpoint import CheckpointError
-from segkit.models.convert import infer_resnet_arch
+from segkit.registry import CONVERTERS
+from segkit.weights import ConvertedWeights, WeightConverter
+from segkit_plugins.backbones.resnet_weights import infer_resnet_arch
 
 __all__ = ["is_torchvision_detector", "convert_torchvision_detector", "detector_class_names",
-           "describe_detector_config"]
+           "describe_detector_config", "TorchvisionRCNN"]
 
 _DETECTOR_PREFIXES = ("backbone.body.", "backbone.fpn.", "rpn.head.", "roi_heads.")
 _REQUIRED = ("backbone.body.", "backbone.fpn.inner_blocks.", "rpn.head.cls_logits.", "roi_heads.box_head.",
@@ -307,3 +310,21 @@ def _model_name(arch: Mapping[str, Any]) -> str:
         body = f"resnext{backbone['depth']}_{backbone['groups']}x{backbone['width_per_group']}d"
     kind = "maskrcnn" if arch["mask_convs"] else "fasterrcnn"
     return f"{kind}_{body}_fpn{'_v2' if arch['v2'] else ''}"
+
+
+@CONVERTERS.register()
+class TorchvisionRCNN(WeightConverter):
+    """torchvision Faster / Mask R-CNN (ResNet-FPN, v1 and v2) state dicts to a whole ``TwoStageDetector``
+    checkpoint with its config and COCO's class names (:func:`convert_torchvision_detector`)."""
+
+    source = "torchvision"
+    accepts = _SUPPORTED.removeprefix("segkit converts ")
+
+    def matches(self, state_dict: Mapping[str, Tensor]) -> bool:
+        return is_torchvision_detector(state_dict)
+
+    def convert(self, state_dict: Mapping[str, Tensor]) -> ConvertedWeights:
+        state, cfg = convert_torchvision_detector(state_dict)
+        classes = detector_class_names(cfg["model"]["roi_head"]["num_classes"])
+        return ConvertedWeights(state, "model", cfg, describe_detector_config(cfg), classes,
+                                note="COCO from $SEGKIT_COCO, default data/coco")

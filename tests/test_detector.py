@@ -12,7 +12,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as Torchvi
 from torchvision.models.detection.image_list import ImageList
 
 from segkit.errors import ConfigError
-from segkit_plugins.backbones.resnet_weights import convert_torchvision_faster_rcnn
+from segkit_plugins.heads.rcnn_weights import convert_torchvision_faster_rcnn
 from segkit.ops import AnchorGenerator, BoxCoder, Matcher, ShapeSpec
 from segkit.registry import BACKBONES, HEADS, MODELS, NECKS
 from tests.reference import torchvision_head_losses

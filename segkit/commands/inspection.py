@@ -16,7 +16,7 @@ def add_parsers(sub: Any) -> None:
     """Add the sub-command parsers of this module to ``sub`` (``argparse``'s sub-parsers)."""
     p = sub.add_parser("list", help="list registered components",
                        description="List every registered component, where it comes from and its signature.")
-    p.add_argument("kind", nargs="?", help="backbones, necks, heads, models, datasets, transforms or evaluators")
+    p.add_argument("kind", nargs="?", help="backbones, necks, heads, models, datasets, transforms, evaluators or converters")
     p.add_argument("--all", action="store_true", help="also list every albumentations transform")
     p.set_defaults(handler=_cmd_list)
 

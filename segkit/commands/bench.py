@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from segkit.commands.common import add_config_arguments, add_device_argument
+
 __all__ = ["add_parsers"]
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the sub-command parsers of this module to ``sub`` (``argparse``'s sub-parsers)."""
+    """Add the parsers of ``segkit bench`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
     p = sub.add_parser("bench", help="time training, inference, data loading and evaluation of a config",
                        description="Measure the model of CONFIG after warm-up over several iterations (median, min, "
                                    "max): inference latency at batch 1, throughput at --batch-size, a training step "
@@ -18,14 +20,13 @@ def add_parsers(sub: Any) -> None:
                                    "torchvision the equivalent torchvision model (Faster / Mask R-CNN R50-FPN, FCN "
                                    "R50-D8; same weights) is timed alternately in the same process and the "
                                    "segkit/torchvision ratios are printed. See docs/benchmarks.md.")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(p)
     p.add_argument("--iters", type=int, default=10, metavar="N", help="timed iterations per phase (default 10)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed iterations first (default 2)")
     p.add_argument("--batch-size", type=int, metavar="N", help="training and throughput batch (default data.batch_size)")
     p.add_argument("--image-size", metavar="HxW", help="synthetic images of this size, which the network sees "
                    "unresized (default: the config's data, synthetic 512x512 where it cannot be read)")
-    p.add_argument("--device", metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")
+    add_device_argument(p)
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's setting)")
     p.add_argument("--compare", choices=("torchvision",), help="also time the equivalent torchvision model")
     p.add_argument("--skip", metavar="PHASES", help="comma-separated phases to leave out: infer, throughput, train, "

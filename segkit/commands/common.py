@@ -7,7 +7,7 @@ import os
 
 from segkit.errors import UserError
 
-__all__ = ["CHECKPOINT_SUFFIXES", "add_config_or_ckpt", "add_image_inputs", "is_rank_zero", "make_output_folder",
+__all__ = ["CHECKPOINT_SUFFIXES", "add_config_arguments", "add_config_or_ckpt", "add_device_argument", "add_image_inputs", "is_rank_zero", "make_output_folder",
            "predict_arguments", "require_file"]
 
 #: Endings of a checkpoint file, which tell `segkit eval CKPT` from `segkit eval CONFIG CKPT`.
@@ -68,3 +68,14 @@ def is_rank_zero() -> bool:
     from lightning_fabric.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of the commands that read a config: CONFIG [key=value ...]."""
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_epochs=2")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs."""
+    parser.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")

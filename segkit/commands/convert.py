@@ -10,7 +10,7 @@ __all__ = ["DATASET_CONVERTERS", "add_parsers", "dataset_converter_parsers"]
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the sub-command parsers of this module to ``sub`` (``argparse``'s sub-parsers)."""
+    """Add the parsers of ``segkit convert`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
     p = sub.add_parser("convert", help="convert weights (torchvision / timm) or datasets (voc2coco, coco2voc)",
                        description="Rename a torchvision or timm state dict for segkit with the weight converter "
                                    "that recognises it (`segkit list converters`). A ResNet-family backbone "

@@ -6,14 +6,15 @@ import argparse
 import os
 from typing import Any
 
-from segkit.commands.common import add_config_or_ckpt, add_image_inputs, make_output_folder, predict_arguments
+from segkit.commands.common import (add_config_or_ckpt, add_device_argument, add_image_inputs, make_output_folder,
+                                    predict_arguments)
 from segkit.errors import UserError
 
 __all__ = ["add_parsers"]
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the sub-command parsers of this module to ``sub`` (``argparse``'s sub-parsers)."""
+    """Add the parsers of ``segkit predict``, ``export`` and ``cam`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
     p = sub.add_parser("predict", help="run a checkpoint on images and draw the results",
                        description="Predict image files, folders (their images, sorted) or glob patterns with a "
                                    "checkpoint (`segkit predict CKPT INPUT...` or `segkit predict CONFIG CKPT "
@@ -29,7 +30,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--score-thr", type=float, default=0.3, metavar="F",
                    help="keep detections scoring at least F (default 0.3; 0 keeps all the model returns; "
                         "unused by segmentors)")
-    p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")
+    add_device_argument(p)
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass (default 4)")
     p.set_defaults(handler=_cmd_predict)
 
@@ -69,7 +70,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--method", choices=("hirescam", "gradcam"), default="hirescam",
                    help="hirescam (gradient times activation at each position, default) or gradcam (channels "
                         "weighted by their mean gradient)")
-    p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="default: cuda if available, else cpu")
+    add_device_argument(p)
     p.set_defaults(handler=_cmd_cam)
 
 

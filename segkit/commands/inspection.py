@@ -6,6 +6,7 @@ import argparse
 import inspect
 from typing import Any
 
+from segkit.commands.common import add_config_arguments
 from segkit.errors import ConfigError, UserError
 from segkit.registry import RegistryEntry
 
@@ -13,7 +14,7 @@ __all__ = ["add_parsers", "component_signature", "component_source", "list_compo
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the sub-command parsers of this module to ``sub`` (``argparse``'s sub-parsers)."""
+    """Add the parsers of ``segkit list``, ``config``, ``data`` and ``plot`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
     p = sub.add_parser("list", help="list registered components",
                        description="List every registered component, where it comes from and its signature.")
     p.add_argument("kind", nargs="?", help="backbones, necks, heads, models, datasets, transforms, evaluators or converters")
@@ -25,8 +26,7 @@ def add_parsers(sub: Any) -> None:
                                    "also check every value as `segkit train` does before it reads data (sections, "
                                    "ranges, the trainer's accelerator, the evaluator's main_metric, the model's "
                                    "components) and exit 2 naming the first problem.")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(p)
     p.add_argument("--check", action="store_true", help="check every value and build the model (imports the "
                    "config's imports:), reading no data")
     p.set_defaults(handler=_cmd_config)
@@ -44,8 +44,7 @@ def add_parsers(sub: Any) -> None:
                                     "box, label-map values outside the classes and label maps of the wrong size; "
                                     "images without annotations are warnings. Prints the count and first records of "
                                     "each problem and a summary; exit status 0 if no errors, 1 otherwise.")
-    q.add_argument("config", help="YAML config file")
-    q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(q)
     q.add_argument("--split", choices=("train", "val", "test", "all"), default="all",
                    help="the split to check (default: every split the config defines)")
     q.add_argument("--max-images", type=int, metavar="N", help="check only the first N images of each split")
@@ -54,8 +53,7 @@ def add_parsers(sub: Any) -> None:
                                     "and masks, or the label map coloured by class with a legend. Writes "
                                     "DIR/<image id>.png (label-map datasets: DIR/<image name>.png) and, with "
                                     "--grid, a contact sheet DIR/grid.png.")
-    q.add_argument("config", help="YAML config file")
-    q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(q)
     q.add_argument("--split", choices=("train", "val", "test"), default="train", help="default train")
     q.add_argument("--n", type=int, default=16, metavar="N", help="number of samples (default 16)")
     q.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")

@@ -6,18 +6,17 @@ import argparse
 import os
 from typing import Any
 
-from segkit.commands.common import CHECKPOINT_SUFFIXES, add_config_or_ckpt, is_rank_zero, require_file
+from segkit.commands.common import CHECKPOINT_SUFFIXES, add_config_arguments, add_config_or_ckpt, is_rank_zero, require_file
 from segkit.errors import UserError
 
 __all__ = ["add_parsers"]
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the sub-command parsers of this module to ``sub`` (``argparse``'s sub-parsers)."""
+    """Add the parsers of ``segkit train`` and ``eval`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
     p = sub.add_parser("train", help="train a model from a config",
                        description="Train the model of CONFIG; key=value pairs override config entries.")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_epochs=2")
+    add_config_arguments(p)
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint ('auto': work_dir/checkpoints/last.ckpt)")
     p.set_defaults(handler=_cmd_train)
 

@@ -12,7 +12,7 @@ __all__ = ["add_parsers"]
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the sub-command parsers of this module to ``sub`` (``argparse``'s sub-parsers)."""
+    """Add the parsers of ``segkit score`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
     p = sub.add_parser("score", help="score existing predictions (COCO, VOC, label maps) without a model",
                        description="Score predictions against ground truth and print the metrics under the names "
                                    "training uses. bbox/segm: --gt a COCO instances JSON, --pred a COCO results JSON "

@@ -74,12 +74,12 @@ def default_layer(model: nn.Module) -> str:
 
 def class_activation_map(model: nn.Module, image: Tensor, *, layer: str | None = None, target: int | None = None,
                          method: str = "hirescam") -> CamResult:
-    """The class activation map of ``image`` (float Tensor[3, H, W] in [0, 1]) at backbone output ``layer``.
+    """The class activation map of ``image`` (float Tensor[3, H, W] in [0, 1]) at the feature map ``layer``.
 
     Args:
-        model: a segkit detector or segmentor in eval mode (its weights are not changed).
+        model: a segkit model (a :class:`~segkit.models.SegkitModel`) in eval mode; weights are not changed.
         image: the input image.
-        layer: the backbone output to explain (``"c3"``...); default :func:`default_layer`.
+        layer: a feature map the model declares (``"c3"``...); default :func:`default_layer`.
         target: detectors: the index of the detection, best first (default 0); segmentors: the class
             index (default the most frequent predicted class other than 0).
         method: ``"hirescam"`` or ``"gradcam"`` (see the module docstring).
@@ -89,8 +89,7 @@ def class_activation_map(model: nn.Module, image: Tensor, *, layer: str | None =
 
     Raises:
         UnknownLayerError: a layer the model does not declare.
-        ValueError: an unknown method, a detector that detects nothing in the image, or a
-            target out of range.
+        ValueError: an unknown method, a detector that detects nothing in the image, or a target out of range.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -15,6 +15,12 @@ __all__ = ["add_parsers"]
 
 def add_parsers(sub: Any) -> None:
     """Add the parsers of ``segkit predict``, ``export`` and ``cam`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
+    _add_predict_parser(sub)
+    _add_export_parser(sub)
+    _add_cam_parser(sub)
+
+
+def _add_predict_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="run a checkpoint on images and draw the results",
                        description="Predict image files, folders (their images, sorted) or glob patterns with a "
                                    "checkpoint (`segkit predict CKPT INPUT...` or `segkit predict CONFIG CKPT "
@@ -34,6 +40,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass (default 4)")
     p.set_defaults(handler=_cmd_predict)
 
+
+def _add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="export a checkpoint to TorchScript or ONNX and check it",
                        description="Export a detector or segmentor (`segkit export CKPT` or `segkit export CONFIG "
                                    "CKPT`; key=value arguments override the config) to a TorchScript archive or an "
@@ -55,6 +63,8 @@ def add_parsers(sub: Any) -> None:
                    help="largest difference allowed between exported and PyTorch outputs (default 1e-4)")
     p.set_defaults(handler=_cmd_export)
 
+
+def _add_cam_parser(sub: Any) -> None:
     p = sub.add_parser("cam", help="class activation maps of a backbone stage",
                        description="Draw which positions of a backbone output a checkpoint's prediction rests on "
                                    "(`segkit cam CKPT INPUT...` or `segkit cam CONFIG CKPT INPUT...`; key=value "

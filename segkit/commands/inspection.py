@@ -15,12 +15,21 @@ __all__ = ["add_parsers", "component_signature", "component_source", "list_compo
 
 def add_parsers(sub: Any) -> None:
     """Add the parsers of ``segkit list``, ``config``, ``data`` and ``plot`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
+    _add_list_parser(sub)
+    _add_config_parser(sub)
+    _add_data_parser(sub)
+    _add_plot_parser(sub)
+
+
+def _add_list_parser(sub: Any) -> None:
     p = sub.add_parser("list", help="list registered components",
                        description="List every registered component, where it comes from and its signature.")
     p.add_argument("kind", nargs="?", help="backbones, necks, heads, models, datasets, transforms, evaluators or converters")
     p.add_argument("--all", action="store_true", help="also list every albumentations transform")
     p.set_defaults(handler=_cmd_list)
 
+
+def _add_config_parser(sub: Any) -> None:
     p = sub.add_parser("config", help="print the merged config",
                        description="Print CONFIG after _base_ merging, overrides and interpolation. With --check, "
                                    "also check every value as `segkit train` does before it reads data (sections, "
@@ -31,6 +40,8 @@ def add_parsers(sub: Any) -> None:
                    "config's imports:), reading no data")
     p.set_defaults(handler=_cmd_config)
 
+
+def _add_data_parser(sub: Any) -> None:
     p = sub.add_parser("data", help="check a config's datasets, or draw their samples",
                        description="`segkit data check` reads every split of CONFIG (images, annotations, label "
                                    "maps) and lists each problem found; exit status 1 if any is an error. "
@@ -62,6 +73,8 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--grid", action="store_true", help="also write all samples as one picture, DIR/grid.png")
     p.set_defaults(handler=_cmd_data)
 
+
+def _add_plot_parser(sub: Any) -> None:
     p = sub.add_parser("plot", help="draw the training curves of a run as a PNG",
                        description="Read WORK_DIR/logs/version_*/metrics.csv (every run in the folder, in order, so "
                                    "a resumed run's curves continue) and draw one panel per training loss (lightly "

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     have their own: :func:`dataset_converter_parsers`); each parsed command carries its ``handler``."""
     parser = argparse.ArgumentParser(prog="segkit", description="Detection and segmentation with plugins.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in _COMMAND_MODULES:
@@ -122,6 +123,21 @@ def _quiet_peer_disconnects() -> None:
         original(exc_type, exc, tb)
 
     sys.excepthook = hook
+
+
+def _version() -> str:
+    """``segkit X.Y.Z`` with the versions of torch and torchvision it runs on (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from segkit import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"segkit {__version__} (torch {installed('torch')}, torchvision {installed('torchvision')})"
 
 
 def _fail(message: str) -> None:

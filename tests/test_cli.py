@@ -112,3 +112,15 @@ def test_num_classes_disagreeing_with_the_dataset_is_named(capsys: pytest.Captur
     assert code == 2
     assert "model.roi_head.num_classes=80 but data.train has 3 categories (circle, square, triangle)" in flat
     assert "command line" in flat
+
+
+def test_version_names_segkit_and_the_torch_it_runs_on(capsys: pytest.CaptureFixture[str]):
+    import importlib.metadata
+
+    import segkit
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"segkit {segkit.__version__} (torch {importlib.metadata.version('torch')}, "
+                                               f"torchvision {importlib.metadata.version('torchvision')})")

@@ -284,3 +284,17 @@ def test_dataset_types_without_known_records_are_checked_sample_by_sample():
     report = check_dataset(Samples(), SplitReport(split="val", dataset="Samples"), progress=False)
     assert report.num_images == 3 and report.errors == 1
     assert [(p.image_id, p.message) for p in report.problems["bad_sample"]] == [(1, "record 1 is broken")]
+
+
+def test_a_model_num_classes_that_train_would_refuse_is_an_error(shapes_val, tmp_path: Path, capsys):
+    img_dir, data = _copy(shapes_val, tmp_path)
+    config = _coco_config(tmp_path, data, img_dir)
+    config.write_text(config.read_text() + "model: {type: TwoStageDetector, roi_head: {type: StandardRoIHead, "
+                                           "num_classes: 5}}\n")
+    code, out, report = _check(config, capsys)
+    assert code == 1 and [p.message for p in report.problems["num_classes"]] == [
+        f"model.roi_head.num_classes=5 but data.val has {len(data['categories'])} categories "
+        f"({', '.join(c['name'] for c in data['categories'])}); set model.roi_head.num_classes: "
+        f"{len(data['categories'])}"]
+    config.write_text(config.read_text().replace("num_classes: 5", f"num_classes: {len(data['categories'])}"))
+    assert _check(config, capsys)[0] == 0

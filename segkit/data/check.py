@@ -70,6 +70,7 @@ ERROR, WARNING = "error", "warning"
 #: ``kind: (severity, description)`` of every problem the checker reports, in report order.
 PROBLEM_KINDS: dict[str, tuple[str, str]] = {
     "build_failed": (ERROR, "dataset cannot be built"),
+    "num_classes": (ERROR, "the model's num_classes differs from the dataset's classes"),
     "bad_annotation_file": (ERROR, "unreadable annotation file"),
     "missing_image": (ERROR, "missing image file"),
     "corrupt_image": (ERROR, "corrupt or undecodable image"),
@@ -203,6 +204,7 @@ def check_config(cfg: Mapping[str, Any], *, splits: Sequence[str] | None = None,
             report.add(Problem("build_failed", "", str(exc)))
             _check_unbuilt(report, split_cfg, max_images=max_images, progress=progress)
         else:
+            _check_model_classes(cfg, dataset, split, report)
             check_dataset(dataset, report, max_images=max_images, progress=progress)
         reports.append(report)
     return reports
@@ -227,6 +229,20 @@ def check_dataset(dataset: Any, report: SplitReport, *, max_images: int | None =
     else:
         _scan_samples(report, dataset, max_images=max_images, progress=progress)
     return report
+
+
+def _check_model_classes(cfg: Mapping[str, Any], dataset: Any, split: str, report: SplitReport) -> None:
+    """Report a ``num_classes`` in the config's model that differs from the dataset's classes (what
+    ``segkit train`` would refuse)."""
+    from segkit.engine.module import check_num_classes
+
+    model = cfg.get("model")
+    if not isinstance(model, Mapping):
+        return
+    try:
+        check_num_classes(model, dataset, split=split)
+    except ConfigError as exc:
+        report.add(Problem("num_classes", getattr(cfg, "filename", "") or "", exc.message))
 
 
 def _config_source(cfg: Mapping[str, Any]) -> str:

@@ -173,7 +173,8 @@ class Registry:
         __init__.__signature__ = inspect.Signature([self_param, *params])  # type: ignore[attr-defined]
         settings = ", ".join(f"{k}={v!r}" for k, v in {**fixed, **defaults}.items())
         doc = f"{summary}\n\n``{base.__name__}({settings}, ...)``; every other argument is a ``{base.__name__}`` option."
-        module = module or inspect.stack()[1].frame.f_globals.get("__name__", base.__module__)
+        caller = inspect.currentframe().f_back  # the declaring module (inspect.stack() would read every frame's source)
+        module = module or (caller.f_globals.get("__name__") if caller is not None else None) or base.__module__
         variant = type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": module, "__qualname__": name})
         __init__.__qualname__ = f"{name}.__init__"
         self.add(variant, name=name)

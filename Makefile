@@ -5,13 +5,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.segkit-installed
 # The torch / torchvision pair segkit is tested with; override to use another compatible pair.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Where torch comes from: empty for the package index's default build; on a machine without a GPU,
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only build (no CUDA libraries).
+TORCH_INDEX ?=
 
 .PHONY: install demo test test-slow docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet $(TORCH_PINS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip uninstall --quiet --yes segkit 2>/dev/null || true  # the distribution's former name
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,6 +1,7 @@
 """YAML configuration: ``_base_`` inheritance, ``_delete_``, interpolation, dotted overrides.
 
-A config file is a YAML mapping. ``_base_: [a.yaml, b.yaml]`` (paths relative to the file) merges
+A config file is a YAML mapping. ``_base_: [a.yaml, b.yaml]`` (paths relative to the file, or
+``segkit://NAME`` for a config shipped in the package, see :mod:`segkit.config_files`) merges
 the listed files depth-first, later ones winning, then the file's own keys on top. A mapping with
 ``_delete_: true`` replaces what it would otherwise merge into. Strings may reference other values:
 ``"${data.batch_size}"`` alone is replaced by the value (any type); inside a longer string it is
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from segkit.config_files import PACKAGED_SCHEME, packaged_config
 from segkit.errors import ConfigError, UnknownComponentError, did_you_mean
 from segkit.textio import read_text
 from segkit.yamlio import (
@@ -149,7 +151,9 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), *, 
     Raises:
         ConfigError: with the file and dotted key of the problem.
     """
-    path = os.fspath(path)
+    from segkit.config_files import find_config
+
+    path = find_config(os.fspath(path))
     origins: dict[str, str] = {}
     data = _load_with_bases(path, origins, stack=(), reads=[])
     cfg = Config(data, filename=path, origins=origins)
@@ -215,10 +219,14 @@ def _load_with_bases(path: str, origins: dict[str, str], stack: tuple[str, ...],
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError("_base_ must be a path or a list of paths relative to this file", key=BASE_KEY, file=path)
+        raise ConfigError("_base_ must be a path or a list of paths relative to this file (or segkit://NAME for a "
+                          "packaged config)", key=BASE_KEY, file=path)
     merged: dict[str, Any] = {}
     for base in bases:
-        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        if base.startswith(PACKAGED_SCHEME):
+            base_path = packaged_config(base, key=BASE_KEY, file=path)
+        else:
+            base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
         if not os.path.isfile(base_path):
             raise ConfigError(f"_base_ file '{base}' does not exist (looked for {base_path}).", key=BASE_KEY, file=path)
         merged = merge(merged, _load_with_bases(base_path, origins, (*stack, real), reads))

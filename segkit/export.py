@@ -14,7 +14,7 @@ Both formats are produced by tracing the model on an example image; every branch
 the data is written so that the trace records it as tensor operations. :func:`check_export` runs
 the exported model and the PyTorch model on sample images and compares every output (the
 ``segkit export`` command does so after writing the file and refuses a mismatch). ONNX needs the
-``onnx`` package (and ``onnxruntime`` for the check): ``pip install segkit[export]``.
+``onnx`` package (and ``onnxruntime`` for the check): ``pip install 'segkit-cv[export]'``.
 
 A JSON description (format, input size, output names, class names) is stored in the file: the
 TorchScript archive's extra file ``segkit.json``, the ONNX model's ``segkit`` metadata entry.
@@ -147,7 +147,7 @@ def _import_onnx(purpose: str) -> Any:
     try:
         import onnx
     except ImportError as exc:
-        raise UserError(f"{purpose} needs the 'onnx' package: pip install 'segkit[export]' "
+        raise UserError(f"{purpose} needs the 'onnx' package: pip install 'segkit-cv[export]' "
                         f"(or pip install onnx onnxruntime).") from exc
     return onnx
 
@@ -174,7 +174,7 @@ class _OnnxRunner:
         try:
             import onnxruntime
         except ImportError as exc:
-            raise UserError("running an ONNX model needs 'onnxruntime': pip install 'segkit[export]' "
+            raise UserError("running an ONNX model needs 'onnxruntime': pip install 'segkit-cv[export]' "
                             "(or pip install onnxruntime).") from exc
         self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]

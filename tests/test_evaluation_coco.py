@@ -455,7 +455,7 @@ def test_auto_backend_prefers_faster_coco_eval_and_falls_back_to_pycocotools(mon
     monkeypatch.setattr(coco_module.importlib.util, "find_spec",
                         lambda name, *a: None if name == "faster_coco_eval" else real_find_spec(name, *a))
     assert resolve_backend("auto") == "pycocotools"
-    with pytest.warns(UserWarning, match=r"'faster_coco_eval' is not installed.*pip install 'segkit\[fast-eval\]'"):
+    with pytest.warns(UserWarning, match=r"'faster_coco_eval' is not installed.*pip install 'segkit-cv\[fast-eval\]'"):
         assert resolve_backend("faster_coco_eval") == "pycocotools"
 
 

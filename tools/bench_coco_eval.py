@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if resolve_backend("auto") != "faster_coco_eval":
-        parser.error("faster-coco-eval is not installed: pip install 'segkit[fast-eval]'")
+        parser.error("faster-coco-eval is not installed: pip install 'segkit-cv[fast-eval]'")
     gt, results, areas = synthetic(args.images, args.dets, args.seed, size=args.size, categories=args.categories)
     report: dict = {"images": args.images, "detections_per_image": args.dets, "categories": args.categories,
                     "image_size": list(args.size)}

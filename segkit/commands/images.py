@@ -49,7 +49,7 @@ def _add_export_parser(sub: Any) -> None:
                                    "exported at, with the model's resizing, NMS and mask pasting inside. The file is "
                                    "then run beside the PyTorch model on sample images (--images, else the first "
                                    "--num-images images of the config's data.val) and refused if any output differs "
-                                   "by more than --atol. ONNX needs `pip install segkit[export]` (onnx, onnxruntime).")
+                                   "by more than --atol. ONNX needs `pip install 'segkit-cv[export]'` (onnx, onnxruntime).")
     add_config_or_ckpt(p)
     p.add_argument("rest", nargs="*", metavar="ARG", help="[CKPT] (after a config), then key=value overrides")
     p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",

@@ -1,4 +1,5 @@
-"""`segkit list`, `segkit config`, `segkit data` and `segkit plot`: looking at components, configs, data and runs."""
+"""`segkit list`, `segkit configs`, `segkit config`, `segkit data` and `segkit plot`: looking at components,
+configs, data and runs."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ __all__ = ["add_parsers", "component_signature", "component_source", "list_compo
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the parsers of ``segkit list``, ``config``, ``data`` and ``plot`` to ``sub`` (the ``segkit`` parser's sub-parsers)."""
+    """Add the parsers of ``segkit list``, ``configs``, ``config``, ``data`` and ``plot`` to ``sub`` (the ``segkit``
+    parser's sub-parsers)."""
     _add_list_parser(sub)
+    _add_configs_parser(sub)
     _add_config_parser(sub)
     _add_data_parser(sub)
     _add_plot_parser(sub)
@@ -27,6 +30,26 @@ def _add_list_parser(sub: Any) -> None:
     p.add_argument("kind", nargs="?", help="backbones, necks, heads, models, datasets, transforms, evaluators or converters")
     p.add_argument("--all", action="store_true", help="also list every albumentations transform")
     p.set_defaults(handler=_cmd_list)
+
+
+def _add_configs_parser(sub: Any) -> None:
+    p = sub.add_parser("configs", help="list the configs shipped with segkit, or copy one to edit",
+                       description="The configs shipped with segkit work by name from any folder (`segkit train "
+                                   "quickstart`, `_base_: [segkit://_base_/models/mask_rcnn_r50_fpn.yaml]`). "
+                                   "`segkit configs` lists them; `segkit configs copy NAME [DEST]` writes one "
+                                   "next to you for editing, its _base_ entries naming the packaged files.")
+    p.add_argument("--all", action="store_true", help="also list the _base_ files")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    q = actions.add_parser("list", help="list the packaged configs (the default)")
+    q.add_argument("--all", action="store_true", help="also list the _base_ files")
+    q = actions.add_parser("copy", help="copy a packaged config to edit it",
+                           description="Write the packaged config NAME to DEST (default ./NAME.yaml; a folder: "
+                                       "DEST/NAME.yaml) with its relative _base_ entries rewritten as "
+                                       "segkit://NAME, so the copy works where it lies.")
+    q.add_argument("name", metavar="NAME", help="a packaged config (`segkit configs` lists them)")
+    q.add_argument("dest", metavar="DEST", nargs="?", help="the file or folder to write (default ./NAME.yaml)")
+    q.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    p.set_defaults(handler=_cmd_configs)
 
 
 def _add_config_parser(sub: Any) -> None:
@@ -150,6 +173,25 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("plugins that failed to import:")
         for err in errors:
             print(f"  {err.source} ({err.module}): {err.error}")
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from segkit.config_files import copy_config, packaged_configs, packaged_dir
+
+    if args.action == "copy":
+        dest = copy_config(args.name, args.dest, force=args.force)
+        print(f"wrote {dest}; train with `segkit train {dest}`")
+        return 0
+    import shutil
+
+    configs = packaged_configs(bases=args.all)
+    width = max(len(c.name) for c in configs)
+    room = max(40, shutil.get_terminal_size((120, 24)).columns - width - 4)
+    print(f"configs shipped with segkit ({packaged_dir()}); use them by name, e.g. `segkit train quickstart`:")
+    for config in configs:
+        text = config.description if len(config.description) <= room else config.description[:room - 3] + "..."
+        print(f"  {config.name:<{width}}  {text}")
     return 0
 
 

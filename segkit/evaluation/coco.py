@@ -6,7 +6,7 @@ seen. Results are kept per image id, so the padding duplicates of a distributed 
 when the states of several processes are merged.
 
 Backends (``backend``): ``"pycocotools"``; ``"faster_coco_eval"``, the C++ reimplementation of
-``COCOeval`` in the optional ``faster-coco-eval`` package (``pip install 'segkit[fast-eval]'``),
+``COCOeval`` in the optional ``faster-coco-eval`` package (``pip install 'segkit-cv[fast-eval]'``),
 which gives the same 12 numbers and per-class precision arrays several times faster; ``"auto"``
 (the default) uses faster-coco-eval when it is installed and pycocotools otherwise. Asking for
 ``faster_coco_eval`` without the package installed warns once and falls back to pycocotools.
@@ -320,7 +320,7 @@ def resolve_backend(backend: str) -> str:
         raise ValueError(f"evaluation.backend must be one of {choices}, got {backend!r}")
     installed = importlib.util.find_spec("faster_coco_eval") is not None
     if backend == "faster_coco_eval" and not installed:
-        warnings.warn("evaluation.backend 'faster_coco_eval' is not installed (pip install 'segkit[fast-eval]'); "
+        warnings.warn("evaluation.backend 'faster_coco_eval' is not installed (pip install 'segkit-cv[fast-eval]'); "
                       "scoring with pycocotools, which gives the same numbers more slowly", stacklevel=2)
     if backend == "pycocotools" or not installed:
         return "pycocotools"

@@ -40,7 +40,9 @@ def _add_configs_parser(sub: Any) -> None:
                                    "next to you for editing, its _base_ entries naming the packaged files.")
     p.add_argument("--all", action="store_true", help="also list the _base_ files")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
-    q = actions.add_parser("list", help="list the packaged configs (the default)")
+    q = actions.add_parser("list", help="list the packaged configs (the default)",
+                           description="List the configs shipped with segkit: the name each command takes and the "
+                                       "first sentence of its comment; --all adds the _base_ files.")
     q.add_argument("--all", action="store_true", help="also list the _base_ files")
     q = actions.add_parser("copy", help="copy a packaged config to edit it",
                            description="Write the packaged config NAME to DEST (default ./NAME.yaml; a folder: "

@@ -241,3 +241,18 @@ def test_semantic_predictions_survive_the_merge_of_distributed_states():
     assert rank0.evaluate() == single.evaluate()
     assert [rank0.image_name(i) for i in range(4)] == [f"dir_img{i}" for i in range(4)]
     assert all(rank0._prediction(i) == single._prediction(i) for i in range(4))
+
+
+def test_usage_errors_of_score_predict_and_show_exit_2(box_ckpt: Path, tmp_path: Path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    cases = [
+        (["score", "--pred", "r.json"], "needs --task and --gt"),
+        (["score", "--config", str(box_ckpt), "--gt", "gt.json", "--pred", "r.json"], "either with --gt or with --config"),
+        (["score", "--config", str(box_ckpt), "--split", "train", "--pred", "r.json"], "val or test"),
+        (["predict", str(box_ckpt), str(image), "--split", "val", "--out", str(tmp_path / "p")], "not both"),
+        (["eval", str(box_ckpt), "--show", str(tmp_path / "s"), "--show-count", "0"], "--show-count must be"),
+    ]
+    for args, message in cases:
+        code, _, err = run(args, capsys)
+        assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (args, err)

@@ -77,7 +77,7 @@ def side_by_side(ground_truth: np.ndarray, prediction: np.ndarray, *, captions: 
     from segkit.visualize import label_font
 
     height, width = ground_truth.shape[:2]
-    font = label_font(max(height, 256), max(width, 256))
+    font = label_font(height, width)
     strip = 0
     if captions:
         left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Ag", font=font)
@@ -113,7 +113,7 @@ def show_extremes(evaluator: Any, dataset: Any, out_dir: str, *, count: int) -> 
     for group, ids in (("worst", worst), ("best", best)):
         for rank, image_id in enumerate(ids, start=1):
             truth, predicted = evaluator.draw_image(image_id, dataset)
-            picture = side_by_side(truth, predicted, captions=("ground truth", f"prediction  {scores[image_id]:.3f}"))
+            picture = side_by_side(truth, predicted, captions=("ground truth", f"prediction ({scores[image_id]:.3f})"))
             name = f"{group}_{rank:03d}_{scores[image_id]:.3f}_{_image_name(evaluator, image_id)}.png"
             path = os.path.join(out_dir, name)
             with atomic_open(path, "wb") as f:

@@ -256,3 +256,31 @@ def test_usage_errors_of_score_predict_and_show_exit_2(box_ckpt: Path, tmp_path:
     for args, message in cases:
         code, _, err = run(args, capsys)
         assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (args, err)
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_writes_the_results_of_every_rank_once(mask_ckpt: Path, seg_ckpt: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp"]
+    # 5 label-map images over 2 processes: the sampler pads with a duplicate that must be written once
+    for ckpt, overrides, results in ((mask_ckpt, [], tmp_path / "r.json"),
+                                     (seg_ckpt, ["data.val.num_images=5"], tmp_path / "labels")):
+        single, multi = tmp_path / f"{ckpt.stem}_1.json", tmp_path / f"{ckpt.stem}_2.json"
+        assert main(["eval", str(ckpt), *overrides, "--out", str(single)]) == 0
+        done = subprocess.run([sys.executable, "-m", "segkit.cli", "eval", str(ckpt), *overrides, *ddp, "--results",
+                               str(results), "--out", str(multi)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("results written to") == 1  # by rank 0
+        scored = tmp_path / f"{ckpt.stem}_score.json"
+        args = ["score", "--config", str(ckpt), *(["--override", *overrides] if overrides else []), "--pred",
+                str(results), "--out", str(scored)]
+        assert main(args) == 0
+        one, two, three = (json.loads(p.read_text()) for p in (single, multi, scored))
+        assert one.keys() == two.keys() == three.keys()
+        for key in one:
+            assert one[key] == pytest.approx(two[key], abs=1e-12, nan_ok=True), key
+            assert three[key] == two[key] or (np.isnan(three[key]) and np.isnan(two[key])), key
+    assert len(list((tmp_path / "labels").iterdir())) == 5

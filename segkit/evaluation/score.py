@@ -30,7 +30,8 @@ from segkit.errors import UserError
 from segkit.textio import load_json, read_names, read_text
 
 __all__ = ["score_coco", "score_voc", "score_semseg", "read_coco_results", "read_voc_det_files",
-           "guess_voc_method", "mask_results", "check_label_pair", "accumulate_pairs"]
+           "guess_voc_method", "mask_results", "check_label_pair", "accumulate_pairs", "check_scored_ground_truth",
+           "label_files"]
 
 _LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
@@ -103,7 +104,7 @@ def _check_result_box(box: Any, where: str) -> None:
                          f"non-negative width and height.")
 
 
-def _check_scored_ground_truth(coco: Any, iou_type: str, gt_file: str) -> None:
+def check_scored_ground_truth(coco: Any, iou_type: str, gt_file: str) -> None:
     """Every ground-truth annotation has what pycocotools reads to score it (else a KeyError deep inside it)."""
     needed = ("area", "iscrowd", "bbox") if iou_type == "bbox" else ("area", "iscrowd")
     for ann in coco.dataset["annotations"]:
@@ -203,7 +204,7 @@ def score_coco(gt_file: str, results_file: str, *, iou_type: str = "bbox", per_c
     if iou_type not in ("bbox", "segm"):
         raise ScoreError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}.")
     coco = read_coco(gt_file)
-    _check_scored_ground_truth(coco, iou_type, gt_file)
+    check_scored_ground_truth(coco, iou_type, gt_file)
     sizes = None
     if iou_type == "segm":  # the ground truth's masks are rasterised: check them as training data is checked
         check_ground_truth_masks(coco, gt_file)
@@ -334,7 +335,8 @@ def score_voc(gt_root: str, pred: str, *, split: str = "test", classes: Sequence
 
 
 # ---------------------------------------------------------------------- semantic segmentation
-def _label_files(folder: str, what: str) -> dict[str, str]:
+def label_files(folder: str, what: str) -> dict[str, str]:
+    """``{file stem: path}`` of the label maps in ``folder`` (ScoreError: none, two with one stem, no folder)."""
     if not os.path.isdir(folder):
         raise ScoreError(f"{what} folder '{folder}' does not exist.")
     files: dict[str, str] = {}
@@ -370,7 +372,7 @@ def score_semseg(gt_dir: str, pred_dir: str, *, num_classes: int, ignore_index: 
     from segkit.evaluation.semseg import segmentation_metrics
 
     _check_score_classes(num_classes, class_names)
-    gt_files, pred_files = _label_files(gt_dir, "ground-truth"), _label_files(pred_dir, "prediction")
+    gt_files, pred_files = label_files(gt_dir, "ground-truth"), label_files(pred_dir, "prediction")
     absent = sorted(set(gt_files) - set(pred_files))
     extra = sorted(set(pred_files) - set(gt_files))
     if absent or extra:

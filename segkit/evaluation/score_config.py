@@ -81,7 +81,7 @@ def _score_coco_dataset(dataset: Any, pred: str, *, iou_types: list[str], per_cl
                         backend: str) -> dict[str, float]:
     from segkit.data.coco import check_ground_truth_masks
     from segkit.evaluation.coco import evaluate_coco_results
-    from segkit.evaluation.score import _check_scored_ground_truth, mask_results, read_coco_results
+    from segkit.evaluation.score import check_scored_ground_truth, mask_results, read_coco_results
 
     coco = dataset.coco
     source = str(getattr(dataset, "ann_file", "the dataset's ground truth"))
@@ -91,7 +91,7 @@ def _score_coco_dataset(dataset: Any, pred: str, *, iou_types: list[str], per_cl
                  if cat in coco.cats}
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        _check_scored_ground_truth(coco, iou_type, source)
+        check_scored_ground_truth(coco, iou_type, source)
         sizes = None
         if iou_type == "segm":
             check_ground_truth_masks(coco, source)
@@ -105,11 +105,11 @@ def _score_coco_dataset(dataset: Any, pred: str, *, iou_types: list[str], per_cl
 
 def _score_semseg_dataset(dataset: Any, pred_dir: str, *, per_class: bool) -> dict[str, float]:
     from segkit.data.semseg import read_label_map
-    from segkit.evaluation.score import ScoreError, _label_files, accumulate_pairs, check_label_pair
+    from segkit.evaluation.score import ScoreError, label_files, accumulate_pairs, check_label_pair
     from segkit.evaluation.semseg import label_map_name, segmentation_metrics
 
     num_classes, ignore_index = int(dataset.num_classes), int(dataset.ignore_index)
-    files = _label_files(pred_dir, "prediction")
+    files = label_files(pred_dir, "prediction")
     names = [label_map_name(os.path.relpath(dataset.image_path(i), dataset.img_dir)) for i in range(len(dataset))]
     absent = [n for n in names if n not in files]
     if absent:

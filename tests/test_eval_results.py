@@ -159,6 +159,19 @@ def test_instance_results_score_boxes_and_masks_to_the_eval_numbers(mask_ckpt: P
     assert plain == {k: v for k, v in evaluated.items() if k.startswith("segm/")}
 
 
+def test_trained_instance_model_scores_nonzero_mask_numbers_exactly(trained_mask_ckpt: Path, tmp_path: Path, capsys):
+    overrides = ["evaluation.iou_types=[bbox, segm]", "evaluation.backend=pycocotools"]
+    results, evaluated_file, scored_file = tmp_path / "r.json", tmp_path / "e.json", tmp_path / "s.json"
+    code, _, err = run(["eval", str(trained_mask_ckpt), *overrides, "--results", str(results), "--out",
+                        str(evaluated_file)], capsys)
+    assert code == 0, err
+    code, _, err = run(["score", "--config", str(trained_mask_ckpt), "--override", *overrides, "--pred", str(results),
+                        "--out", str(scored_file)], capsys)
+    assert code == 0, err
+    evaluated, scored = json.loads(evaluated_file.read_text()), json.loads(scored_file.read_text())
+    assert scored == evaluated and len(evaluated) == 24
+    assert evaluated["segm/AP50"] > 0 and evaluated["bbox/AP50"] > 0  # a non-degenerate comparison
+
 def test_semantic_label_maps_score_to_the_eval_numbers(seg_ckpt: Path, tmp_path: Path, capsys):
     results = tmp_path / "labels"
     evaluated, scored, _ = _eval_then_score(seg_ckpt, results, tmp_path, capsys)

@@ -1,13 +1,16 @@
 """The ``segkit`` command.
 
     segkit train CONFIG [key=value ...] [--resume CKPT]
-    segkit eval CONFIG_OR_CKPT [CKPT] [key=value ...] [--split val|test] [--out FILE]
-    segkit predict CONFIG_OR_CKPT [CKPT] INPUT... [key=value ...] --out DIR [--score-thr F] [--device D]
+    segkit eval CONFIG_OR_CKPT [CKPT] [key=value ...] [--split val|test] [--out FILE] [--results PATH]
+                [--show DIR [--show-count N]]
+    segkit predict CONFIG_OR_CKPT [CKPT] (INPUT... | --split val|test) [key=value ...] --out DIR [--score-thr F]
+                [--device D]
     segkit list [KIND]
     segkit config CONFIG [key=value ...]
     segkit data check CONFIG [key=value ...] [--split train|val|test|all] [--max-images N]
     segkit data show CONFIG [key=value ...] --out DIR [--split S] [--n N] [--seed S] [--grid]
     segkit score --task bbox|segm|voc|semseg --gt GT --pred PRED [--out FILE] [options]
+    segkit score --config CONFIG_OR_CKPT [--override key=value ...] [--split val|test] --pred PRED [--task T]
     segkit plot WORK_DIR [--out FILE.png]
     segkit bench CONFIG [key=value ...] [--compare torchvision] [--image-size HxW] [--out FILE] [options]
     segkit convert --from timm|torchvision IN OUT
@@ -16,7 +19,8 @@
 
 ``predict`` draws each image's results as DIR/<image name>.png; a detector also writes its
 detections as COCO results (DIR/predictions.json), a semantic segmentor its label maps
-(DIR/labels/<image name>.png, pixel = class index).
+(DIR/labels/<image name>.png, pixel = class index). ``eval --results`` writes the evaluation's
+predictions in the dataset's ids, which ``score --config`` scores to the numbers eval printed.
 
 User errors (a bad config, a missing file, a checkpoint that does not fit) print one paragraph and
 exit with status 2; ``--debug`` shows the traceback instead.

@@ -26,8 +26,8 @@ from segkit.models.base import ModelInfo, describe
 if TYPE_CHECKING:
     import PIL.Image
 
-__all__ = ["Predictor", "ImageInput", "as_image_array", "as_image_tensor", "filter_detections", "label_map",
-           "save_label_map"]
+__all__ = ["Predictor", "ImageInput", "SplitImages", "as_image_array", "as_image_tensor", "filter_detections", "label_map",
+           "label_map_png", "save_label_map"]
 
 #: What a :class:`Predictor` accepts as one image.
 ImageInput = Union[str, os.PathLike, np.ndarray, Tensor, "PIL.Image.Image"]
@@ -358,17 +358,31 @@ def _is_image_file(path: str) -> bool:
 def save_label_map(labels: Tensor | np.ndarray, path: str) -> None:
     """Write a label map as a PNG, atomically: 8-bit grayscale (mode ``L``) for class indices up to
     255, 16-bit (mode ``I;16``) above; pixel value = class index."""
-    from PIL import Image
-
     from segkit.fileio import atomic_open
+
+    data = label_map_png(labels)
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def label_map_png(labels: Tensor | np.ndarray) -> bytes:
+    """A label map ``[H, W]`` encoded as PNG, as :func:`save_label_map` writes it.
+
+    Raises:
+        ValueError: values outside ``0..65535``.
+    """
+    import io
+
+    from PIL import Image
 
     values = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if values.size and (values.min() < 0 or values.max() > 65535):
         raise ValueError(f"class indices must lie in [0, 65535] to be saved as PNG, got {values.min()}..{values.max()}")
     wide = values.size and values.max() > 255
     picture = Image.fromarray(values.astype(np.uint16 if wide else np.uint8))  # mode I;16 or L
-    with atomic_open(path, "wb") as f:
-        picture.save(f, format="PNG")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def picture_paths(files: Sequence[str], out_dir: str, *, label_dir: str | None = None) -> list[str]:
@@ -391,13 +405,14 @@ def picture_paths(files: Sequence[str], out_dir: str, *, label_dir: str | None =
 
 
 def coco_results(output: Mapping[str, Any], *, file_name: str, image_id: int,
-                 predictor: Predictor) -> list[dict[str, Any]]:
+                 predictor: Predictor, category_ids: Mapping[int, int] | None = None) -> list[dict[str, Any]]:
     """One image's detections as COCO results entries.
 
-    Each entry: ``file_name``, ``image_id``, ``category_id`` (the dataset category id of the label,
-    see :attr:`Predictor.category_ids`), ``label`` (1..K), ``category_name``, ``bbox`` (``[x, y, w, h]``
-    pixels), ``score`` and, with masks, ``segmentation`` (compressed RLE with ``str`` counts,
-    thresholded at the model's mask threshold).
+    Each entry: ``file_name``, ``image_id``, ``category_id`` (the dataset category id of the label:
+    ``category_ids[label]`` when given, else see :attr:`Predictor.category_ids`), ``label`` (1..K),
+    ``category_name``, ``bbox`` (``[x, y, w, h]`` pixels), ``score`` and, with masks,
+    ``segmentation`` (compressed RLE with ``str`` counts, thresholded at the model's mask threshold).
+    A label that ``category_ids`` does not map is left out.
     """
     boxes = output["boxes"].reshape(-1, 4).tolist()
     labels = output["labels"].reshape(-1).tolist()
@@ -412,10 +427,58 @@ def coco_results(output: Mapping[str, Any], *, file_name: str, image_id: int,
         segmentations = encode_masks(binary)
     entries = []
     for (x0, y0, x1, y1), label, score, rle in zip(boxes, labels, scores, segmentations):
-        entry = {"file_name": file_name, "image_id": image_id, "category_id": predictor.category_id(label),
+        if category_ids is not None and label not in category_ids:
+            continue
+        category = predictor.category_id(label) if category_ids is None else int(category_ids[label])
+        entry = {"file_name": file_name, "image_id": image_id, "category_id": category,
                  "label": int(label), "category_name": predictor.class_name(label),
                  "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
         if rle is not None:
             entry["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]}
         entries.append(entry)
     return entries
+
+
+class SplitImages:
+    """The images of a config's data split, with the ids and names the split's ground truth uses.
+
+    Attributes:
+        files: the image files, in dataset order.
+        image_ids: each image's id (a COCO dataset's own ids; the position for label-map datasets).
+        category_ids: ``{label: category id}`` of a COCO dataset, else ``None``.
+        label_map_names: the name (without ``.png``) ``segkit eval --results`` gives each image's label map.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        from segkit.evaluation.semseg import label_map_name
+
+        self.dataset = dataset
+        self.files = [dataset.image_path(i) for i in range(len(dataset))]
+        ids = getattr(dataset, "image_ids", None)
+        self.image_ids = [int(i) for i in ids] if ids is not None else list(range(len(dataset)))
+        mapping = getattr(dataset, "label_to_cat_id", None)
+        self.category_ids = {int(k): int(v) for k, v in mapping.items()} if mapping is not None else None
+        folder = getattr(dataset, "img_dir", None)
+        self.label_map_names = [label_map_name(os.path.relpath(f, folder) if folder else os.path.basename(f))
+                                for f in self.files]
+        raw_values = getattr(dataset, "raw_label_values", None)
+        self._raw_values = raw_values() if callable(raw_values) else None
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any], split: str) -> SplitImages:
+        """The images of ``cfg``'s ``data.<split>``.
+
+        Raises:
+            UserError: the config has no such split.
+        """
+        from segkit.registry import DATASETS
+
+        spec = (cfg.get("data") or {}).get(split) if isinstance(cfg.get("data"), Mapping) else None
+        if not spec:
+            raise UserError(f"--split {split}: the config has no data.{split} to take images from.")
+        return cls(DATASETS.build(spec, path=f"data.{split}"))
+
+    def label_values(self, labels: Tensor) -> np.ndarray:
+        """Class indices ``[H, W]`` in the dataset's raw label values (its ``reduce_zero_label`` / ``label_map`` undone)."""
+        values = labels.cpu().numpy()
+        return values if self._raw_values is None else self._raw_values[values]

@@ -26,13 +26,22 @@ def _add_predict_parser(sub: Any) -> None:
                                    "checkpoint (`segkit predict CKPT INPUT...` or `segkit predict CONFIG CKPT "
                                    "INPUT...`; key=value arguments override the config). A detector writes "
                                    "DIR/<image name>.png with the detections drawn and DIR/predictions.json, a list "
-                                   "of COCO results (file_name, image_id = position of the image, category_id, "
+                                   "of COCO results (file_name, image_id = position of the image among the inputs, from 0, category_id, "
                                    "label, category_name, bbox [x, y, w, h], score, and segmentation as RLE for mask "
                                    "models). A semantic segmentor (inferring as `segkit eval` does, with the config's "
                                    "model.test_cfg) writes DIR/<image name>.png with the classes coloured and a "
                                    "legend, and DIR/labels/<image name>.png, the label map (pixel = class index; "
-                                   "16-bit above 255 classes).")
-    add_image_inputs(p)
+                                   "16-bit above 255 classes). --split val (or test) predicts the images of the "
+                                   "config's data split instead of INPUTs: the JSON then carries the dataset's own "
+                                   "image and category ids, and label maps are named after the image files in the "
+                                   "dataset's label values, as `segkit eval --results` writes them, so `segkit score "
+                                   "--config CKPT --pred ...` scores them.")
+    add_config_or_ckpt(p)
+    p.add_argument("rest", nargs="*", metavar="INPUT",
+                   help="[CKPT] (after a config), then images, folders or glob patterns, and key=value overrides")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder (created if needed)")
+    p.add_argument("--split", choices=("val", "test"), default=None,
+                   help="predict the images of the config's data.val or data.test instead of INPUTs")
     p.add_argument("--score-thr", type=float, default=0.3, metavar="F",
                    help="keep detections scoring at least F (default 0.3; 0 keeps all the model returns; "
                         "unused by segmentors)")
@@ -91,18 +100,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from segkit.data.images import load_image
     from segkit.fileio import atomic_open, atomic_write_json
-    from segkit.predict import Predictor, coco_results, find_images, label_map, picture_paths, save_label_map
+    from segkit.predict import (Predictor, SplitImages, coco_results, find_images, label_map, picture_paths,
+                                save_label_map)
     from segkit.visualize import draw_predictions
 
     if not 0.0 <= args.score_thr <= 1.0:
         raise UserError(f"--score-thr is a score in [0, 1], got {args.score_thr}.")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
-    ckpt, config, inputs, overrides = predict_arguments(args.config_or_ckpt, args.rest)
-    files = find_images(inputs)
+    ckpt, config, inputs, overrides = predict_arguments(args.config_or_ckpt, args.rest,
+                                                        inputs_required=args.split is None)
+    if args.split is not None and inputs:
+        raise UserError(f"--split {args.split} predicts the images of the config's data.{args.split}; give either "
+                        f"--split or input images ({' '.join(inputs[:3])}), not both.")
+    files = find_images(inputs) if args.split is None else []
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(ckpt, config=config, overrides=overrides, device=device, score_threshold=args.score_thr,
                           batch_size=args.batch_size)
+    split = SplitImages.of(predictor.config, args.split) if args.split is not None else None
+    if split is not None:
+        files = split.files
     label_dir = os.path.join(args.out, "labels") if predictor.is_segmentor else None
     pictures = picture_paths(files, args.out, label_dir=label_dir)
     make_output_folder(args.out)
@@ -119,10 +136,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                            mask_threshold=predictor.mask_threshold)
                 with atomic_open(pictures[index], "wb") as f:
                     Image.fromarray(picture).save(f, format="PNG")
-                if label_dir is not None:
+                if label_dir is not None and split is not None:
+                    save_label_map(split.label_values(label_map(output)),
+                                   os.path.join(label_dir, split.label_map_names[index] + ".png"))
+                elif label_dir is not None:
                     save_label_map(label_map(output), os.path.join(label_dir, os.path.basename(pictures[index])))
                 else:
-                    results.extend(coco_results(output, file_name=files[index], image_id=index, predictor=predictor))
+                    results.extend(coco_results(output, file_name=files[index], predictor=predictor,
+                                                image_id=index if split is None else split.image_ids[index],
+                                                category_ids=None if split is None else split.category_ids))
                 progress.update(1)
     if label_dir is not None:
         print(f"predicted {len(files)} image(s) on {predictor.device}: pictures in {args.out}, label maps "

@@ -250,6 +250,28 @@ class SemSegFolder(torch.utils.data.Dataset):
         """Path of the label map file of sample ``index``."""
         return self._samples[index][1]
 
+    def raw_label_values(self) -> np.ndarray | None:
+        """The raw label value that stands for each class index (int64 ``[K]``), the inverse of
+        :meth:`load_label`'s mapping: ``c + 1`` with ``reduce_zero_label``, the smallest raw value
+        ``label_map`` maps to ``c`` (``ignore_index`` for a class no raw value maps to); ``None``
+        when raw values are the class indices. Predicted label maps written with it compare with
+        the dataset's own label files."""
+        if self._lut is not None:
+            table = self._lut[:-1]
+            return np.asarray([int(np.flatnonzero(table == c)[0]) if (table == c).any() else self.ignore_index
+                               for c in range(self.num_classes)], dtype=np.int64)
+        if self.reduce_zero_label:
+            return np.arange(1, self.num_classes + 1, dtype=np.int64)
+        return None
+
+    def class_indices(self, raw: np.ndarray) -> np.ndarray:
+        """Raw label values (as read from a label file) as class indices or ``ignore_index``, unchecked."""
+        if self._lut is not None:
+            return self._lut[np.where((raw < 0) | (raw >= len(self._lut)), len(self._lut) - 1, raw)]
+        if self.reduce_zero_label:
+            return np.where((raw == 0) | (raw == self.ignore_index), self.ignore_index, raw - 1)
+        return raw
+
     def load_label(self, index: int) -> np.ndarray:
         """The label map of sample ``index`` as class indices, before transforms: int32 ``[H, W]``.
 
@@ -259,12 +281,7 @@ class SemSegFolder(torch.utils.data.Dataset):
         """
         path = self.label_path(index)
         raw = read_label_map(path)
-        if self._lut is not None:
-            label = self._lut[np.where((raw < 0) | (raw >= len(self._lut)), len(self._lut) - 1, raw)]
-        elif self.reduce_zero_label:
-            label = np.where((raw == 0) | (raw == self.ignore_index), self.ignore_index, raw - 1)
-        else:
-            label = raw
+        label = self.class_indices(raw)
         bad = ((label < 0) | (label >= self.num_classes)) & (label != self.ignore_index)
         if bad.any():
             values = np.unique(raw[bad])

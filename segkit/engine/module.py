@@ -69,6 +69,8 @@ class SegkitModule(pl.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.metrics_history: list[dict[str, Any]] = []
         self.class_names: list[str] | None = None
+        #: Evaluators keep their per-image predictions (``segkit eval --results`` / ``--show``).
+        self.keep_predictions = False
 
     # ------------------------------------------------------------------ training
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
@@ -204,7 +206,10 @@ class SegkitModule(pl.LightningModule):
         if threshold is not None and "mask_threshold" in _parameters(EVALUATORS.get(str(cfg["type"]))):
             defaults["mask_threshold"] = threshold  # the model's test-time setting unless the config says
         # A constructor's ValueError (an evaluator that does not fit the dataset) names the evaluation section.
-        return EVALUATORS.build_child(cfg, path="evaluation", **defaults)
+        evaluator = EVALUATORS.build_child(cfg, path="evaluation", **defaults)
+        if self.keep_predictions:
+            evaluator.keep_predictions = True
+        return evaluator
 
     def on_validation_epoch_start(self) -> None:
         if self.evaluator is None:

@@ -43,7 +43,7 @@ from segkit.errors import ConfigError, UserError
 from segkit.fileio import FileWriteError, atomic_open, atomic_write_text, make_folder, write_error
 from segkit.registry import check_arguments
 
-__all__ = ["AtomicCheckpointIO", "IterationTimer", "build_trainer", "default_loggers", "train", "evaluate",
+__all__ = ["AtomicCheckpointIO", "IterationTimer", "build_trainer", "default_loggers", "train", "evaluate", "evaluate_keeping_predictions",
            "resolve_work_dir", "DEFAULT_MAIN_METRIC"]
 
 DEFAULT_MAIN_METRIC = "bbox/AP"
@@ -368,6 +368,19 @@ def evaluate(cfg: Mapping[str, Any], checkpoint: str | None, *, split: str = "va
         ConfigError: a value of ``cfg`` out of range (checked before any data is read).
         CheckpointError: ``checkpoint`` is missing, unreadable, or does not fit the model.
     """
+    return evaluate_keeping_predictions(cfg, checkpoint, split=split, keep_predictions=False)[0]
+
+
+def evaluate_keeping_predictions(cfg: Mapping[str, Any], checkpoint: str | None, *, split: str = "val",
+                                 keep_predictions: bool = True) -> tuple[dict[str, float], Any]:
+    """:func:`evaluate`, also returning the evaluator, whose per-image predictions are kept.
+
+    Under DDP the evaluator of rank 0 holds the results of every image (merged from all ranks, the
+    sampler's padding duplicates dropped); the other ranks' hold their own images only.
+
+    Returns:
+        ``(metrics, evaluator)``.
+    """
     _quiet_lightning()
     check_run_config(cfg, training=False)
     work_dir = resolve_work_dir(cfg)
@@ -377,6 +390,7 @@ def evaluate(cfg: Mapping[str, Any], checkpoint: str | None, *, split: str = "va
         load_checkpoint(model, checkpoint)
     plain = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
     module = SegkitModule(model=model, config=plain, work_dir=None)
+    module.keep_predictions = keep_predictions
     trainer_cfg = dict(cfg)
     trainer_cfg["trainer"] = {k: v for k, v in (cfg.get("trainer") or {}).items()
                               if k in ("accelerator", "devices", "num_nodes", "strategy", "precision",
@@ -387,4 +401,4 @@ def evaluate(cfg: Mapping[str, Any], checkpoint: str | None, *, split: str = "va
             trainer.test(module, datamodule=datamodule, verbose=False)
         else:
             trainer.validate(module, datamodule=datamodule, verbose=False)
-    return dict(module.last_metrics)
+    return dict(module.last_metrics), module.evaluator

@@ -11,6 +11,11 @@ A new evaluator subclasses :class:`Evaluator`, registers in ``EVALUATORS`` and i
 :meth:`~Evaluator.image_result` (one image's result, checked), :meth:`~Evaluator.score` (the
 metrics of the kept results) and :meth:`~Evaluator.metric_names`; :meth:`~Evaluator.state` and
 :meth:`~Evaluator.merge` have defaults that send the per-image results as they are.
+
+An evaluator whose predictions can be exported (``segkit eval --results``) and reviewed image by
+image (``segkit eval --show``) also implements :meth:`~Evaluator.write_results`,
+:meth:`~Evaluator.image_scores` and :meth:`~Evaluator.draw_image`, and says with
+:attr:`~Evaluator.results_layout` whether its results are one file or a folder.
 """
 
 from __future__ import annotations
@@ -30,9 +35,15 @@ class Evaluator:
     """
 
     state_keys: tuple[str, ...] = ()
+    #: What :meth:`write_results` writes: ``"file"`` (one file), ``"folder"`` (a file per image), or
+    #: ``None`` when the evaluator cannot export its predictions.
+    results_layout: str | None = None
 
     def __init__(self) -> None:
         self._images: dict[int, Any] = {}
+        #: Keep what :meth:`write_results` and :meth:`draw_image` need beyond the metrics (set by
+        #: the engine before the first :meth:`process`; evaluators that always keep it ignore it).
+        self.keep_predictions = False
 
     # ---------------------------------------------------------------- what a subclass provides
     @classmethod
@@ -62,6 +73,28 @@ class Evaluator:
     def state_values(self) -> dict[str, Any]:
         """The values of :attr:`state_keys` for this evaluator."""
         return {key: getattr(self, key) for key in self.state_keys}
+
+    # ---------------------------------------------------------------- exporting and reviewing
+    def write_results(self, path: str) -> str:
+        """Write the processed images' predictions to ``path`` in a form ``segkit score`` reads;
+        returns what was written, in words (one line).
+
+        Raises:
+            NotImplementedError: an evaluator without an export format (:attr:`results_layout` is ``None``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot write its predictions (no results format)")
+
+    def image_scores(self) -> dict[int, float]:
+        """A score per processed image, higher is better, ``nan`` where there is nothing to score."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-image score")
+
+    def image_name(self, image_id: int) -> str:
+        """How an image is named in file names (its id unless the evaluator knows a better name)."""
+        return str(image_id)
+
+    def draw_image(self, image_id: int, dataset: Any) -> tuple[Any, Any]:
+        """Pictures (uint8 ``[H, W, 3]``) of an image's ground truth and of its prediction, same size."""
+        raise NotImplementedError(f"{type(self).__name__} cannot draw its predictions")
 
     # ---------------------------------------------------------------- accumulation
     def reset(self) -> None:

@@ -92,6 +92,8 @@ class CocoEvaluator(Evaluator):
         >>> print(format_metrics_table(evaluator.evaluate()))
     """
 
+    results_layout = "file"
+
     def __init__(self, *, dataset: Any, iou_types: Sequence[IouType] | IouType = ("bbox",), per_class: bool = False,
                  mask_threshold: float | None = None, backend: Backend = "auto") -> None:
         super().__init__()
@@ -259,6 +261,74 @@ class CocoEvaluator(Evaluator):
                 )
             )
         return metrics
+
+    # ---------------------------------------------------------------- exporting and reviewing
+    def result_records(self) -> list[dict[str, Any]]:
+        """One COCO result per kept detection, sorted by image id: ``image_id`` and ``category_id`` (the
+        dataset's own ids), ``bbox`` (``[x, y, w, h]`` file pixels), ``score`` and, when masks are
+        evaluated, ``segmentation`` (compressed RLE, ``str`` counts). Nothing is rounded, so
+        ``segkit score`` of these records gives :meth:`evaluate`'s numbers exactly."""
+        out: list[dict[str, Any]] = []
+        for image_id in sorted(self._images):
+            entry = self._images[image_id]
+            masks = entry.get("segmentations") or [None] * len(entry["scores"])
+            for cat, box, score, rle in zip(entry["category_ids"].tolist(), entry["boxes"].tolist(),
+                                            entry["scores"].tolist(), masks):
+                record = {"image_id": image_id, "category_id": cat, "bbox": box, "score": score}
+                if rle is not None:
+                    record["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]}
+                out.append(record)
+        return out
+
+    def write_results(self, path: str) -> str:
+        """Write :meth:`result_records` as a COCO results JSON to ``path`` (atomically)."""
+        import json
+
+        from segkit.fileio import atomic_write_text
+
+        records = self.result_records()
+        atomic_write_text(path, json.dumps(records))
+        return (f"{len(records)} detection(s) of {len(self._images)} image(s) as COCO results "
+                f"({' and '.join(self.iou_types)})")
+
+    def image_scores(self) -> dict[int, float]:
+        """F1 at IoU 0.5 of each image's detections (see :mod:`segkit.evaluation.review`); mask IoU
+        when masks are evaluated, else box IoU."""
+        from segkit.evaluation.review import SHOW_SCORE_THRESHOLD, detection_f1
+
+        masks = "segm" in self.iou_types
+        scores = {}
+        for image_id, entry in self._images.items():
+            shapes = entry["segmentations"] if masks else entry["boxes"].tolist()
+            detections = [(c, s, g) for c, s, g in zip(entry["category_ids"].tolist(), entry["scores"].tolist(), shapes)
+                          if s >= SHOW_SCORE_THRESHOLD]
+            objects = [(a["category_id"], self.coco.annToRLE(a) if masks else a["bbox"], bool(a.get("iscrowd", 0)))
+                       for a in self.coco.imgToAnns.get(image_id, [])]
+            scores[image_id] = detection_f1(detections, objects)
+        return scores
+
+    def draw_image(self, image_id: int, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The image file with its ground truth, and with the detections scoring at least
+        :data:`~segkit.evaluation.review.SHOW_SCORE_THRESHOLD` (masks too when evaluated)."""
+        from segkit.data.images import load_image
+        from segkit.data.show import draw_target
+        from segkit.evaluation.review import SHOW_SCORE_THRESHOLD, coco_ground_truth_output
+        from segkit.visualize import draw_detections
+
+        image = load_image(dataset.image_path(list(dataset.image_ids).index(image_id)), image_id=image_id)
+        to_label = {cat: label for label, cat in self.label_to_cat_id.items()}
+        masks = "segm" in self.iou_types
+        truth = draw_target(image, coco_ground_truth_output(self.coco, image_id, to_label, with_masks=masks),
+                            self.classes)
+        entry = self._images[image_id]
+        boxes = entry["boxes"].copy()
+        boxes[:, 2:] += boxes[:, :2]
+        output = {"boxes": boxes, "scores": entry["scores"],
+                  "labels": np.asarray([to_label[c] for c in entry["category_ids"].tolist()], dtype=np.int64)}
+        if masks:
+            output["masks"] = (mask_utils.decode(entry["segmentations"]).transpose(2, 0, 1) if len(boxes)
+                               else np.zeros((0, *image.shape[:2]), np.uint8))
+        return truth, draw_detections(image, output, self.classes, score_threshold=SHOW_SCORE_THRESHOLD)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(iou_types={list(self.iou_types)}, per_class={self.per_class}, "

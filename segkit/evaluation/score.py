@@ -30,7 +30,8 @@ from segkit.errors import UserError
 from segkit.textio import load_json, read_names, read_text
 
 __all__ = ["score_coco", "score_voc", "score_semseg", "read_coco_results", "read_voc_det_files",
-           "guess_voc_method"]
+           "guess_voc_method", "mask_results", "check_label_pair", "accumulate_pairs", "check_scored_ground_truth",
+           "label_files"]
 
 _LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
@@ -89,11 +90,7 @@ def read_coco_results(path: str, *, iou_type: str, image_ids: Sequence[Any] | No
             _check_result_box(record["bbox"], where)
         else:
             _check_result_mask(record, where, image_sizes)
-            # pycocotools reads every record like the first: with a box there, each needs one (its area is used)
-            if "bbox" in record or "bbox" in records[0]:
-                if "bbox" not in record:
-                    raise ScoreError(f"{where} has no bbox, but record 0 has one; pycocotools then reads every record's "
-                                     f"bbox (and its area): give every record a bbox, or none.")
+            if "bbox" in record:  # checked, though mask scoring does not read it (see score_coco)
                 _check_result_box(record["bbox"], where)
     if key == "segmentation":
         _check_compressed_masks(records, path)
@@ -107,7 +104,7 @@ def _check_result_box(box: Any, where: str) -> None:
                          f"non-negative width and height.")
 
 
-def _check_scored_ground_truth(coco: Any, iou_type: str, gt_file: str) -> None:
+def check_scored_ground_truth(coco: Any, iou_type: str, gt_file: str) -> None:
     """Every ground-truth annotation has what pycocotools reads to score it (else a KeyError deep inside it)."""
     needed = ("area", "iscrowd", "bbox") if iou_type == "bbox" else ("area", "iscrowd")
     for ann in coco.dataset["annotations"]:
@@ -193,6 +190,11 @@ def score_coco(gt_file: str, results_file: str, *, iou_type: str = "bbox", per_c
     counts its objects as missed. The numbers are pycocotools' own; ``backend="faster_coco_eval"``
     gives the same up to the order of floating-point sums (about 1e-15), several times faster.
 
+    For ``segm`` a record's ``bbox`` is dropped before scoring, as Detectron2 and MMDetection do: given
+    a box, pycocotools takes a result's area (which decides its small / medium / large range) from
+    the box instead of the mask, and the mask numbers would differ from those of the same masks
+    scored without boxes (which is how training and ``segkit eval`` score them).
+
     Raises:
         ScoreError / DatasetError: a missing or malformed file (named with the bad record).
     """
@@ -202,7 +204,7 @@ def score_coco(gt_file: str, results_file: str, *, iou_type: str = "bbox", per_c
     if iou_type not in ("bbox", "segm"):
         raise ScoreError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}.")
     coco = read_coco(gt_file)
-    _check_scored_ground_truth(coco, iou_type, gt_file)
+    check_scored_ground_truth(coco, iou_type, gt_file)
     sizes = None
     if iou_type == "segm":  # the ground truth's masks are rasterised: check them as training data is checked
         check_ground_truth_masks(coco, gt_file)
@@ -210,7 +212,15 @@ def score_coco(gt_file: str, results_file: str, *, iou_type: str = "bbox", per_c
     results = read_coco_results(results_file, iou_type=iou_type, image_ids=list(coco.imgs),
                                 category_ids=list(coco.cats), image_sizes=sizes)
     names = {int(c): str(coco.cats[c].get("name", c)) for c in sorted(coco.cats)} if per_class else None
-    return evaluate_coco_results(coco, results, iou_type=iou_type, class_names=names, backend=backend)
+    return evaluate_coco_results(coco, mask_results(results, iou_type), iou_type=iou_type, class_names=names,
+                                 backend=backend)
+
+
+def mask_results(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """``results`` without their ``bbox`` for ``segm`` scoring (see :func:`score_coco`), unchanged otherwise."""
+    if iou_type != "segm":
+        return results
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
 
 
 # ---------------------------------------------------------------------- VOC
@@ -325,7 +335,8 @@ def score_voc(gt_root: str, pred: str, *, split: str = "test", classes: Sequence
 
 
 # ---------------------------------------------------------------------- semantic segmentation
-def _label_files(folder: str, what: str) -> dict[str, str]:
+def label_files(folder: str, what: str) -> dict[str, str]:
+    """``{file stem: path}`` of the label maps in ``folder`` (ScoreError: none, two with one stem, no folder)."""
     if not os.path.isdir(folder):
         raise ScoreError(f"{what} folder '{folder}' does not exist.")
     files: dict[str, str] = {}
@@ -361,7 +372,7 @@ def score_semseg(gt_dir: str, pred_dir: str, *, num_classes: int, ignore_index: 
     from segkit.evaluation.semseg import segmentation_metrics
 
     _check_score_classes(num_classes, class_names)
-    gt_files, pred_files = _label_files(gt_dir, "ground-truth"), _label_files(pred_dir, "prediction")
+    gt_files, pred_files = label_files(gt_dir, "ground-truth"), label_files(pred_dir, "prediction")
     absent = sorted(set(gt_files) - set(pred_files))
     extra = sorted(set(pred_files) - set(gt_files))
     if absent or extra:
@@ -376,23 +387,37 @@ def score_semseg(gt_dir: str, pred_dir: str, *, num_classes: int, ignore_index: 
     for stem in tqdm(sorted(gt_files), desc="scoring label maps", unit="img", disable=not show):
         gt = read_label_map(gt_files[stem]).astype(np.int64)
         pred = read_label_map(pred_files[stem]).astype(np.int64)
-        if gt.shape != pred.shape:
-            raise ScoreError(f"prediction '{pred_files[stem]}' is {pred.shape[0]}x{pred.shape[1]} (HxW) but its "
-                             f"ground truth '{gt_files[stem]}' is {gt.shape[0]}x{gt.shape[1]}.")
-        if reduce_zero_label:
+        if reduce_zero_label and gt.shape == pred.shape:
             gt = np.where(gt == 0, ignore_index, gt - 1)
             gt[gt == ignore_index - 1] = ignore_index
-        bad_gt = (gt != ignore_index) & ((gt < 0) | (gt >= num_classes))
-        if bad_gt.any():
-            raise ScoreError(f"ground truth '{gt_files[stem]}' holds values {sorted(set(np.unique(gt[bad_gt]).tolist()))[:10]}"
-                             f" that are neither classes 0..{num_classes - 1} nor the ignore value {ignore_index}; "
-                             f"check --num-classes, --ignore-index and --reduce-zero-label.")
-        bad_pred = (gt != ignore_index) & ((pred < 0) | (pred >= num_classes))
-        if bad_pred.any():
-            raise ScoreError(f"prediction '{pred_files[stem]}' holds values {sorted(set(np.unique(pred[bad_pred]).tolist()))[:10]}"
-                             f" outside the classes 0..{num_classes - 1}; check --num-classes.")
-        _accumulate_pairs(total, gt, pred, num_classes, ignore_index)
+        check_label_pair(gt, pred, gt_file=gt_files[stem], pred_file=pred_files[stem], num_classes=num_classes,
+                         ignore_index=ignore_index)
+        accumulate_pairs(total, gt, pred, num_classes, ignore_index)
     return segmentation_metrics(total.reshape(num_classes, num_classes), class_names)
+
+
+def check_label_pair(gt: np.ndarray, pred: np.ndarray, *, gt_file: str, pred_file: str, num_classes: int,
+                     ignore_index: int) -> None:
+    """Refuse a prediction of another size than its ground truth, or values outside the classes.
+
+    Args:
+        gt, pred: class indices (``gt`` may hold ``ignore_index``), the files they came from for the message.
+
+    Raises:
+        ScoreError: naming the file.
+    """
+    if gt.shape != pred.shape:
+        raise ScoreError(f"prediction '{pred_file}' is {pred.shape[0]}x{pred.shape[1]} (HxW) but its "
+                         f"ground truth '{gt_file}' is {gt.shape[0]}x{gt.shape[1]}.")
+    bad_gt = (gt != ignore_index) & ((gt < 0) | (gt >= num_classes))
+    if bad_gt.any():
+        raise ScoreError(f"ground truth '{gt_file}' holds values {sorted(set(np.unique(gt[bad_gt]).tolist()))[:10]}"
+                         f" that are neither classes 0..{num_classes - 1} nor the ignore value {ignore_index}; "
+                         f"check --num-classes, --ignore-index and --reduce-zero-label.")
+    bad_pred = (gt != ignore_index) & ((pred < 0) | (pred >= num_classes))
+    if bad_pred.any():
+        raise ScoreError(f"prediction '{pred_file}' holds values {sorted(set(np.unique(pred[bad_pred]).tolist()))[:10]}"
+                         f" outside the classes 0..{num_classes - 1}; check --num-classes.")
 
 
 #: Most classes ``segkit score --task semseg`` scores. Its confusion matrix has K x K int64 cells
@@ -420,7 +445,7 @@ def _check_score_classes(num_classes: Any, class_names: Sequence[str] | None) ->
                              f"its own name.")
 
 
-def _accumulate_pairs(total: np.ndarray, gt: np.ndarray, pred: np.ndarray, num_classes: int,
+def accumulate_pairs(total: np.ndarray, gt: np.ndarray, pred: np.ndarray, num_classes: int,
                       ignore_index: int) -> None:
     """Add the (ground truth, prediction) pairs of the scored pixels to the flat K*K counts ``total``.
 

@@ -33,6 +33,7 @@ summed, exactly in int64, only in :meth:`~SemSegEvaluator.evaluate`.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ from segkit.evaluation.base import Evaluator
 from segkit.evaluation.table import SEMSEG_METRIC_NAMES as SEMSEG_SUMMARY_NAMES
 from segkit.registry import EVALUATORS
 
-__all__ = ["SEMSEG_SUMMARY_NAMES", "SemSegEvaluator", "confusion_matrix", "segmentation_metrics"]
+__all__ = ["SEMSEG_SUMMARY_NAMES", "SemSegEvaluator", "confusion_matrix", "label_map_name", "segmentation_metrics"]
 
 # Offending values listed in an error message, at most.
 _MAX_LISTED = 10
@@ -178,6 +179,7 @@ class SemSegEvaluator(Evaluator):
     """
 
     state_keys = ("num_classes",)  # processes must agree on it
+    results_layout = "folder"
 
     def __init__(self, *, dataset: Any, num_classes: int | None = None, ignore_index: int | None = None,
                  per_class: bool = True) -> None:
@@ -190,7 +192,11 @@ class SemSegEvaluator(Evaluator):
             raise ValueError(f"ignore_index must be an int (the label value of unscored pixels), got {ignore_index!r}.")
         self.ignore_index = int(ignore_index)
         self.per_class = bool(per_class)
-        # self._images: image id -> (flat indices int64 [M], counts int64 [M]) of the non-zero confusion entries.
+        # Raw label value of each class index, for writing label maps in the dataset's own values.
+        raw_values = getattr(dataset, "raw_label_values", None)
+        self.raw_values: np.ndarray | None = raw_values() if callable(raw_values) else None
+        # self._images: image id -> (flat indices int64 [M], counts int64 [M]) of the non-zero confusion
+        # entries, and with keep_predictions (name, PNG bytes of the predicted class indices).
 
     @classmethod
     def metric_names(cls, *, per_class: bool = True, **options: Any) -> list[str]:
@@ -232,12 +238,17 @@ class SemSegEvaluator(Evaluator):
         if scores.shape[-2:] != label.shape:
             scores = scores if scores.is_floating_point() else scores.float()
             scores = F.interpolate(scores[None], size=tuple(label.shape), mode="bilinear", align_corners=False)[0]
+        predicted = scores.argmax(0)
         try:
-            flat = confusion_matrix(scores.argmax(0), label, self.num_classes, self.ignore_index).reshape(-1)
+            flat = confusion_matrix(predicted, label, self.num_classes, self.ignore_index).reshape(-1)
         except ValueError as exc:
             raise ValueError(f"image {image_id}: {exc}") from exc
         index = flat.nonzero().squeeze(1)
-        return index, flat[index]
+        if not self.keep_predictions:
+            return index, flat[index]
+        from segkit.predict import label_map_png
+
+        return index, flat[index], _label_map_name(target, image_id), label_map_png(predicted)
 
     # ---------------------------------------------------------------- processes
     def state(self) -> dict[str, Any]:
@@ -253,9 +264,12 @@ class SemSegEvaluator(Evaluator):
         ids = sorted(self._images, key=lambda image_id: str(self._images[image_id][0].device))
         entries = [self._images[i] for i in ids]
         indices, counts = _concat_cpu([e[0] for e in entries]), _concat_cpu([e[1] for e in entries])
-        return {"num_classes": self.num_classes, "image_ids": ids,
-                "lengths": np.array([len(e[0]) for e in entries], dtype=np.int64),
-                "indices": indices.numpy(), "counts": counts.numpy()}
+        state = {"num_classes": self.num_classes, "image_ids": ids,
+                 "lengths": np.array([len(e[0]) for e in entries], dtype=np.int64),
+                 "indices": indices.numpy(), "counts": counts.numpy()}
+        if entries and all(len(e) == 4 for e in entries):
+            state["predictions"] = [e[2:] for e in entries]  # (name, PNG bytes) per image
+        return state
 
     def image_results_of(self, state: Mapping[str, Any]) -> list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
         """The per-image confusion entries of a :meth:`state`."""
@@ -264,7 +278,9 @@ class SemSegEvaluator(Evaluator):
         lengths = [int(n) for n in state["lengths"]]
         indices = torch.as_tensor(np.asarray(state["indices"], dtype=np.int64)).split(lengths)
         counts = torch.as_tensor(np.asarray(state["counts"], dtype=np.int64)).split(lengths)
-        return [(int(image_id), (index, count)) for image_id, index, count in zip(state["image_ids"], indices, counts)]
+        extra = state.get("predictions") or [()] * len(lengths)
+        return [(int(image_id), (index, count, *more))
+                for image_id, index, count, more in zip(state["image_ids"], indices, counts, extra)]
 
     # ---------------------------------------------------------------- scoring
     @property
@@ -279,12 +295,81 @@ class SemSegEvaluator(Evaluator):
         """The metrics of the processed images, ``{"mIoU": ..., ...}`` (see the module docstring)."""
         return segmentation_metrics(self.confusion, self.class_names, per_class=self.per_class)
 
+    # ---------------------------------------------------------------- exporting and reviewing
+    def _prediction(self, image_id: int) -> tuple[str, bytes]:
+        entry = self._images[image_id]
+        if len(entry) < 4:
+            raise RuntimeError("the predicted label maps were not kept; set keep_predictions = True before process().")
+        return entry[2], entry[3]
+
+    def image_name(self, image_id: int) -> str:
+        """The stem of the image's file (folders joined with ``_``) when predictions are kept."""
+        entry = self._images.get(image_id, ())
+        return entry[2] if len(entry) == 4 else str(image_id)
+
+    def write_results(self, path: str) -> str:
+        """Write the predicted label map of every processed image as ``path/<image file stem>.png``,
+        in the dataset's raw label values (the inverse of its ``reduce_zero_label`` / ``label_map``),
+        8-bit up to 255 and 16-bit above."""
+        from segkit.fileio import atomic_open, make_folder
+        from segkit.predict import label_map_png
+
+        make_folder(path, what="the results folder")
+        for image_id in sorted(self._images):
+            name, data = self._prediction(image_id)
+            if self.raw_values is not None:
+                data = label_map_png(self.raw_values[_decode_png(data)])
+            with atomic_open(os.path.join(path, f"{name}.png"), "wb") as f:
+                f.write(data)
+        values = "raw label values" if self.raw_values is not None else "class indices"
+        return f"{len(self._images)} label map(s) (PNG, pixel = {values})"
+
+    def image_scores(self) -> dict[int, float]:
+        """The mIoU of each image alone (``nan`` for an image without a scored pixel)."""
+        scores = {}
+        k = self.num_classes
+        for image_id, entry in self._images.items():
+            flat = torch.zeros(k * k, dtype=torch.int64)
+            flat.index_add_(0, entry[0].cpu(), entry[1].cpu())
+            scores[image_id] = segmentation_metrics(flat.view(k, k), self.class_names, per_class=False)["mIoU"]
+        return scores
+
+    def draw_image(self, image_id: int, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The image as the model saw it (``dataset[image_id]``) coloured by its label map, and by
+        the predicted one."""
+        from segkit.data.show import draw_target
+        from segkit.visualize import draw_semantic
+
+        image, target = dataset[image_id]
+        predicted = _decode_png(self._prediction(image_id)[1])
+        truth = draw_target(image, target, self.class_names, ignore_index=self.ignore_index)
+        return truth, draw_semantic(image, predicted, self.class_names)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
                 f"per_class={self.per_class}, processed_images={len(self._images)})")
 
 
 # -------------------------------------------------------------------- helpers
+def _label_map_name(target: Mapping[str, Any], image_id: int) -> str:
+    name = target.get("file_name")
+    return label_map_name(name) if isinstance(name, str) and name else str(image_id)
+
+
+def label_map_name(file_name: str) -> str:
+    """The name (without ``.png``) of an image's predicted label map: the stem of its ``file_name``
+    relative to the dataset's image folder, folders joined with ``_``."""
+    return os.path.splitext(file_name)[0].replace(os.sep, "_").replace("/", "_")
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data))).astype(np.int64)
+
+
 def _check_num_classes(num_classes: Any) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")

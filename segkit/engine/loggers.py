@@ -65,6 +65,7 @@ RESERVED_CHECKPOINT_NAMES = ("last", "best", "interrupted")
 _SPEC_KEYS = ("class_path", "init_args")
 _KINDS = {"logger": (pl_loggers.Logger, pl_loggers, LOGGER_SHORT_NAMES),
           "callback": (pl.Callback, pl_callbacks, {})}
+_BASE_NAMES = {"logger": "pytorch_lightning.loggers.Logger", "callback": "pytorch_lightning.Callback"}
 
 
 @dataclass(frozen=True)
@@ -187,9 +188,10 @@ def resolve_class(name: str, *, kind: str, key: str) -> type:
         raise ConfigError(f"module '{module_name}' has no '{attribute}'." + (did_you_mean(attribute, classes) or (
             f" Its {kind} classes: {', '.join(classes)}." if classes else "")), key=key)
     if not (inspect.isclass(obj) and issubclass(obj, base)):
-        what = f"a class deriving from {obj.__mro__[1].__name__}" if inspect.isclass(obj) else type(obj).__name__
-        raise ConfigError(f"'{name}' is not a {kind}: a {kind} class derives from "
-                          f"{base.__module__.split('.')[0]}.{base.__name__}, '{attribute}' is {what}.", key=key)
+        what = f"a class deriving from {obj.__mro__[1].__name__}" if inspect.isclass(obj) else \
+            f"a {type(obj).__name__} object"
+        raise ConfigError(f"'{name}' is not a {kind}: a {kind} class derives from {_BASE_NAMES[kind]}, "
+                          f"'{attribute}' is {what}.", key=key)
     return obj
 
 

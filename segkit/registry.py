@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -41,6 +42,7 @@ __all__ = [
     "discover_plugins",
     "plugin_errors",
     "import_modules",
+    "loaded_plugin_module",
     "all_registries",
     "join_key",
 ]
@@ -62,6 +64,9 @@ _CORE_MODULES = (
     "segkit.evaluation.semseg",
     "segkit.evaluation.voc",
 )
+# The modules a config's ``imports:`` loaded: {name a config may use in a class_path: name in sys.modules}.
+# A ``.py`` file is known by its stem (``my_callbacks``) and by the name it is imported under.
+_config_modules: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -468,7 +473,6 @@ def import_modules(modules: list[str] | tuple[str, ...], *, path: str = "imports
     """
     import importlib.util
     import os
-    import sys
 
     discover_plugins()
     if isinstance(modules, str):
@@ -487,6 +491,7 @@ def import_modules(modules: list[str] | tuple[str, ...], *, path: str = "imports
                 name = "segkit_user_" + os.path.splitext(os.path.basename(file))[0]
                 existing = sys.modules.get(name)
                 if existing is not None and os.path.abspath(getattr(existing, "__file__", "")) == os.path.abspath(file):
+                    _config_modules.update({name: name, os.path.splitext(os.path.basename(file))[0]: name})
                     continue
                 spec = importlib.util.spec_from_file_location(name, file)
                 assert spec is not None and spec.loader is not None
@@ -497,8 +502,10 @@ def import_modules(modules: list[str] | tuple[str, ...], *, path: str = "imports
                 except BaseException:
                     sys.modules.pop(name, None)
                     raise
+                _config_modules.update({name: name, os.path.splitext(os.path.basename(file))[0]: name})
             else:
                 importlib.import_module(item)
+                _config_modules[item] = item
         except ConfigError:
             raise
         except ModuleNotFoundError as exc:
@@ -509,3 +516,19 @@ def import_modules(modules: list[str] | tuple[str, ...], *, path: str = "imports
             ) from exc
         except Exception as exc:  # noqa: BLE001 - report the user's plugin error with its origin
             raise ConfigError(f"importing plugin module '{item}' failed: {type(exc).__name__}: {exc}", key=key) from exc
+
+
+def loaded_plugin_module(name: str) -> Any | None:
+    """The module ``name`` if code from it may be used by name in a config, else ``None``; never imports.
+
+    Such a module is already imported and is (or lies inside) one of: segkit's own packages, a module
+    of a ``segkit.plugins`` entry point, or a module a config's ``imports:`` loaded (a ``.py`` file by
+    its stem). A checkpoint's stored ``imports:`` are never imported, so they never qualify.
+    """
+    name = _config_modules.get(name, name)
+    module = sys.modules.get(name)
+    if module is None:
+        return None
+    roots = {"segkit", "segkit_plugins", *_config_modules.values(),
+             *(ep.value.split(":")[0].strip() for ep in _entry_points())}
+    return module if any(name == root or name.startswith(root + ".") for root in roots) else None

@@ -10,7 +10,8 @@ loader settings and each split's dataset type and arguments (:func:`~segkit.engi
 ``optimizer:`` and ``scheduler:`` (:func:`~segkit.engine.optim.check_optimizer_config`,
 :func:`~segkit.engine.optim.check_scheduler_config`); ``trainer:`` (every ``pytorch_lightning.Trainer``
 option's name and type, the ranges of :data:`TRAINER_BOUNDS`, an accelerator that exists on this
-machine, devices and strategy); ``engine:``; ``evaluation:`` (the evaluator's type, arguments, and that
+machine, devices and strategy; when training, the logger and callback specs, their classes and
+arguments, see :mod:`segkit.engine.loggers`); ``engine:``; ``evaluation:`` (the evaluator's type, arguments, and that
 ``main_metric`` is one of the metrics it declares by a ``metric_names(**options)`` classmethod). Component arguments of ``model:`` are checked when the model
 is built, which comes before any data is read.
 """
@@ -93,6 +94,12 @@ def check_run_config(cfg: Mapping[str, Any], *, training: bool = True, trainer: 
         if trainer:
             check_trainer_config(cfg.get("trainer") or {})
         check_evaluation_config(cfg.get("evaluation") or {}, default_type=_default_evaluator(cfg["model"]))
+        if trainer and training:
+            from segkit.engine.loggers import check_logger_and_callbacks
+            from segkit.engine.runner import DEFAULT_MAIN_METRIC, resolve_work_dir
+
+            main_metric = str((cfg.get("evaluation") or {}).get("main_metric", DEFAULT_MAIN_METRIC))
+            check_logger_and_callbacks(cfg.get("trainer") or {}, work_dir=resolve_work_dir(cfg), main_metric=main_metric)
         if training:
             check_optimizer_config(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01})
             check_scheduler_config(cfg.get("scheduler"))
@@ -121,7 +128,8 @@ def _check_sections(cfg: Mapping[str, Any]) -> None:
 
 def check_trainer_config(trainer: Mapping[str, Any], *, path: str = "trainer") -> None:
     """Check a ``trainer:`` section: option names and types (Lightning's signature), ranges, and an
-    accelerator, devices and strategy that this machine and Lightning have.
+    accelerator, devices and strategy that this machine and Lightning have. ``logger`` and
+    ``callbacks`` hold specs, which only training reads: :func:`~segkit.engine.loggers.check_logger_and_callbacks`.
 
     Raises:
         ConfigError: at the dotted key, with the allowed values.
@@ -130,7 +138,8 @@ def check_trainer_config(trainer: Mapping[str, Any], *, path: str = "trainer") -
 
     from segkit.registry import check_arguments
 
-    check_arguments(pl.Trainer, trainer, path=path, type_name="Trainer", kind="section")
+    options = {k: v for k, v in trainer.items() if k not in ("logger", "callbacks")}
+    check_arguments(pl.Trainer, options, path=path, type_name="Trainer", kind="section")
     check_bounds_of(trainer, TRAINER_BOUNDS, path=path)
     for key in _FRACTION_OR_COUNT:
         value = trainer.get(key)

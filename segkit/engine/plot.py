@@ -70,7 +70,7 @@ def find_logs(work_dir: str | os.PathLike[str]) -> list[str]:
     if not versions:
         expected = os.path.join(logs_dir, "version_N", "metrics.csv")
         raise UserError(f"no training logs in '{work_dir}': expected {expected}, which `segkit train` writes unless "
-                        f"trainer.logger is false.")
+                        f"trainer.logger is false or lists loggers without csv.")
     return [path for _, path in sorted(versions)]
 
 

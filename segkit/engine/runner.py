@@ -8,6 +8,7 @@ A run writes to ``work_dir``::
     checkpoints/top-epochNNN.ckpt   the ``engine.keep_best`` best states, when it is above 1
     logs/version_N/metrics.csv   losses, learning rate, iteration times and metrics (CSV logger, one folder per run)
     logs/version_N/events.out.tfevents.*   the same for TensorBoard (``tensorboard --logdir work_dir/logs``)
+    mlruns/, wandb/          the MLflow file store and W&B's files, when ``trainer.logger`` lists those loggers
     metrics.json             the latest evaluation under stable names, and every evaluation in "history"
 """
 
@@ -35,6 +36,8 @@ from segkit.config import Config, config_errors, dump_config
 from segkit.engine.config_check import check_run_config
 from segkit.engine.callbacks import EngineOptions, EpochSeeding, engine_options
 from segkit.engine.datamodule import build_datamodule
+from segkit.engine.loggers import (build_callbacks, build_loggers, callback_specs, check_state_keys, logger_specs,
+                                   storable_config)
 from segkit.engine.workdir import (RunCSVLogger, SaveOnInterrupt, ended_by_sigterm, lock_work_dir, prepare_work_dir,
                                    writes_reported_once)
 from segkit.engine.module import SegkitModule, TrainingDivergedError
@@ -140,12 +143,17 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
                   with_validation: bool = True, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """A ``pytorch_lightning.Trainer`` from ``cfg["trainer"]`` (every Trainer option works there).
 
-    segkit adds: CPU as the default accelerator, the CSV and TensorBoard loggers
-    (``trainer.logger: true``, the default; ``false`` for none; a Logger object is used as given),
-    the learning rate and iteration times in the logs, checkpoint callbacks under ``work_dir``,
-    atomic checkpoint writing, and synchronised BatchNorm for ``model.sync_bn: true``.
+    segkit adds: CPU as the default accelerator, the loggers of ``trainer.logger`` (``true``, the
+    default: the CSV and TensorBoard loggers; ``false`` for none; logger specs or objects, see
+    :mod:`segkit.engine.loggers`), the callbacks of ``trainer.callbacks``, the learning rate (unless
+    a LearningRateMonitor is configured) and iteration times in the logs, checkpoint callbacks under
+    ``work_dir``, atomic checkpoint writing, and synchronised BatchNorm for ``model.sync_bn: true``.
+
+    Raises:
+        ConfigError: a Trainer option, logger or callback the config gets wrong, at its key.
     """
     kwargs = dict(cfg.get("trainer") or {})
+    logger_value, callback_value = kwargs.pop("logger", True), kwargs.pop("callbacks", None)
     with config_errors(cfg):
         check_arguments(pl.Trainer, kwargs, path="trainer", type_name="Trainer", kind="section")
     kwargs.setdefault("accelerator", "cpu")
@@ -157,9 +165,12 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
         return pl.Trainer(**kwargs)
     with config_errors(cfg):
         sync_bn = _sync_batchnorm(cfg, kwargs)
-    if kwargs.get("logger", True) is True:
-        kwargs["logger"] = default_loggers(work_dir)
-    callbacks = list(kwargs.pop("callbacks", None) or []) + list(extra_callbacks)
+        logger_entries = logger_specs(logger_value)
+        callback_entries = callback_specs(callback_value)
+        loggers = default_loggers(work_dir) if logger_entries is None else build_loggers(logger_entries, work_dir=work_dir)
+        user_callbacks = build_callbacks(callback_entries, work_dir=work_dir, main_metric=_main_metric(cfg))
+    kwargs["logger"] = loggers or False
+    callbacks = user_callbacks + list(extra_callbacks)
     if kwargs.get("enable_checkpointing", True):
         ckpt_dir = os.path.join(work_dir, "checkpoints")
         # "last" is written at the end of every epoch (after that epoch's evaluation, if any).
@@ -175,9 +186,12 @@ def build_trainer(cfg: Mapping[str, Any], *, work_dir: str, evaluate_only: bool 
                 callbacks.append(TopKCheckpoint(dirpath=ckpt_dir, filename="top-epoch{epoch:03d}",
                                                  monitor=_main_metric(cfg), mode="max", save_top_k=keep,
                                                  auto_insert_metric_name=False, enable_version_counter=False))
-    if kwargs.get("logger"):
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if loggers:
+        if not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(IterationTimer())
+    with config_errors(cfg):
+        check_state_keys(callbacks, user_callbacks, callback_entries)
     kwargs["callbacks"] = callbacks
     plugins = list(kwargs.pop("plugins", None) or [])
     plugins.append(AtomicCheckpointIO())
@@ -306,8 +320,9 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
         model = build_model(cfg)
         if options.load_from is not None and resume is None:
             _init_from(model, options.load_from)
-        atomic_write_text(os.path.join(work_dir, "config.yaml"), dump_config(cfg))
-        module = SegkitModule(model=model, config=cfg.to_dict() if isinstance(cfg, Config) else dict(cfg),
+        stored = storable_config(cfg)  # logger and callback objects recorded by their class_path
+        atomic_write_text(os.path.join(work_dir, "config.yaml"), dump_config(stored))
+        module = SegkitModule(model=model, config=stored.to_dict() if isinstance(stored, Config) else dict(stored),
                               work_dir=work_dir, engine=options)
         with_val = (cfg.get("data") or {}).get("val") is not None
         trainer = build_trainer(cfg, work_dir=work_dir, with_validation=with_val,

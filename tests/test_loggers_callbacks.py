@@ -241,9 +241,14 @@ def test_wandb_logger_offline_writes_under_work_dir(tmp_path: Path, shapes_data:
     assert list((tmp_path / "work" / "wandb").glob("offline-run-*"))
 
 
-def test_mlflow_logger_writes_a_file_store_under_work_dir(tmp_path: Path, shapes_data: Path):
-    pytest.importorskip("mlflow")
+def test_mlflow_logger_writes_its_store_under_work_dir(tmp_path: Path, shapes_data: Path):
+    mlflow = pytest.importorskip("mlflow")
     cfg = segkit.load_config(_config(tmp_path, data=shapes_data), [*QUICK, "trainer.logger=[csv, mlflow]"])
     runner.train(cfg)
-    assert (tmp_path / "work" / "logs" / "version_0" / "metrics.csv").is_file()
-    assert any("loss" in p.name for p in (tmp_path / "work" / "mlruns").rglob("*"))
+    work = tmp_path / "work"
+    assert (work / "logs" / "version_0" / "metrics.csv").is_file()
+    database = work / "mlflow.db"
+    uri = f"sqlite:///{database}" if database.is_file() else (work / "mlruns").as_uri()
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert any("loss" in key for key in run.data.metrics)

@@ -21,7 +21,8 @@ class's signature before any data is read.
 
 Defaults filled where the class takes the argument and the config does not set it: ``save_dir`` is
 ``work_dir`` (CSV and TensorBoard write to ``work_dir/logs/version_N`` as segkit's own loggers do, and
-share one version number); MLflow's ``tracking_uri`` is a file store ``work_dir/mlruns``; EarlyStopping
+share one version number); MLflow's ``tracking_uri`` is ``work_dir/mlflow.db`` (or the file store ``work_dir/mlruns``
+without MLflow's database backend); EarlyStopping
 and ModelCheckpoint monitor ``evaluation.main_metric`` with ``mode: max`` (every segkit metric is
 better when higher); ModelCheckpoint writes to ``work_dir/checkpoints``. ``CSVLogger`` is segkit's
 ``RunCSVLogger`` (the same logger; a failed write never leaves ``metrics.csv`` cut short).
@@ -196,14 +197,26 @@ def resolve_class(name: str, *, kind: str, key: str) -> type:
 
 
 # ------------------------------------------------------------------------------------ defaults and checks
+def _mlflow_store(work_dir: str) -> str:
+    """MLflow's store in ``work_dir``: the SQLite database MLflow 3 recommends (``mlflow.db``) where its
+    database backend is installed (``mlflow``), else the file store ``mlruns/`` (``mlflow-skinny``), which
+    MLflow 3 only writes when ``MLFLOW_ALLOW_FILE_STORE`` is set: segkit sets it for this default."""
+    import importlib.util
+
+    if importlib.util.find_spec("sqlalchemy") is not None and importlib.util.find_spec("alembic") is not None:
+        return "sqlite:///" + os.path.join(os.path.abspath(work_dir), "mlflow.db")
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return Path(os.path.abspath(work_dir), "mlruns").as_uri()
+
+
 def _defaults(spec: Spec, *, work_dir: str, main_metric: str) -> dict[str, Any]:
     """segkit's defaults for the arguments of ``spec.cls`` that its config does not set."""
     cls, given = spec.cls, spec.init_args
     defaults: dict[str, Any] = {}
     if issubclass(cls, (pl_loggers.CSVLogger, pl_loggers.TensorBoardLogger)):
         defaults.update(save_dir=work_dir, name="logs", default_hp_metric=False)
-    elif issubclass(cls, pl_loggers.MLFlowLogger):
-        defaults["tracking_uri"] = Path(os.path.abspath(work_dir), "mlruns").as_uri()
+    elif issubclass(cls, pl_loggers.MLFlowLogger) and "tracking_uri" not in given:
+        defaults["tracking_uri"] = _mlflow_store(work_dir)
     elif issubclass(cls, pl_loggers.Logger):
         defaults["save_dir"] = work_dir
     elif issubclass(cls, (pl_callbacks.EarlyStopping, pl_callbacks.ModelCheckpoint)):
@@ -253,7 +266,7 @@ def _check_package(spec: Spec) -> None:
         if issubclass(spec.cls, getattr(pl_loggers, name, ())) and not any(
                 importlib.util.find_spec(p) is not None for p in packages):
             extra = _EXTRAS.get(packages[0])
-            how = f"pip install {packages[0]}" + (f", or pip install 'segkit[{extra}]'" if extra else "")
+            how = f"pip install {packages[0]}" + (f", or pip install 'segkit-cv[{extra}]'" if extra else "")
             raise ConfigError(f"{name} needs the {packages[0]} package, which is not installed ({how}).",
                               key=spec.key)
 

@@ -20,7 +20,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-import segkit.evaluation.coco as coco_module
 from segkit.evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvaluator,
@@ -452,7 +451,7 @@ def test_auto_backend_prefers_faster_coco_eval_and_falls_back_to_pycocotools(mon
     installed = importlib.util.find_spec("faster_coco_eval") is not None
     assert resolve_backend("auto") == ("faster_coco_eval" if installed else "pycocotools")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(coco_module.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "faster_coco_eval" else real_find_spec(name, *a))
     assert resolve_backend("auto") == "pycocotools"
     with pytest.warns(UserWarning, match=r"'faster_coco_eval' is not installed.*pip install 'segkit-cv\[fast-eval\]'"):

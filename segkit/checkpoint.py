@@ -273,7 +273,8 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, use_
                          min_fraction: float = 0.5) -> dict[str, list[str]]:
     """Initialise ``model`` from a checkpoint's weights for fine-tuning (``engine.load_from``).
 
-    Every tensor whose name and shape match is copied. Tensors of another shape keep the model's
+    ``path`` may also be a weight name of a whole model (``torchvision://maskrcnn_resnet50_fpn``,
+    :mod:`segkit.weight_names`), converted for segkit on the fly. Every tensor whose name and shape match is copied. Tensors of another shape keep the model's
     own initialisation: when only ``num_classes`` changed, these are the class-specific layers
     (the box head's classifier and class-specific regression, the mask predictor, a segmentation
     classifier), which are then trained from scratch. Tensors the checkpoint lacks also keep their
@@ -285,10 +286,11 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, use_
     Raises:
         CheckpointError: the file is missing, truncated or unsafe, its weights are not finite, or fewer
             than ``min_fraction`` of the model's tensors are found in it with their shape (a checkpoint
-            of another architecture).
+            of another architecture); a name is unknown, holds only a backbone, or its weights are not
+            cached and cannot be downloaded.
     """
     path = os.fspath(path)
-    state = extract_state_dict(read_checkpoint(path), use_ema=use_ema)
+    state = _named_or_file_state(path, use_ema=use_ema)
     check_finite(state, source=f"'{path}'")
     own = model.state_dict()
     loaded = [k for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)]
@@ -304,6 +306,16 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, use_
         )
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     return {"loaded": loaded, "reinitialised": reinitialised, "missing": missing, "unexpected": unexpected}
+
+
+def _named_or_file_state(path: str, *, use_ema: bool) -> dict[str, torch.Tensor]:
+    from segkit.weight_names import is_weight_name
+
+    if is_weight_name(path):
+        from segkit.weights import named_model_weights
+
+        return named_model_weights(path).state_dict
+    return extract_state_dict(read_checkpoint(path), use_ema=use_ema)
 
 
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, strict: bool,

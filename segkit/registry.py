@@ -38,6 +38,7 @@ __all__ = [
     "TRANSFORMS",
     "EVALUATORS",
     "CONVERTERS",
+    "WEIGHT_SOURCES",
     "ENTRY_POINT_GROUP",
     "discover_plugins",
     "plugin_errors",
@@ -50,7 +51,7 @@ __all__ = [
 ENTRY_POINT_GROUP = "segkit.plugins"
 
 # Core modules that register components of the core package itself (meta-architectures,
-# datasets, evaluators). Plugins come only through entry points and ``imports:``.
+# datasets, evaluators, weight sources). Plugins come only through entry points and ``imports:``.
 _CORE_MODULES = (
     "segkit.models.two_stage",
     "segkit.models.segmentor",
@@ -63,6 +64,7 @@ _CORE_MODULES = (
     "segkit.evaluation.coco",
     "segkit.evaluation.semseg",
     "segkit.evaluation.voc",
+    "segkit.weight_sources",
 )
 # The modules a config's ``imports:`` loaded: {name a config may use in a class_path: name in sys.modules}.
 # A ``.py`` file is known by its stem (``my_callbacks``) and by the name it is imported under.
@@ -387,6 +389,8 @@ DATASETS = Registry("dataset")
 TRANSFORMS = Registry("transform", fallback=_albumentations_transforms)
 EVALUATORS = Registry("evaluator")
 CONVERTERS = Registry("weight converter")
+#: ``SCHEME`` of the weight names ``SCHEME://NAME`` (:mod:`segkit.weight_names`).
+WEIGHT_SOURCES = Registry("weight source")
 
 
 def all_registries() -> dict[str, Registry]:
@@ -400,6 +404,7 @@ def all_registries() -> dict[str, Registry]:
         "transforms": TRANSFORMS,
         "evaluators": EVALUATORS,
         "converters": CONVERTERS,
+        "weight_sources": WEIGHT_SOURCES,
     }
 
 

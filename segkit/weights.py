@@ -10,6 +10,11 @@ A converter is a class with a ``source`` (``"torchvision"``, ``"timm"``, ...), `
 and ``convert(state_dict) -> ConvertedWeights``. A converted backbone is written with its
 architecture (``segkit_backbone``) for ``pretrained:``; a whole model as a checkpoint with its config
 and class names, which ``segkit eval OUT`` and ``segkit.load_model(OUT)`` read alone.
+
+Weight names (``torchvision://resnet50.IMAGENET1K_V1``, ``timm://resnet50c.gluon_in1k``,
+:mod:`segkit.weight_names`) are converted the same way: :func:`named_backbone_weights` for
+``pretrained:`` (a whole detector's backbone is cut out of it), :func:`named_model_weights` for
+``engine.load_from``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from torch import Tensor
 from segkit.checkpoint import BACKBONE_INFO_KEY, CLASSES_KEY, CONFIG_KEY, CheckpointError, load_state_dict_checked
 from segkit.registry import CONVERTERS
 
-__all__ = ["ConvertedWeights", "WeightConverter", "convert_weights", "find_converter", "save_converted"]
+__all__ = ["ConvertedWeights", "WeightConverter", "convert_weights", "find_converter", "save_converted",
+           "convert_named_weights", "named_backbone_weights", "named_model_weights"]
 
 
 @dataclass
@@ -136,3 +142,58 @@ def save_converted(converted: ConvertedWeights, path: str | os.PathLike[str], *,
     load_state_dict_checked(component, converted.state_dict, source=f"'{origin}' ({source} format)", strict=True)
     with atomic_open(os.fspath(path), "wb") as f:
         torch.save(payload, f)
+
+
+def convert_named_weights(name: str) -> ConvertedWeights:
+    """Resolve the weight name ``name`` (:func:`segkit.weight_names.resolve_weights`) and convert its
+    state dict with the converter of its source that recognises it.
+
+    Raises:
+        CheckpointError: the name cannot be resolved (unknown, or not cached and offline), or no
+            converter of its library reads these weights (naming what the converters read).
+    """
+    from segkit.weight_names import resolve_weights
+
+    named = resolve_weights(name)
+    try:
+        return convert_weights(named.state_dict, named.source)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{name} ({named.file}): {exc}") from None
+
+
+def named_backbone_weights(name: str) -> ConvertedWeights:
+    """The backbone weights that ``name`` stands for, for ``model.backbone.pretrained``.
+
+    A whole model's weights (``torchvision://fasterrcnn_resnet50_fpn``) give their ``backbone.*``
+    tensors and the backbone's config.
+
+    Example:
+        >>> weights = named_backbone_weights("torchvision://maskrcnn_resnet50_fpn")
+        >>> weights.kind, weights.config["depth"], "conv1.weight" in weights.state_dict
+        ('backbone', 50, True)
+    """
+    converted = convert_named_weights(name)
+    if converted.kind == "backbone":
+        return converted
+    prefix = "backbone."
+    state = {k[len(prefix):]: v for k, v in converted.state_dict.items() if k.startswith(prefix)}
+    backbone = (converted.config.get("model") or {}).get("backbone")
+    if not state or not isinstance(backbone, Mapping):
+        raise CheckpointError(f"{name} holds a whole model ({converted.description}) without a backbone to take "
+                              f"its weights from.")
+    return ConvertedWeights(state, "backbone", dict(backbone), f"the backbone of {converted.description}")
+
+
+def named_model_weights(name: str) -> ConvertedWeights:
+    """The whole-model weights that ``name`` stands for, for ``engine.load_from``.
+
+    Raises:
+        CheckpointError: as :func:`convert_named_weights`, or ``name`` holds only a backbone's weights
+            (which belong in ``model.backbone.pretrained``).
+    """
+    converted = convert_named_weights(name)
+    if converted.kind != "model":
+        raise CheckpointError(f"{name} holds the weights of a backbone ({converted.description}), not of a whole "
+                              f"model: give it as model.backbone.pretrained. engine.load_from takes a checkpoint or "
+                              f"a whole model's weights, such as torchvision://maskrcnn_resnet50_fpn.")
+    return converted

@@ -64,8 +64,11 @@ class ResNet(nn.Module):
         drop_path_rate: stochastic depth; the drop probability grows linearly over the blocks from 0
             to this value (0 = off).
         pretrained: path of a local state dict (torchvision or timm key names, or a file written by
-            ``segkit convert``), loaded after initialisation; classifier keys are ignored.
-        pretrained_format: ``"auto"`` (recognised from the keys), ``"torchvision"``, ``"timm"`` or ``"segkit"``.
+            ``segkit convert``), or a weight name resolved through its library's cache
+            (``torchvision://resnet50.IMAGENET1K_V1``, ``timm://resnet50c.gluon_in1k``; the backbone of
+            ``torchvision://maskrcnn_resnet50_fpn``), loaded after initialisation; classifier keys are ignored.
+        pretrained_format: ``"auto"`` (recognised from the keys), ``"torchvision"``, ``"timm"`` or ``"segkit"``
+            (for a local file; a name says its format itself).
 
     Example:
         >>> net = ResNet(depth=18, base_channels=16)

@@ -1,4 +1,5 @@
-"""Loading local torchvision, timm or segkit-native weights into a ResNet-family backbone."""
+"""Loading torchvision, timm or segkit-native weights, from a local file or by name
+(``torchvision://resnet50.IMAGENET1K_V1``), into a ResNet-family backbone."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from torch import nn
 
 from segkit.checkpoint import (BACKBONE_INFO_KEY, CheckpointError, extract_state_dict, load_state_dict_checked,
                                read_checkpoint)
+from segkit.weight_names import is_weight_name
+from segkit.weights import named_backbone_weights
 from segkit_plugins.backbones.resnet_weights import CLASSIFIER_PREFIXES, convert_timm_resnet, detect_resnet_format
 
 __all__ = ["PRETRAINED_FORMATS", "load_pretrained"]
@@ -17,35 +20,52 @@ PRETRAINED_FORMATS = ("auto", "torchvision", "timm", "segkit")
 
 
 def load_pretrained(model: nn.Module, path: str, *, format: str = "auto") -> None:  # noqa: A002
-    """Load a local state dict into ``model``, ignoring classifier keys (``fc.*``, ``last_linear.*``).
+    """Load a local state dict, or the weights a name stands for, into ``model``, ignoring classifier
+    keys (``fc.*``, ``last_linear.*``).
 
-    The file is read with ``weights_only=True``; a raw state dict or one under ``state_dict`` or
-    ``model`` is accepted. Missing and unexpected keys are reported with a warning.
+    A file is read with ``weights_only=True``; a raw state dict or one under ``state_dict`` or
+    ``model`` is accepted. A name (``torchvision://resnet50.IMAGENET1K_V1``,
+    ``timm://resnet50c.gluon_in1k``, ``torchvision://maskrcnn_resnet50_fpn`` for its backbone) is
+    resolved through its library's cache (:mod:`segkit.weight_names`) and converted; the architecture
+    it was made for must be ``model``'s. Missing and unexpected keys are reported with a warning.
 
     Args:
         model: the backbone; its ``arch`` dict (depth, groups, ...) is compared with the one a
-            segkit-native file carries.
-        path: the file.
+            segkit-native file or a weight name carries.
+        path: the file, or a weight name ``SCHEME://NAME``.
         format: ``"torchvision"`` (keys as they are), ``"timm"`` (renamed by
             :func:`~segkit_plugins.backbones.resnet_weights.convert_timm_resnet`), ``"segkit"`` (written by
-            ``segkit convert``) or ``"auto"`` (recognised from the file).
+            ``segkit convert``) or ``"auto"`` (recognised from the file; the only choice for a name).
 
     Raises:
-        ValueError: ``format`` is not one of :data:`PRETRAINED_FORMATS`.
+        ValueError: ``format`` is not one of :data:`PRETRAINED_FORMATS`, or not ``"auto"`` with a name.
         CheckpointError: the file does not exist, is truncated, holds no state dict, describes
             another architecture, shares no key with the model, or a tensor's shape differs from the
-            model's (the message names the key, both shapes and the file).
+            model's (the message names the key, both shapes and the file); a name is unknown, or its
+            weights are not cached and cannot be downloaded (the message names the file and the folder).
     """
     if format not in PRETRAINED_FORMATS:
         raise ValueError(f"unknown pretrained_format '{format}'; choose one of {', '.join(PRETRAINED_FORMATS)}")
-    ckpt = read_checkpoint(path)
-    state = extract_state_dict(ckpt)
-    if format == "auto":
-        format = "segkit" if BACKBONE_INFO_KEY in ckpt else detect_resnet_format(state)
-    if format == "segkit":
-        _check_arch(model, ckpt.get(BACKBONE_INFO_KEY), path)
-    elif format == "timm":
-        state = convert_timm_resnet(state)
+    if is_weight_name(path):
+        if format != "auto":
+            raise ValueError(f"pretrained_format '{format}' is for local files; the weight name '{path}' says its "
+                             f"format itself: leave pretrained_format at auto")
+        converted = named_backbone_weights(path)
+        _check_arch(model, converted.config, path, where="the weights")
+        state, format = converted.state_dict, "segkit"
+    else:
+        ckpt = read_checkpoint(path)
+        state = extract_state_dict(ckpt)
+        if format == "auto":
+            format = "segkit" if BACKBONE_INFO_KEY in ckpt else detect_resnet_format(state)
+        if format == "segkit":
+            _check_arch(model, ckpt.get(BACKBONE_INFO_KEY), path)
+        elif format == "timm":
+            state = convert_timm_resnet(state)
+    _load_checked(model, state, path, format)
+
+
+def _load_checked(model: nn.Module, state: dict[str, Any], path: str, format: str) -> None:  # noqa: A002
     state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
     own = model.state_dict()
     if state and not any(k in own for k in state):
@@ -57,16 +77,19 @@ def load_pretrained(model: nn.Module, path: str, *, format: str = "auto") -> Non
     report = load_state_dict_checked(model, state, source=f"pretrained weights '{path}' ({format} format)",
                                      strict=False, hint="check depth, groups, width_per_group, se_reduction, "
                                                         "variant, stem and base_channels")
+    # BatchNorm's batch counters are not weights: FrozenBN has none, and files without them are common.
+    report = {kind: [k for k in keys if not k.endswith("num_batches_tracked")] for kind, keys in report.items()}
     problems = [f"{kind} keys {report[kind]}" for kind in ("missing", "unexpected") if report[kind]]
     if problems:
-        warnings.warn(f"loading '{path}' into {type(model).__name__}: " + "; ".join(problems), stacklevel=3)
+        warnings.warn(f"loading '{path}' into {type(model).__name__}: " + "; ".join(problems), stacklevel=4)
 
 
-def _check_arch(model: nn.Module, info: Any, path: str) -> None:
+def _check_arch(model: nn.Module, info: Any, path: str, *, where: str = "the file") -> None:
     arch = getattr(model, "arch", None)
     if not isinstance(info, dict) or not isinstance(arch, dict):
         return
-    differ = [f"{k}={info[k]!r} in the file but {arch[k]!r} in the model" for k in arch if k in info and info[k] != arch[k]]
+    differ = [f"{k}={info[k]!r} in {where} but {arch[k]!r} in the model" for k in arch if k in info and info[k] != arch[k]]
     if differ:
-        raise CheckpointError(f"pretrained weights '{path}' were converted for another architecture: "
-                              + "; ".join(differ) + ". Set these backbone options to the file's values.")
+        raise CheckpointError(f"pretrained weights '{path}' were made for another architecture: "
+                              + "; ".join(differ) + f". Set these backbone options to the values of {where}, or "
+                              f"choose weights made for this backbone.")

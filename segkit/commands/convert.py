@@ -20,21 +20,36 @@ def add_parsers(sub: Any) -> None:
                                    "(fasterrcnn_resnet50_fpn[_v2], maskrcnn_resnet50_fpn[_v2]; --from torchvision) "
                                    "is written with a complete config and its class names, {'state_dict', "
                                    "'segkit_config', 'segkit_classes'}, so `segkit eval OUT` and "
-                                   "segkit.load_model(OUT) need nothing else. Datasets: `segkit convert voc2coco "
+                                   "segkit.load_model(OUT) need nothing else. IN may also be a weight name, "
+                                   "read from its library's cache (downloaded there when online): "
+                                   "torchvision://resnet50.IMAGENET1K_V1, torchvision://maskrcnn_resnet50_fpn, "
+                                   "timm://resnet50c.gluon_in1k. Datasets: `segkit convert voc2coco "
                                    "--help` and `segkit convert coco2voc --help`.")
-    p.add_argument("--from", dest="source", choices=("timm", "torchvision"), required=True,
-                   help="the library whose key names IN uses")
-    p.add_argument("input", metavar="IN", help="state dict file (raw, or under 'state_dict' / 'model')")
+    p.add_argument("--from", dest="source", choices=("timm", "torchvision"),
+                   help="the library whose key names IN uses (needed for a file; a weight name says it itself)")
+    p.add_argument("input", metavar="IN", help="state dict file (raw, or under 'state_dict' / 'model'), or a "
+                                               "weight name SCHEME://NAME")
     p.add_argument("output", metavar="OUT", help="segkit checkpoint to write")
     p.set_defaults(handler=_cmd_convert)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from segkit.checkpoint import extract_state_dict, read_checkpoint
+    from segkit.errors import UserError
+    from segkit.weight_names import is_weight_name, resolve_weights
     from segkit.weights import convert_weights, save_converted
 
-    converted = convert_weights(extract_state_dict(read_checkpoint(args.input)), args.source)
-    save_converted(converted, args.output, source=args.source, origin=args.input)
+    if is_weight_name(args.input):
+        named = resolve_weights(args.input)
+        if args.source not in (None, named.source):
+            raise UserError(f"{args.input} holds {named.source} weights, not {args.source}: leave out --from.")
+        source, state = named.source, named.state_dict
+    elif args.source is None:
+        raise UserError(f"say which library's key names '{args.input}' uses: --from torchvision or --from timm.")
+    else:
+        source, state = args.source, extract_state_dict(read_checkpoint(args.input))
+    converted = convert_weights(state, source)
+    save_converted(converted, args.output, source=source, origin=args.input)
     print(f"wrote {args.output}: {converted.description}, {len(converted.state_dict)} tensors")
     if converted.kind == "model":
         print(f"evaluate with `segkit eval {args.output}`" + (f" ({converted.note})" if converted.note else ""))

@@ -8,7 +8,7 @@ segkit implements itself::
       max_nonfinite_steps: 10                   # stop after this many non-finite steps in a row
       checkpoint_every_n_steps: null            # also write last.ckpt every N optimizer steps
       keep_best: 1                              # keep the k best checkpoints by evaluation.main_metric
-      load_from: null                           # start from a checkpoint's weights (fine-tuning)
+      load_from: null                           # start from a checkpoint's (or a named model's) weights
 
 Exact resume: the training order and every random draw of an epoch are a function of
 ``(seed, epoch, rank)`` only. :class:`EpochSampler` orders the training set by ``seed + epoch``
@@ -105,8 +105,8 @@ def engine_options(cfg: Mapping[str, Any]) -> EngineOptions:
                           f"positive integer; got {keep_best!r}", key="engine.keep_best")
     load_from = section.get("load_from")
     if load_from is not None and not isinstance(load_from, str):
-        raise ConfigError(f"load_from is the path of a checkpoint to start from, got {load_from!r}",
-                          key="engine.load_from")
+        raise ConfigError(f"load_from is the path of a checkpoint to start from, or a weight name such as "
+                          f"torchvision://maskrcnn_resnet50_fpn, got {load_from!r}", key="engine.load_from")
     return EngineOptions(ema=_ema_options(section.get("ema")), max_nonfinite_steps=int(max_nonfinite),
                          checkpoint_every_n_steps=None if every is None else int(every), keep_best=int(keep_best),
                          load_from=load_from)

@@ -18,11 +18,17 @@ from segkit.config import Config, check_text, config_errors, load_config, resolv
 from segkit.errors import ConfigError
 from segkit.yamlio import YamlBoundsError, check_bounds
 
-__all__ = ["build_model", "load_model", "config_from_checkpoint"]
+__all__ = ["build_model", "load_model", "config_from_checkpoint", "without_pretrained"]
 
 
-def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+def build_model(cfg: Mapping[str, Any], *, pretrained: bool = True) -> nn.Module:
     """Build the model described by ``cfg["model"]`` with the registries.
+
+    Args:
+        cfg: the config.
+        pretrained: load the weights its ``pretrained:`` keys name; False when a checkpoint's weights
+            replace them all anyway (evaluating, predicting, resuming), so that an offline machine
+            without the ImageNet file can still use a model trained from it.
 
     Example:
         >>> cfg = segkit.load_config("configs/quickstart.yaml")
@@ -37,7 +43,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     if "model" not in cfg:
         raise ConfigError("the config has no 'model' section", key="model",
                           file=getattr(cfg, "filename", None) or None)
-    model_cfg = cfg["model"]
+    model_cfg = cfg["model"] if pretrained else without_pretrained(cfg["model"])
     if isinstance(model_cfg, Mapping) and "sync_bn" in model_cfg:
         # A training option (synchronised BatchNorm across processes) that the engine reads, not a model argument.
         model_cfg = {k: v for k, v in model_cfg.items() if k != "sync_bn"}
@@ -81,6 +87,15 @@ def config_from_checkpoint(path: str | os.PathLike[str], overrides: Sequence[str
     return cfg
 
 
+def without_pretrained(model_cfg: Any) -> Any:
+    """A copy of a model config with every ``pretrained`` key (the backbone's, a plugin's) set to None."""
+    if isinstance(model_cfg, Mapping):
+        return {k: None if k == "pretrained" else without_pretrained(v) for k, v in model_cfg.items()}
+    if isinstance(model_cfg, list):
+        return [without_pretrained(v) for v in model_cfg]
+    return model_cfg
+
+
 def load_model(checkpoint: str | os.PathLike[str], *, config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
                overrides: list[str] | None = None) -> nn.Module:
     """Build the model stored in ``checkpoint`` (from its own config unless ``config`` is given),
@@ -96,6 +111,6 @@ def load_model(checkpoint: str | os.PathLike[str], *, config: str | os.PathLike[
         cfg = config
     else:
         cfg = load_config(config, overrides or [])
-    model = build_model(cfg)
+    model = build_model(cfg, pretrained=False)  # the checkpoint's weights replace the pretrained ones
     load_checkpoint(model, checkpoint)
     return model.eval()

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -18,73 +17,20 @@ from segkit_plugins.backbones.resnet import ResNet
 import segkit
 from segkit.checkpoint import CheckpointError, init_from_checkpoint
 from segkit.cli import main
+from segkit.errors import ConfigError
 from segkit.registry import BACKBONES
 from segkit.weight_names import is_weight_name, resolve_weights
 from segkit.weights import named_backbone_weights, named_model_weights
+from tests.weight_cache import offline_caches, plant_hf, plant_torchvision, random_state, torchvision_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-HF_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture()
 def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Empty torch.hub and Hugging Face caches under ``tmp_path``, offline; a download attempt fails the test."""
-    import huggingface_hub.constants as hf_constants
-    import torch.hub
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads its environment once, when imported.
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-
-    def no_download(url, *args, **kwargs):
-        raise OSError(f"test: no network ({url})")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    return tmp_path
-
-
-def _torchvision_file(name: str) -> Path:
-    weights = torchvision.models.get_weight(name)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-
-
-def plant_torchvision(name: str, state: dict[str, torch.Tensor]) -> Path:
-    """Save ``state`` where torch.hub keeps the file of the weights enum ``name`` (``ResNet18_Weights.IMAGENET1K_V1``)."""
-    path = _torchvision_file(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
-
-
-def plant_hf(repo: str, state: dict[str, torch.Tensor], filename: str = "model.safetensors") -> Path:
-    """Save ``state`` in the Hugging Face cache layout: models--ORG--NAME/{refs/main, snapshots/COMMIT/FILE}."""
-    from huggingface_hub import constants
-    from safetensors.torch import save_file
-
-    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / "main").write_text(HF_COMMIT)
-    snapshot = folder / "snapshots" / HF_COMMIT
-    snapshot.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / filename))
-    return snapshot / filename
-
-
-def random_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Random values of ``model``'s shapes (built on any device), small enough for a finite forward."""
-    torch.manual_seed(0)
-
-    def value(key: str, like: torch.Tensor) -> torch.Tensor:
-        if not like.is_floating_point():
-            return torch.zeros(like.shape, dtype=like.dtype)
-        return torch.rand(like.shape) + 0.5 if key.endswith("running_var") else torch.randn(like.shape) * 0.05
-
-    return {k: value(k, v) for k, v in model.state_dict().items()}
+    return offline_caches(tmp_path, monkeypatch)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -106,7 +52,7 @@ def test_model_name_enum_name_and_default_name_the_same_file(caches: Path):
     files = {resolve_weights(name).file for name in ("torchvision://resnet18", "torchvision://resnet18.IMAGENET1K_V1",
                                                      "torchvision://ResNet18_Weights.IMAGENET1K_V1",
                                                      "torchvision://ResNet18_Weights")}
-    assert files == {str(_torchvision_file("ResNet18_Weights.IMAGENET1K_V1"))}
+    assert files == {str(torchvision_file("ResNet18_Weights.IMAGENET1K_V1"))}
     assert is_weight_name("timm://resnet50c.gluon_in1k") and not is_weight_name("checkpoints/resnet50.pth")
 
 
@@ -300,3 +246,24 @@ work_dir: "{caches / 'work'}"
     # COCO's 91 classes against 3: the class-specific layers are reported and trained from scratch.
     assert "6 tensors of another shape" in caplog.text and "roi_heads.mask_head.predictor.weight" in caplog.text
     assert not [w for w in recwarn if "not finite" in str(w.message) or "is nan" in str(w.message)]
+
+
+def test_a_model_trained_from_named_weights_evaluates_and_resumes_without_them(caches: Path, tiny_config: Path,
+                                                                              capsys: pytest.CaptureFixture[str]):
+    """The checkpoint's weights replace the pretrained ones, so eval, predict and --resume need not find
+    (or download) the ImageNet file again: on an offline machine it may be gone."""
+    from segkit.engine.runner import train
+
+    path = plant_torchvision("ResNet18_Weights.IMAGENET1K_V1", random_state(torchvision.models.resnet18()))
+    overrides = ["model.backbone.base_channels=64", "model.backbone.pretrained=torchvision://resnet18",
+                 "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
+    train(segkit.load_config(tiny_config, overrides))
+    path.unlink()
+    last = tiny_config.parent / "work" / "checkpoints" / "last.ckpt"
+    assert main(["eval", str(last), "data.val.num_images=2"]) == 0
+    assert "AP50" in capsys.readouterr().out
+    model = segkit.load_model(last)
+    assert model.backbone.conv1.weight.shape[0] == 64
+    train(segkit.load_config(tiny_config, [*overrides, "trainer.max_epochs=2"]), resume=str(last))
+    with pytest.raises(ConfigError, match="save it as"):  # a new run needs the file, and says where
+        train(segkit.load_config(tiny_config, [*overrides, "work_dir=" + str(caches / "again")]))

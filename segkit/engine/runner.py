@@ -317,7 +317,7 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
         pl.seed_everything(seed, workers=True, verbose=False)
         datamodule = build_datamodule(cfg)
         datamodule.seed = seed
-        model = build_model(cfg)
+        model = build_model(cfg, pretrained=resume is None)  # resuming replaces every weight
         if options.load_from is not None and resume is None:
             _init_from(model, options.load_from)
         stored = storable_config(cfg)  # logger and callback objects recorded by their class_path
@@ -400,7 +400,7 @@ def evaluate_keeping_predictions(cfg: Mapping[str, Any], checkpoint: str | None,
     check_run_config(cfg, training=False)
     work_dir = resolve_work_dir(cfg)
     datamodule = build_datamodule(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, pretrained=checkpoint is None)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     plain = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)

@@ -16,6 +16,10 @@ A page runs in a temporary working directory where ``configs/`` resolves, block 
   rest of the command is run as written. Lines with placeholders (``CONFIG``, ``IMAGES...``) are
   parsed, not run.
 
+The weight names a page uses (``torchvision://...``, ``timm://...``, written in its blocks or named by
+a packaged config they base on) are randomly initialised stand-ins of the named models, planted in
+torch.hub's and Hugging Face's caches under the test's folder, offline.
+
 A checkpoint ``work_dirs/.../*.ckpt`` that a block names before any command of the page wrote it is
 an untrained tiny model (a segmentor when the path names one). A block preceded by
 ``<!-- docs-test: skip REASON -->`` is not run (its segkit commands are still parsed); skipped
@@ -45,6 +49,7 @@ import segkit
 from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY
 from segkit.cli import build_parser, dataset_converter_parsers
 from segkit.registry import import_modules
+from tests.weight_cache import offline_caches, plant_standin
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -226,6 +231,23 @@ def _ensure_checkpoints(text: str, fixtures: Path) -> None:
             _save_tiny_checkpoint(path, work, masks="mask" in name)
 
 
+WEIGHT_NAME = re.compile(r"\b(?:torchvision|timm)://[\w.]+")
+PACKAGED_NAME = re.compile(r"segkit://([\w/]+)|(?<![\w/.-])configs/([\w/]+)\.ya?ml")
+
+
+def weight_names(blocks: list[Block]) -> set[str]:
+    """The weight names the page's runnable blocks use: written in them, or named by the packaged
+    configs they base on (``segkit://encnet_r50_d8_voc`` names timm's resnet50c)."""
+    text = "\n".join(b.code for b in blocks if _runnable(b))
+    names = set(WEIGHT_NAME.findall(text))
+    for match in PACKAGED_NAME.finditer(text):
+        config = segkit.load_config(f"segkit://{match.group(1) or match.group(2)}", import_plugins=False)
+        pretrained = ((config.get("model") or {}).get("backbone") or {}).get("pretrained")
+        if isinstance(pretrained, str) and WEIGHT_NAME.fullmatch(pretrained):
+            names.add(pretrained)
+    return names
+
+
 def _prepare_workdir(workdir: Path) -> Path:
     """What the examples take for granted: the configs and a photo. Returns a folder for fixtures."""
     (workdir / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
@@ -342,6 +364,10 @@ def test_page_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s
     fixtures = _prepare_workdir(workdir)
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("SEGKIT_DATA", str(tmp_path / "segkit-data"))
+    # the weights the page names: random stand-ins where the libraries look, nothing downloaded
+    offline_caches(tmp_path / "caches", monkeypatch)
+    for name in sorted(weight_names(blocks)):
+        plant_standin(name)
     namespace: dict = {"__name__": f"docs_example_{Path(page).stem}"}
     for block in blocks:
         where = f"docs/{block.page}:{block.line}"

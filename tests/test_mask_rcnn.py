@@ -11,6 +11,7 @@ from torchvision.models.detection import roi_heads as tv_roi_heads
 
 from segkit_plugins.heads.rcnn_weights import convert_torchvision_detector
 from segkit.ops.masks import paste_masks_in_image, project_masks_on_boxes, resize_masks
+from segkit.errors import ConfigError
 from segkit.registry import MODELS
 
 from tests.reference import torchvision_head_losses
@@ -233,8 +234,24 @@ def test_max_train_rois_caps_the_rois_that_train_the_mask_head():
 def test_missing_masks_in_training_is_a_clear_error():
     model = MODELS.build(mask_config(), path="model").train()
     images, targets = synthetic_batch()
-    with pytest.raises(ValueError, match=r"has no 'masks'.*with_masks: true"):
+    with pytest.raises(ConfigError, match=r"has no 'masks'.*with_masks: true") as info:
         model(images, targets)
+    assert info.value.key == "data.train.with_masks"
+
+
+def test_training_a_mask_head_on_data_without_masks_exits_2(tmp_path, capsys):
+    """A user error, not a traceback: `segkit train` of a Mask R-CNN on boxes only."""
+    from segkit.cli import main
+    from tests.conftest import TINY_CONFIG
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG.format(root=tmp_path / "data", work_dir=tmp_path / "work"))
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(config), "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+              "model.roi_head.mask_head={type: MaskRCNNHead, num_convs: 1, conv_dim: 8}"])
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has no 'masks'" in err and "with_masks: true" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ from segkit.errors import ConfigError
 from segkit.registry import BACKBONES
 from segkit.weight_names import is_weight_name, resolve_weights
 from segkit.weights import named_backbone_weights, named_model_weights
-from tests.weight_cache import offline_caches, plant_hf, plant_torchvision, random_state, torchvision_file
+from tests.weight_cache import (offline_caches, plant_standin, plant_torchvision, random_state,
+                                torchvision_file)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -167,35 +168,12 @@ def _named_configs() -> dict[str, list[str]]:
 NAMED = _named_configs()
 
 
-def _plant_random(name: str) -> dict[str, torch.Tensor]:
-    """Random weights of the model ``name`` stands for, built by its library and planted in its cache."""
-    scheme, _, model_name = name.partition("://")
-    if scheme == "torchvision":
-        weights = torchvision.models.get_weight(model_name) if "_Weights" in model_name else None
-        if weights is None:
-            arch, _, tag = model_name.partition(".")
-            weights = torchvision.models.get_model_weights(arch)[tag or "DEFAULT"]
-        with torch.device("meta"):
-            model = torchvision.models.get_model(model_name.partition(".")[0], weights=None)
-        state = random_state(model)
-        plant_torchvision(str(weights), state)
-    else:
-        import timm
-
-        config = timm.models.get_pretrained_cfg(model_name)
-        with torch.device("meta"):
-            model = timm.create_model(config.architecture, pretrained=False)
-        state = random_state(model)
-        plant_hf(config.hf_hub_id, state)
-    return state
-
-
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "101" in n else [])
                                   for n in sorted(NAMED)])
 def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, name: str):
     """The EncNet / FCN configs' deep-stem ResNet-50 takes timm's resnet50c (its stem included), the
     detectors' FrozenBN ResNet-50 torchvision's resnet50; ResNet-101 and ResNeXt-101 are slow."""
-    state = _plant_random(name)
+    state = plant_standin(name)
     built: list[dict] = []
     for config in NAMED[name]:
         backbone_cfg = dict(segkit.load_config(CONFIGS / config)["model"]["backbone"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -71,3 +72,37 @@ def random_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return torch.rand(like.shape) + 0.5 if key.endswith("running_var") else torch.randn(like.shape) * 0.05
 
     return {k: value(k, v) for k, v in model.state_dict().items()}
+
+
+def plant_standin(name: str) -> dict[str, torch.Tensor]:
+    """Random weights of the model ``name`` stands for, built by its library and planted in its cache."""
+    scheme, _, model_name = name.partition("://")
+    if scheme == "torchvision":
+        weights = torchvision.models.get_weight(model_name) if "_Weights" in model_name else None
+        if weights is None:
+            arch, _, tag = model_name.partition(".")
+            weights = torchvision.models.get_model_weights(arch)[tag or "DEFAULT"]
+        builder = model_name.partition(".")[0] if "_Weights" not in model_name else _builder_of(weights)
+        detectors = torchvision.models.list_models(module=torchvision.models.detection)
+        extra = {"weights_backbone": None} if builder in detectors else {}  # no ImageNet download for the build
+        with torch.device("meta"):
+            model = torchvision.models.get_model(builder, weights=None, **extra)
+        state = random_state(model)
+        plant_torchvision(str(weights), state)
+    else:
+        import timm
+
+        config = timm.models.get_pretrained_cfg(model_name)
+        with torch.device("meta"):
+            model = timm.create_model(config.architecture, pretrained=False)
+        state = random_state(model)
+        plant_hf(config.hf_hub_id, state)
+    return state
+
+
+def _builder_of(weights: Any) -> str:
+    """The torchvision model builder whose weights enum holds ``weights``."""
+    for name in torchvision.models.list_models():
+        if weights in list(torchvision.models.get_model_weights(name)):
+            return name
+    raise ValueError(f"no torchvision model takes {weights}")

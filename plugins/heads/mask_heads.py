@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segkit.errors import ConfigError
 from segkit.ops import MultiLevelRoIAlign, ShapeSpec, shared_channels
 from segkit.ops.masks import project_masks_on_boxes
 from segkit.registry import HEADS
@@ -181,10 +182,10 @@ class MaskRCNNHead(nn.Module):
         for i, (inst, target) in enumerate(zip(instances, targets)):
             masks = target.get("masks")
             if masks is None:
-                raise ValueError(
+                raise ConfigError(
                     f"targets[{i}] has no 'masks', but the model has a mask head; train on a dataset with "
-                    f"instance masks (with_masks: true) or remove roi_head.mask_head from the model"
-                )
+                    f"instance masks (with_masks: true) or remove roi_head.mask_head from the model",
+                    key="data.train.with_masks")
             if len(inst["proposal_boxes"]):
                 mask_targets.append(project_masks_on_boxes(masks, inst["proposal_boxes"], inst["matched_idxs"], side))
         mask_targets_t = torch.cat(mask_targets)

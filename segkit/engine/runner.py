@@ -32,7 +32,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from segkit.api import build_model
 from segkit.checkpoint import DIVERGED_FIX, check_resumable, load_checkpoint, nonfinite_tensors
-from segkit.config import Config, config_errors, dump_config
+from segkit.config import COMMAND_LINE, Config, config_errors, dump_config
 from segkit.engine.config_check import check_run_config
 from segkit.engine.callbacks import EngineOptions, EpochSeeding, engine_options
 from segkit.engine.datamodule import build_datamodule
@@ -352,6 +352,13 @@ def _log_write_error(exc: Exception, work_dir: str) -> FileWriteError | None:
     return write_error(os.fsdecode(path), exc, what="the training logs")
 
 
+def _from_command_line(cfg: Mapping[str, Any], key: str) -> bool:
+    """Whether ``trainer.<key>`` was given on the command line: an evaluation scores the whole split
+    unless told otherwise there (a training config's limit, stored in its checkpoints, is for the
+    validation during training)."""
+    return isinstance(cfg, Config) and cfg.origins.get(f"trainer.{key}") == COMMAND_LINE
+
+
 def _engine_callbacks(cfg: Mapping[str, Any], options: EngineOptions, *, work_dir: str, seed: int) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [EpochSeeding(seed), SaveOnInterrupt(os.path.join(work_dir, "checkpoints"))]
     every = options.checkpoint_every_n_steps
@@ -409,7 +416,8 @@ def evaluate_keeping_predictions(cfg: Mapping[str, Any], checkpoint: str | None,
     trainer_cfg = dict(cfg)
     trainer_cfg["trainer"] = {k: v for k, v in (cfg.get("trainer") or {}).items()
                               if k in ("accelerator", "devices", "num_nodes", "strategy", "precision",
-                                       "enable_progress_bar", "limit_val_batches", "limit_test_batches")}
+                                       "enable_progress_bar")
+                              or (k in ("limit_val_batches", "limit_test_batches") and _from_command_line(cfg, k))}
     trainer = build_trainer(trainer_cfg, work_dir=work_dir, evaluate_only=True)
     with config_errors(cfg):
         if split == "test":

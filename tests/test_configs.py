@@ -12,7 +12,9 @@ import segkit
 CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+# The ResNet-101 / ResNeXt-101 models build as their R50 versions do, at twice the cost: in the slow suite.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "101" in p.name else p for p in CONFIGS],
+                         ids=lambda p: p.name)
 def test_config_loads_and_model_builds(path: Path):
     cfg = segkit.load_config(path, ["model.backbone.pretrained=null"])
     # The forward checks the outputs, not the recipe's test-time cost: one scale, and the small image

@@ -59,7 +59,9 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 # ---------------------------------------------------------------------------- whole-model parity
-@pytest.mark.parametrize("name", VARIANTS)
+# The Faster R-CNN variants are the Mask R-CNN ones without the mask branch: in the slow suite.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("faster") else n
+                                  for n in VARIANTS])
 def test_converted_detector_equals_torchvision(name: str, tmp_path: Path):
     reference = _torchvision_detector(name)
     ours = segkit.load_model(_convert(reference, tmp_path), overrides=TEST_OVERRIDES)

@@ -21,10 +21,9 @@ class's signature before any data is read.
 
 Defaults filled where the class takes the argument and the config does not set it: ``save_dir`` is
 ``work_dir`` (CSV and TensorBoard write to ``work_dir/logs/version_N`` as segkit's own loggers do, and
-share one version number); MLflow's ``tracking_uri`` is ``work_dir/mlflow.db`` (or the file store ``work_dir/mlruns``
-without MLflow's database backend); EarlyStopping
-and ModelCheckpoint monitor ``evaluation.main_metric`` with ``mode: max`` (every segkit metric is
-better when higher); ModelCheckpoint writes to ``work_dir/checkpoints``. ``CSVLogger`` is segkit's
+share one version number); MLflow's ``tracking_uri`` is ``work_dir/mlflow.db`` (or the file store
+``work_dir/mlruns`` without MLflow's database backend); EarlyStopping and ModelCheckpoint monitor
+``evaluation.main_metric`` with ``mode: max`` (every segkit metric is better when higher); ModelCheckpoint writes to ``work_dir/checkpoints``. ``CSVLogger`` is segkit's
 ``RunCSVLogger`` (the same logger; a failed write never leaves ``metrics.csv`` cut short).
 
 A logger or callback object given from Python is used as it is; the config saved with the run

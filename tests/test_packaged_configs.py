@@ -165,7 +165,7 @@ data:
     offline = subprocess.run([segkit, "config", "quickstart.yaml", "--check"], cwd=user, env=env, capture_output=True,
                              text=True, timeout=300)  # offline, not cached yet: the file and where it goes
     assert offline.returncode == 2 and str(weights) in offline.stderr and "Traceback" not in offline.stderr, offline.stderr
-    weights.parent.mkdir(parents=True)
+    weights.parent.mkdir(parents=True, exist_ok=True)  # the offline attempt may have made it
     torch.save(random_state(torchvision.models.resnet18()), weights)  # torchvision://resnet18's file, cached
     _run([segkit, "train", "quickstart.yaml", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2",
           "trainer.enable_progress_bar=false", "scheduler.warmup_iters=1"], cwd=user, env=env)

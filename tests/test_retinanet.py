@@ -158,6 +158,30 @@ def test_v2_converts_to_group_norm_towers_giou_and_p6_from_c5(v2_state):
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
 
 
+@pytest.mark.slow
+def test_converted_v2_equals_torchvision_retinanet_v2(tmp_path):
+    """The whole _v2 model (BatchNorm backbone, P6 from C5, GroupNorm towers, GIoU loss): detections and losses."""
+    reference = _torchvision_retinanet("retinanet_resnet50_fpn_v2", **SIZE)
+    state, cfg = convert_torchvision_retinanet(reference.state_dict())
+    cfg["model"].update(SIZE)
+    ours = segkit.build_model(cfg).eval()
+    ours.load_state_dict(state, strict=True)
+    images = [torch.rand(3, 256, 320), torch.rand(3, 200, 240)]
+    with torch.no_grad():
+        expected, got = reference(images), ours(images)
+        for exp, out in zip(expected, got):
+            assert 0 < len(out["boxes"]) == len(exp["boxes"])
+            torch.testing.assert_close(out["boxes"], exp["boxes"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(out["scores"], exp["scores"], atol=1e-4, rtol=0)
+            assert torch.equal(out["labels"], exp["labels"])
+        for module in (reference, ours):  # the heads train, the backbones keep their running statistics
+            module.train()
+            module.backbone.eval()
+        expected, got = reference(images, TARGETS), ours(images, TARGETS)
+    torch.testing.assert_close(got["loss_cls"], expected["classification"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["loss_box_reg"], expected["bbox_regression"], atol=1e-5, rtol=1e-5)
+
+
 def test_old_torchvision_head_spelling_converts_like_the_new_one(v2_state):
     with torch.device("meta"):
         v1 = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None).state_dict()

@@ -54,6 +54,7 @@ ENTRY_POINT_GROUP = "segkit.plugins"
 # datasets, evaluators, weight sources). Plugins come only through entry points and ``imports:``.
 _CORE_MODULES = (
     "segkit.models.two_stage",
+    "segkit.models.one_stage",
     "segkit.models.segmentor",
     "segkit.data.coco",
     "segkit.data.shapes",

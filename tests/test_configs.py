@@ -39,7 +39,8 @@ def test_config_loads_and_model_builds(path: Path):
 # PANet's adaptive pooling gives each level its own first box-head layer and its fused mask branch a
 # 28x28-output FC layer: more parameters, on the same small backbone.
 @pytest.mark.parametrize("name,limit", [("quickstart.yaml", 5e6), ("quickstart_mask.yaml", 5e6),
-                                        ("quickstart_panet.yaml", 10e6), ("quickstart_seg.yaml", 2e6)])
+                                        ("quickstart_panet.yaml", 10e6), ("quickstart_seg.yaml", 2e6),
+                                        ("quickstart_retinanet.yaml", 5e6)])
 def test_quickstart_is_cpu_sized(name, limit):
     cfg = segkit.load_config(CONFIGS[0].parent / name)
     params = sum(p.numel() for p in segkit.build_model(cfg).parameters())
@@ -69,6 +70,25 @@ def test_mask_rcnn_coco_config_matches_torchvision_maskrcnn_resnet50_fpn():
     model = segkit.build_model(cfg)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
     assert cfg["evaluation"]["iou_types"] == ["bbox", "segm"] and cfg["data"]["train"]["with_masks"]
+
+
+def test_retinanet_coco_config_matches_torchvision_retinanet_resnet50_fpn():
+    """torchvision's architecture (every parameter shape agrees after conversion) on the 1x schedule, SGD lr 0.01."""
+    import torchvision
+
+    from segkit_plugins.heads.retinanet_weights import convert_torchvision_retinanet
+
+    cfg = segkit.load_config(CONFIGS[0].parent / "retinanet_r50_fpn_coco.yaml",
+                             ["model.backbone.pretrained=null", "model.head.num_classes=90"])
+    with torch.device("meta"):
+        reference = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+        model = segkit.build_model(cfg)
+    state, converted = convert_torchvision_retinanet(reference.state_dict())
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
+    assert converted["model"]["head"]["anchor_sizes"] == cfg["model"]["head"]["anchor_sizes"]
+    assert (cfg["model"]["min_size"], cfg["model"]["max_size"]) == (800, 1333)
+    assert cfg["trainer"]["max_epochs"] == 12 and cfg["scheduler"]["milestones"] == [8, 11]
+    assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 16 and cfg["optimizer"]["lr"] == 0.01
 
 
 def test_panet_ablations_switch_exactly_one_part_on_over_mask_rcnn():

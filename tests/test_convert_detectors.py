@@ -235,13 +235,22 @@ def test_a_state_dict_that_is_neither_backbone_nor_detector_exits_2(tmp_path: Pa
 
 
 def test_an_unsupported_torchvision_detector_exits_2_naming_what_was_found(tmp_path: Path, capsys):
-    src = tmp_path / "retinanet.pth"  # the key groups of torchvision's retinanet_resnet50_fpn
+    src = tmp_path / "fcos.pth"  # the key groups of torchvision's fcos_resnet50_fpn
     torch.save({"backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7),
-                "backbone.fpn.inner_blocks.0.0.weight": torch.zeros(256, 256, 1, 1),
-                "head.classification_head.cls_logits.weight": torch.zeros(819, 256, 3, 3)}, src)
+                "backbone.fpn.inner_blocks.0.0.weight": torch.zeros(256, 512, 1, 1),
+                "head.classification_head.cls_logits.weight": torch.zeros(91, 256, 3, 3),
+                "head.regression_head.bbox_ctrness.weight": torch.zeros(1, 256, 3, 3)}, src)
     code, err = _run_cli(["convert", "--from", "torchvision", str(src), str(tmp_path / "o.pth")], capsys)
-    assert code == 2 and "rpn.head.cls_logits" in err and "head.classification_head" in err
-    assert "fasterrcnn_resnet50_fpn" in err and not (tmp_path / "o.pth").exists()
+    assert code == 2 and "head.regression_head.bbox_ctrness.weight" in err
+    assert "retinanet_resnet50_fpn" in err and not (tmp_path / "o.pth").exists()
+
+
+def test_a_detector_without_its_heads_exits_2_naming_what_was_found(tmp_path: Path, capsys):
+    src = tmp_path / "body.pth"
+    torch.save({"backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7),
+                "backbone.fpn.inner_blocks.0.0.weight": torch.zeros(256, 256, 1, 1)}, src)
+    code, err = _run_cli(["convert", "--from", "torchvision", str(src), str(tmp_path / "o.pth")], capsys)
+    assert code == 2 and "rpn.head.cls_logits" in err and "fasterrcnn_resnet50_fpn" in err
 
 
 def test_unmapped_keys_of_a_detector_are_refused(mask_v2_state):

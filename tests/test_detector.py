@@ -339,7 +339,7 @@ def test_config_errors_name_the_key_and_suggest():
 
 
 # ---------------------------------------------------------------------------- registry smoke test
-TINY_SHAPES = {f"p{k}": ShapeSpec(16, 2**k) for k in range(2, 7)}
+TINY_SHAPES = {f"p{k}": ShapeSpec(16, 2**k) for k in range(2, 8)}
 KNOWN_ARGUMENTS = {"in_shapes": TINY_SHAPES, "num_classes": 3, "in_channels": 16, "resolution": 7}
 
 

@@ -114,6 +114,39 @@ def test_panet_with_every_part_exports(root, fmt, suffix):
     assert report["detections"] > 0 and report["max_abs_diff"] <= 1e-4
 
 
+RETINANET = """
+model:
+  type: OneStageDetector
+  backbone: {{type: ResNet, depth: 18, base_channels: 8, out_indices: [1, 2, 3]}}
+  neck: {{type: FPN, in_features: [c3, c4, c5], out_channels: 16, extra_block: p6p7}}
+  head: {{type: RetinaNetHead, num_classes: 3, num_convs: 1, anchor_sizes: [[16], [32], [64], [128], [256]]}}
+  score_threshold: 0.0
+  detections_per_image: 1000
+data:
+  val: {{type: Shapes, split: val, num_images: 8, image_size: 64, root: "{root}", progress: false}}
+"""
+
+
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
+def test_retinanet_exports_and_matches_pytorch_on_other_images(root, fmt, suffix):
+    ckpt = _untrained_ckpt(root, "retinanet", RETINANET.format(root=root / "data"), [])
+    stored = torch.load(ckpt, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for name in ("weight", "bias"):  # spread the untrained scores (all near 0.01), so near-ties do not decide the order
+        value = stored["state_dict"][f"head.cls_logits.{name}"]
+        value.copy_(value * 10 if name == "weight" else torch.rand(value.shape, generator=generator) * -4)
+    torch.save(stored, ckpt)
+    model = segkit.load_model(ckpt).eval()
+    images = _val_images(ckpt, 3)
+    with torch.no_grad():
+        counts = [len(model([image])[0]["boxes"]) for image in images]
+    assert len(set(counts)) > 1, counts  # what NMS keeps differs from image to image
+    out = root / f"retinanet{suffix}"
+    assert export_model(model, out, fmt, images[0])["outputs"] == ["boxes", "labels", "scores"]
+    report = check_export(out, model, images)
+    assert report["detections"] == sum(counts) and report["max_abs_diff"] <= 1e-4
+
+
 @pytest.mark.parametrize("fmt, suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
 def test_segmentor_with_sliding_windows_exports(root, fmt, suffix):
     ckpt = _untrained_ckpt(root, "seg", SEG_CONFIG, [])

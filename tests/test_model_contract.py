@@ -24,6 +24,10 @@ DETECTOR = {"type": "TwoStageDetector", "backbone": {"type": "ResNet", "depth": 
             "neck": {"type": "FPN", "out_channels": 16}, "rpn_head": {"type": "RPN"},
             "roi_head": {"type": "StandardRoIHead", "num_classes": 4, "score_threshold": 0.2,
                          "detections_per_image": 7, "box_head": {"type": "TwoFCHead", "fc_dim": 16}}}
+ONE_STAGE = {"type": "OneStageDetector", "backbone": {"type": "ResNet", "depth": 18, "base_channels": 8, "out_indices": [1, 2, 3]},
+             "neck": {"type": "FPN", "in_features": ["c3", "c4", "c5"], "out_channels": 16, "extra_block": "p6p7"},
+             "head": {"type": "RetinaNetHead", "num_classes": 4, "num_convs": 1}, "score_threshold": 0.0,
+             "detections_per_image": 7}
 MASK_HEAD = {"type": "MaskRCNNHead", "num_convs": 1, "conv_dim": 8, "mask_threshold": 0.4}
 SEGMENTOR = {"type": "EncoderDecoder", "backbone": {"type": "ResNet", "depth": 18, "base_channels": 8},
              "decode_head": {"type": "FCNHead", "num_classes": 5, "channels": 8},
@@ -48,6 +52,22 @@ def test_a_detector_declares_its_task_classes_outputs_and_filters():
     assert (info.score_threshold, info.detections_per_image, info.mask_threshold) == (0.2, 7, None)
     assert dict(info.feature_strides) == {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
     assert type(model).default_evaluator == "CocoEvaluator"
+
+
+def test_a_one_stage_detector_declares_its_task_classes_outputs_and_filters(tmp_path: Path):
+    model = _build(ONE_STAGE)
+    info = describe(model)
+    assert (info.task, info.num_classes, info.first_label) == ("detection", 4, 1)
+    assert info.output_keys == tuple(_outputs(model)) == ("boxes", "labels", "scores")
+    assert (info.score_threshold, info.detections_per_image, info.mask_threshold) == (0.0, 7, None)
+    assert dict(info.feature_strides) == {"c3": 8, "c4": 16, "c5": 32} and model.default_cam_layer() == "c3"
+    image = torch.rand(3, 64, 80)
+    with torch.no_grad():
+        best = float(model([image])[0]["scores"][0])
+    cam = class_activation_map(model, image)  # the gradient of the best detection's score
+    assert cam.layer == "c3" and cam.heatmap.shape == (64, 80) and cam.score == pytest.approx(best)
+    assert export_model(model, tmp_path / "retinanet.pt", "torchscript", image)["outputs"] == ["boxes", "labels", "scores"]
+    assert check_export(tmp_path / "retinanet.pt", model, [image, torch.rand(3, 64, 80)])["max_abs_diff"] <= 1e-4
 
 
 def test_a_mask_head_makes_it_instance_segmentation_with_its_mask_threshold():
@@ -147,8 +167,8 @@ def test_a_new_kind_of_model_is_explained_and_exported_through_the_contract(tmp_
     assert check_export(tmp_path / "whole.pt", model, [image, torch.rand(3, 64, 96)])["detections"] == 2
 
 
-PARTS = {"backbone", "neck", "rpn", "roi_heads", "decode_head", "auxiliary_heads", "mask_head", "cls_score"}
-CLASSES = {"TwoStageDetector", "EncoderDecoder"}
+PARTS = {"backbone", "neck", "rpn", "roi_heads", "head", "decode_head", "auxiliary_heads", "mask_head", "cls_score"}
+CLASSES = {"TwoStageDetector", "OneStageDetector", "EncoderDecoder"}
 
 
 def _probes(tree: ast.AST) -> list[tuple[int, str]]:

@@ -205,6 +205,7 @@ def api_page() -> str:
 # ---------------------------------------------------------------------------------- architectures
 ARCHITECTURE_CONFIGS = (
     ("PANet R50-FPN", "configs/panet_r50_fpn_coco.yaml"),
+    ("RetinaNet R50-FPN", "configs/retinanet_r50_fpn_coco.yaml"),
     ("EncNet R50-D8", "configs/encnet_r50_d8_voc.yaml"),
 )
 # Random weights are enough to describe a model; no weight file is read.

@@ -9,28 +9,34 @@ head) are recognised from the keys and shapes of their state dicts alone.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from segkit.checkpoint import CheckpointError
 from segkit.registry import CONVERTERS
 from segkit.weights import ConvertedWeights, WeightConverter
 from segkit_plugins.backbones.resnet_weights import infer_resnet_arch
+from segkit_plugins.heads.detector_weights import (
+    DETECTOR_PREFIXES,
+    coco_val_sections,
+    fix_batch_counters,
+    layer_indices,
+    norm_of,
+    rename_backbone_fpn_key,
+    resnet_body_name,
+)
 
 __all__ = ["convert_torchvision_faster_rcnn", "is_torchvision_detector", "convert_torchvision_detector", "detector_class_names",
            "describe_detector_config", "TorchvisionRCNN"]
 
-_DETECTOR_PREFIXES = ("backbone.body.", "backbone.fpn.", "rpn.head.", "roi_heads.")
+_DETECTOR_PREFIXES = (*DETECTOR_PREFIXES, "rpn.head.", "roi_heads.")
 _REQUIRED = ("backbone.body.", "backbone.fpn.inner_blocks.", "rpn.head.cls_logits.", "roi_heads.box_head.",
              "roi_heads.box_predictor.cls_score.")
 _SUPPORTED = ("segkit converts torchvision's Faster / Mask R-CNN with a ResNet-FPN backbone "
               "(fasterrcnn_resnet50_fpn[_v2], maskrcnn_resnet50_fpn[_v2])")
-_COCO = "${env:SEGKIT_COCO,data/coco}"
 
 
 # (pattern, replacement) applied in order; the first match wins. Old torchvision checkpoints lack
@@ -69,8 +75,10 @@ def convert_torchvision_faster_rcnn(state_dict: Mapping[str, Tensor]) -> dict[st
 
 
 def is_torchvision_detector(state_dict: Mapping[str, Tensor]) -> bool:
-    """Whether the keys are those of a torchvision detector (``backbone.body.*``, ``rpn.head.*``, ...)."""
-    return any(key.startswith(_DETECTOR_PREFIXES) for key in state_dict)
+    """Whether the keys are those of a torchvision two-stage detector (``backbone.body.*``, ``rpn.head.*``,
+    ...): a one-stage detector's dense head (``head.*``: RetinaNet, FCOS, SSD) rules it out."""
+    return (any(key.startswith(_DETECTOR_PREFIXES) for key in state_dict)
+            and not any(key.startswith("head.") for key in state_dict))
 
 
 def convert_torchvision_detector(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -110,7 +118,7 @@ def convert_torchvision_detector(state_dict: Mapping[str, Tensor]) -> tuple[dict
             f"the torchvision detector state dict has {len(unknown)} key(s) that segkit cannot map, e.g. "
             f"{', '.join(unknown[:3])}; {_SUPPORTED}."
         )
-    _fix_batch_counters(converted, frozen_backbone=arch["backbone_norm"] == "FrozenBN")
+    fix_batch_counters(converted, frozen_backbone=arch["backbone_norm"] == "FrozenBN")
     return converted, _config(arch)
 
 
@@ -146,18 +154,6 @@ def describe_detector_config(config: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------- architecture
-def _norm_of(state: Mapping[str, Tensor], prefix: str) -> str | None:
-    """``"BN"`` / ``"GN"`` / ``None`` for the norm stored under ``prefix`` (``....1.``)."""
-    if prefix + "running_mean" in state:
-        return "BN"
-    return "GN" if prefix + "weight" in state else None
-
-
-def _indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(m.group(1)) for m in map(regex.match, state) if m})
-
-
 def _detector_arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
     absent = [p for p in _REQUIRED if not any(k.startswith(p) for k in state)]
@@ -172,7 +168,7 @@ def _detector_arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
         backbone = infer_resnet_arch(body)
     except CheckpointError as exc:
         raise CheckpointError(f"the detector's backbone is not a ResNet: {exc}") from None
-    lateral = _indices(state, r"^backbone\.fpn\.inner_blocks\.(\d+)\.")
+    lateral = layer_indices(state, r"^backbone\.fpn\.inner_blocks\.(\d+)\.")
     if lateral != [0, 1, 2, 3]:
         raise CheckpointError(f"the detector's FPN has {len(lateral)} levels; {_SUPPORTED}, whose FPN uses c2..c5.")
     fpn_weight = state.get("backbone.fpn.inner_blocks.0.0.weight", state.get("backbone.fpn.inner_blocks.0.weight"))
@@ -183,12 +179,12 @@ def _detector_arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
     arch: dict[str, Any] = {
         "backbone": backbone,
         "fpn_channels": int(fpn_weight.shape[0]),
-        "fpn_norm": _norm_of(state, "backbone.fpn.inner_blocks.0.1."),
-        "rpn_convs": max(1, len(_indices(state, r"^rpn\.head\.conv\.(\d+)\.0\.weight$"))),
+        "fpn_norm": norm_of(state, "backbone.fpn.inner_blocks.0.1."),
+        "rpn_convs": max(1, len(layer_indices(state, r"^rpn\.head\.conv\.(\d+)\.0\.weight$"))),
         "num_classes": int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]) - 1,
-        "box_convs": _indices(state, r"^roi_heads\.box_head\.(\d+)\.0\.weight$"),
-        "box_fcs": _indices(state, r"^roi_heads\.box_head\.(\d+)\.weight$"),
-        "mask_convs": len(_indices(state, r"^roi_heads\.mask_head\.(?:mask_fcn)?(\d+)\.")),
+        "box_convs": layer_indices(state, r"^roi_heads\.box_head\.(\d+)\.0\.weight$"),
+        "box_fcs": layer_indices(state, r"^roi_heads\.box_head\.(\d+)\.weight$"),
+        "mask_convs": len(layer_indices(state, r"^roi_heads\.mask_head\.(?:mask_fcn)?(\d+)\.")),
     }
     box = state.get("roi_heads.box_head.fc7.weight")
     if box is not None:
@@ -198,7 +194,7 @@ def _detector_arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
             "type": "ConvFCHead", "num_convs": len(arch["box_convs"]),
             "conv_dim": int(state["roi_heads.box_head.0.0.weight"].shape[0]), "num_fcs": len(arch["box_fcs"]),
             "fc_dim": int(state[f"roi_heads.box_head.{arch['box_fcs'][-1]}.weight"].shape[0]),
-            "norm": _norm_of(state, "roi_heads.box_head.0.1."),
+            "norm": norm_of(state, "roi_heads.box_head.0.1."),
         }
     else:
         raise CheckpointError(f"the detector's box head (roi_heads.box_head.*) is neither TwoMLPHead nor "
@@ -209,7 +205,7 @@ def _detector_arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
             raise CheckpointError("the detector has a mask head but no roi_heads.mask_predictor.mask_fcn_logits.*")
         first = state.get("roi_heads.mask_head.0.0.weight", state.get("roi_heads.mask_head.mask_fcn1.weight"))
         arch["mask_dim"] = int(first.shape[0])
-        arch["mask_norm"] = _norm_of(state, "roi_heads.mask_head.0.1.")
+        arch["mask_norm"] = norm_of(state, "roi_heads.mask_head.0.1.")
         arch["mask_agnostic"] = int(logits.shape[0]) == 1
     arch["v2"] = arch["fpn_norm"] is not None or arch["box_head"]["type"] == "ConvFCHead"
     arch["backbone_norm"] = "BN" if arch["v2"] else "FrozenBN"
@@ -242,11 +238,6 @@ def _mask_logits(m: re.Match[str], v: Tensor, arch: Mapping[str, Any]) -> tuple[
 
 # (pattern, mapping) in order; the first match wins.
 _RULES: tuple[_Rule, ...] = (
-    (r"^backbone\.body\.(.+)$", _same(r"backbone.\1")),
-    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(weight|bias)$", _same(r"neck.lateral_convs.\1.0.\2")),
-    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.([01]\..+)$", _same(r"neck.lateral_convs.\1.\2")),
-    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(weight|bias)$", _same(r"neck.output_convs.\1.0.\2")),
-    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.([01]\..+)$", _same(r"neck.output_convs.\1.\2")),
     (r"^rpn\.head\.conv\.(?:(\d+)\.0\.)?(weight|bias)$", _rpn_conv),
     (r"^rpn\.head\.cls_logits\.(weight|bias)$", _same(r"rpn.objectness_logits.\1")),
     (r"^rpn\.head\.bbox_pred\.(weight|bias)$", _same(r"rpn.anchor_deltas.\1")),
@@ -264,6 +255,9 @@ _OLD_MASK_FCN = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)
 
 def _rename(key: str, value: Tensor, arch: Mapping[str, Any]) -> tuple[str, Tensor] | None:
     """The segkit key and tensor of a torchvision key, or ``None`` when no rule applies."""
+    renamed = rename_backbone_fpn_key(key)
+    if renamed is not None:
+        return renamed, value
     old = _OLD_MASK_FCN.match(key)
     if old:
         key = f"roi_heads.mask_head.{int(old.group(1)) - 1}.0.{old.group(2)}"
@@ -272,19 +266,6 @@ def _rename(key: str, value: Tensor, arch: Mapping[str, Any]) -> tuple[str, Tens
         if match:
             return mapping(match, value, arch)
     return None
-
-
-def _fix_batch_counters(state: dict[str, Tensor], *, frozen_backbone: bool) -> None:
-    """Match ``num_batches_tracked`` to the segkit modules: FrozenBN (backbone of v1) has none; a
-    BatchNorm from a checkpoint saved without it (torchvision's FrozenBN-era files) gets a zero."""
-    for key in [k for k in state if k.endswith(".num_batches_tracked")]:
-        if frozen_backbone and key.startswith("backbone."):
-            del state[key]
-    for key in [k for k in state if k.endswith(".running_mean")]:
-        if frozen_backbone and key.startswith("backbone."):
-            continue
-        counter = key[: -len("running_mean")] + "num_batches_tracked"
-        state.setdefault(counter, torch.tensor(0, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------- config
@@ -321,30 +302,13 @@ def _config(arch: Mapping[str, Any]) -> dict[str, Any]:
         },
         "roi_head": roi_head,
     }
-    split: dict[str, Any] = {
-        "type": "CocoDataset", "ann_file": f"{_COCO}/annotations/instances_val2017.json",
-        "img_dir": f"{_COCO}/val2017", "skip_empty": False, "category_ids": list(range(1, num_classes + 1)),
-    }
-    if mask:
-        split["with_masks"] = True
-    return {
-        "model": model,
-        "data": {"batch_size": 2, "num_workers": 2, "val": split, "test": copy.deepcopy(split)},
-        "evaluation": {"type": "CocoEvaluator", "iou_types": ["bbox", "segm"] if mask else ["bbox"],
-                       "main_metric": "segm/AP" if mask else "bbox/AP"},
-        "work_dir": f"work_dirs/{_model_name(arch)}",
-    }
+    return {"model": model, **coco_val_sections(num_classes, masks=mask), "work_dir": f"work_dirs/{_model_name(arch)}"}
 
 
 def _model_name(arch: Mapping[str, Any]) -> str:
     """torchvision's builder name for the architecture (``maskrcnn_resnet50_fpn_v2``)."""
-    backbone = arch["backbone"]
-    if backbone["groups"] == 1 and backbone["width_per_group"] == 64:
-        body = f"resnet{backbone['depth']}"
-    else:
-        body = f"resnext{backbone['depth']}_{backbone['groups']}x{backbone['width_per_group']}d"
     kind = "maskrcnn" if arch["mask_convs"] else "fasterrcnn"
-    return f"{kind}_{body}_fpn{'_v2' if arch['v2'] else ''}"
+    return f"{kind}_{resnet_body_name(arch['backbone'])}_fpn{'_v2' if arch['v2'] else ''}"
 
 
 @CONVERTERS.register()

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from segkit.errors import ConfigError, did_you_mean
 from segkit.models.base import ModelInfo, SegkitModel
+from segkit.models.detector import build_backbone_and_neck
 from segkit.models.preprocess import ImagePreprocessor, check_images, pad_stack, round_up
-from segkit.models.two_stage import build_backbone_and_neck
 from segkit.registry import HEADS, MODELS, join_key
 
 __all__ = ["EncoderDecoder", "SegTestConfig"]

@@ -11,18 +11,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkit.errors import ConfigError
-from segkit.models.base import ModelInfo, SegkitModel, detection_index, detection_result
-from segkit.models.preprocess import ImagePreprocessor, check_images
+from segkit.models.base import ModelInfo, detection_index, detection_result
+from segkit.models.detector import Detector, check_targets
+from segkit.models.preprocess import check_images
 from segkit.ops.masks import paste_masks_in_image
-from segkit.registry import BACKBONES, HEADS, MODELS, NECKS, check_arguments, join_key
+from segkit.registry import MODELS, join_key
 
 __all__ = ["TwoStageDetector"]
 
-_CHILDREN = ("backbone", "neck", "rpn", "roi_heads")
-
-
 @MODELS.register()
-class TwoStageDetector(SegkitModel):
+class TwoStageDetector(Detector):
     """Faster R-CNN style detector over any backbone, neck and heads honouring the shape contracts.
 
     Preprocessing happens inside (:class:`~segkit.models.preprocess.ImagePreprocessor`): images are normalised with ``pixel_mean`` / ``pixel_std``,
@@ -65,11 +63,8 @@ class TwoStageDetector(SegkitModel):
         max_size: int | None = None,
         size_divisor: int = 32,
     ) -> None:
-        super().__init__()
-        self.preprocessor = ImagePreprocessor(pixel_mean=pixel_mean, pixel_std=pixel_std, min_size=min_size,
-                                              max_size=max_size, size_divisor=size_divisor)
-        self.backbone = backbone
-        self.neck = neck
+        super().__init__(backbone=backbone, neck=neck, pixel_mean=pixel_mean, pixel_std=pixel_std, min_size=min_size,
+                         max_size=max_size, size_divisor=size_divisor)
         self.rpn = rpn
         self.roi_heads = roi_heads
 
@@ -83,22 +78,10 @@ class TwoStageDetector(SegkitModel):
         Raises:
             ConfigError: a missing child section, or a key the detector does not know.
         """
-        kwargs = {**defaults, **cfg}
         for wrong, right in (("rpn", "rpn_head"), ("roi_heads", "roi_head")):
-            if wrong in kwargs:
+            if wrong in cfg:
                 raise ConfigError(f"the config key for this part is '{right}', not '{wrong}'", key=join_key(path, wrong))
-        for key in ("backbone", "rpn_head", "roi_head"):
-            if kwargs.get(key) is None:
-                raise ConfigError(f"TwoStageDetector needs a '{key}' section with a 'type'", key=join_key(path, key))
-        children = {k: kwargs.pop(k, None) for k in ("backbone", "neck", "rpn_head", "roi_head")}
-        check_arguments(cls, kwargs, path=path, type_name=cls.__name__, kind="model", provided=_CHILDREN)
-        backbone, neck, shapes = build_backbone_and_neck(children["backbone"], children["neck"], path=path)
-        rpn = HEADS.build_child(children["rpn_head"], path=join_key(path, "rpn_head"), in_shapes=shapes)
-        roi_heads = HEADS.build_child(children["roi_head"], path=join_key(path, "roi_head"), in_shapes=shapes)
-        try:
-            return cls(backbone=backbone, neck=neck, rpn=rpn, roi_heads=roi_heads, **kwargs)
-        except ValueError as exc:
-            raise ConfigError(str(exc), key=path or None) from exc
+        return cls.build_with_heads(cfg, path=path, heads={"rpn_head": "rpn", "roi_head": "roi_heads"}, **defaults)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -123,7 +106,7 @@ class TwoStageDetector(SegkitModel):
             ValueError: malformed images or targets, or missing targets in training.
         """
         images = check_images(images)
-        targets = _check_targets(targets, images) if self.training else None
+        targets = check_targets(targets, images) if self.training else None
         batch = self.preprocessor(images, targets)
         features = self.extract_features(batch.tensor)
         proposals, rpn_losses = self.rpn(features, batch.image_sizes, tuple(batch.tensor.shape[-2:]), batch.targets)
@@ -131,23 +114,6 @@ class TwoStageDetector(SegkitModel):
         if self.training:
             return {**rpn_losses, **roi_losses}
         return self.postprocess(detections, batch.image_sizes, batch.original_sizes)
-
-    def extract_features(self, batch: Tensor) -> dict[str, Tensor]:
-        """Backbone (and neck) maps of a preprocessed batch Tensor[N, 3, H, W]."""
-        features = self.backbone(batch)
-        return self.neck(features) if self.neck is not None else features
-
-    def preprocess(
-        self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
-    ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]] | None]:
-        """Normalise, resize and pad images into one batch (:class:`~segkit.models.preprocess.ImagePreprocessor`).
-
-        Returns:
-            ``(batch, image_sizes, targets)``: batch Tensor[N, 3, H_pad, W_pad]; the ``(h, w)`` of
-            each image inside it; copies of the targets with boxes in batch pixels (or ``None``).
-        """
-        batch = self.preprocessor(images, targets)
-        return batch.tensor, batch.image_sizes, batch.targets
 
     def postprocess(
         self,
@@ -157,15 +123,12 @@ class TwoStageDetector(SegkitModel):
     ) -> list[dict[str, Tensor]]:
         """Map detection boxes from batch pixels back to each input image's pixels, and paste the
         ``roi_masks`` of a mask head into the input image as ``masks`` (finite: NaN becomes 0)."""
-        results = []
-        for det, size, original in zip(detections, image_sizes, original_sizes):
-            det = dict(det)
-            det["boxes"] = self.preprocessor.boxes_to_input(det["boxes"], size, original)
+        results = super().postprocess(detections, image_sizes, original_sizes)
+        for det, original in zip(results, original_sizes):
             if "roi_masks" in det:
                 # NaN probabilities (a model whose outputs overflow) count as 0: no pixel of the object.
                 roi_masks = torch.nan_to_num(det.pop("roi_masks"), nan=0.0)
                 det["masks"] = paste_masks_in_image(roi_masks, det["boxes"], original)[:, None]
-            results.append(det)
         return results
 
     @property
@@ -174,28 +137,12 @@ class TwoStageDetector(SegkitModel):
         mask_head = getattr(self.roi_heads, "mask_head", None)
         return None if mask_head is None else float(getattr(mask_head, "mask_threshold", 0.5))
 
-    @property
-    def min_size(self) -> int | None:
-        """Target short side of the input resize (``None``: inputs keep their size)."""
-        return self.preprocessor.min_size
-
-    @property
-    def max_size(self) -> int | None:
-        """Cap on the long side after resizing."""
-        return self.preprocessor.max_size
-
-    @property
-    def size_divisor(self) -> int:
-        """The padded batch's sides are multiples of this."""
-        return self.preprocessor.size_divisor
-
     # ------------------------------------------------------------------ contract
     def describe(self) -> ModelInfo:
         """Detection (instance segmentation with a mask head) of the RoI heads' ``num_classes``, with
         their test-time filters."""
         heads = self.roi_heads
         threshold = self.mask_threshold
-        shapes = self.backbone.output_shape()
         return ModelInfo(
             task="detection" if threshold is None else "instance_segmentation",
             num_classes=int(heads.num_classes),
@@ -203,18 +150,8 @@ class TwoStageDetector(SegkitModel):
             mask_threshold=threshold,
             detections_per_image=getattr(heads, "detections_per_image", None),
             test_settings={"min_size": self.min_size, "max_size": self.max_size},
-            feature_strides={name: int(shape.stride) for name, shape in shapes.items()},
+            feature_strides=self.feature_strides(),
         )
-
-    def batch_images(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """The normalised, resized and padded batch of ``images`` and each image's ``(h, w)`` in it."""
-        batch, sizes, _ = self.preprocess(images)
-        return batch, sizes
-
-    def default_cam_layer(self) -> str:
-        """The backbone output at stride 8 (small objects are pooled from the finer levels), else the last."""
-        strides = self.describe().feature_strides
-        return next((name for name, stride in strides.items() if stride == 8), list(strides)[-1])
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, Any]]:
@@ -243,63 +180,5 @@ class TwoStageDetector(SegkitModel):
         return logits[int(matches[0]), label], detection_result(output, chosen)
 
 
-def build_backbone_and_neck(
-    backbone_cfg: Mapping[str, Any], neck_cfg: Mapping[str, Any] | None, *, path: str
-) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
-    """Build a meta-architecture's backbone and optional neck from their config sections.
-
-    Returns:
-        ``(backbone, neck or None, shapes)``: ``shapes`` is the neck's ``output_shape()`` (the
-        backbone's without a neck), what the heads are built with.
-    """
-    backbone = BACKBONES.build_child(backbone_cfg, path=join_key(path, "backbone"))
-    shapes = backbone.output_shape()
-    neck = None
-    if neck_cfg is not None:
-        neck = NECKS.build_child(neck_cfg, path=join_key(path, "neck"), in_shapes=shapes)
-        shapes = neck.output_shape()
-    return backbone, neck, shapes
-
-
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _check_targets(targets: Any, images: Sequence[Tensor]) -> list[Mapping[str, Tensor]]:
-    if targets is None:
-        raise ValueError(
-            "training mode needs targets: a list with one dict per image holding 'boxes' (float [N, 4], xyxy "
-            "pixels) and 'labels' (int64 [N], 1..K); call model.eval() for inference"
-        )
-    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
-        count = len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__
-        raise ValueError(f"expected one target dict per image ({len(images)}), got {count}")
-    for i, target in enumerate(targets):
-        if not isinstance(target, Mapping) or "boxes" not in target or "labels" not in target:
-            raise ValueError(f"targets[{i}] must be a dict with 'boxes' and 'labels'")
-        boxes, labels = target["boxes"], target["labels"]
-        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
-            shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
-            raise ValueError(f"targets[{i}]['boxes'] must be a float tensor [N, 4] (xyxy pixels), got {shape}")
-        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
-            desc = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"targets[{i}]['labels'] must be an int64 tensor [N] matching {len(boxes)} boxes, got {desc}")
-        masks = target.get("masks")
-        if masks is not None:
-            size = tuple(images[i].shape[-2:])
-            if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != len(boxes) or tuple(masks.shape[-2:]) != size:
-                shape = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
-                raise ValueError(
-                    f"targets[{i}]['masks'] must be a tensor [N, H, W] = [{len(boxes)}, {size[0]}, {size[1]}] "
-                    f"(one mask per box, the image's size), got {shape}"
-                )
-            if masks.is_floating_point():
-                raise ValueError(f"targets[{i}]['masks'] must be uint8 or bool (0/1), got {masks.dtype}")
-        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-        if bad.any():
-            j = int(torch.nonzero(bad)[0])
-            raise ValueError(
-                f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive width and height; "
-                "boxes are xyxy with x2 > x1 and y2 > y1"
-            )
-    return list(targets)

@@ -1,8 +1,8 @@
 """Building blocks for plugin authors (anchors, box coding, matching, sampling, RoI pooling, losses)."""
 
-from segkit.ops.anchors import AnchorGenerator, cell_anchors
+from segkit.ops.anchors import AnchorGenerator, cell_anchors, octave_anchor_sizes
 from segkit.ops.box_coder import BoxCoder
-from segkit.ops.losses import smooth_l1_loss
+from segkit.ops.losses import sigmoid_focal_loss, smooth_l1_loss
 from segkit.ops.matcher import Matcher
 from segkit.ops.conv import conv_norm_act
 from segkit.ops.norm import NORMS, check_norm, make_norm
@@ -22,8 +22,10 @@ __all__ = [
     "assign_boxes_to_levels",
     "boxes_to_rois",
     "cell_anchors",
+    "octave_anchor_sizes",
     "check_norm",
     "conv_norm_act",
     "make_norm",
+    "sigmoid_focal_loss",
     "smooth_l1_loss",
 ]

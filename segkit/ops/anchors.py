@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AnchorGenerator", "cell_anchors"]
+__all__ = ["AnchorGenerator", "cell_anchors", "octave_anchor_sizes"]
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
@@ -31,6 +31,21 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tens
     ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
     hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+
+def octave_anchor_sizes(base_sizes: Sequence[float] = (32, 64, 128, 256, 512),
+                        scales_per_octave: int = 3) -> tuple[tuple[int, ...], ...]:
+    """Per level, the sizes ``base * 2 ** (i / scales_per_octave)`` for ``i < scales_per_octave``,
+    truncated to integers as torchvision's RetinaNet does (its anchors, exactly).
+
+    Example:
+        >>> octave_anchor_sizes((32, 64))
+        ((32, 40, 50), (64, 80, 101))
+    """
+    if scales_per_octave < 1:
+        raise ValueError(f"scales_per_octave must be >= 1, got {scales_per_octave}")
+    return tuple(tuple(int(base * 2 ** (i / scales_per_octave)) for i in range(scales_per_octave))
+                 for base in base_sizes)
 
 
 class AnchorGenerator(nn.Module):

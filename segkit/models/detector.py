@@ -37,6 +37,7 @@ class Detector(SegkitModel):
         min_size: target short side of the resize; ``None`` keeps the input size.
         max_size: cap on the long side after resizing (defaults to ``min_size`` * 1333 / 800).
         size_divisor: the padded batch's height and width are multiples of this.
+        fixed_size: ``(height, width)`` every image is resized to instead (SSD); ``None`` for none.
     """
 
     def __init__(
@@ -49,10 +50,11 @@ class Detector(SegkitModel):
         min_size: int | None = None,
         max_size: int | None = None,
         size_divisor: int = 32,
+        fixed_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.preprocessor = ImagePreprocessor(pixel_mean=pixel_mean, pixel_std=pixel_std, min_size=min_size,
-                                              max_size=max_size, size_divisor=size_divisor)
+                                              max_size=max_size, size_divisor=size_divisor, fixed_size=fixed_size)
         self.backbone = backbone
         self.neck = neck
 

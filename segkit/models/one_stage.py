@@ -17,6 +17,8 @@ from segkit.registry import MODELS
 
 __all__ = ["OneStageDetector"]
 
+_SELECTIONS = ("per_level", "per_class")
+
 @MODELS.register()
 class OneStageDetector(Detector):
     """Dense detector (RetinaNet, and later FCOS / SSD style heads) over any backbone, neck and dense head.
@@ -26,7 +28,10 @@ class OneStageDetector(Detector):
     every level, a score per class and a box; the detector then keeps, per level and image, the
     ``topk_candidates`` best (anchor, class) pairs, drops those scoring ``<= score_threshold``, clips
     their boxes to the image, applies NMS per class (IoU ``nms_threshold``) over all levels and keeps the
-    ``detections_per_image`` best: torchvision's RetinaNet post-processing.
+    ``detections_per_image`` best: torchvision's RetinaNet post-processing (``selection: per_level``).
+    With ``selection: per_class`` (torchvision's SSD), the scores of all levels are taken together and,
+    per image and class, those above ``score_threshold`` are kept, at most the ``topk_candidates`` best
+    of each class; then come the clipping, the per-class NMS and the ``detections_per_image`` best.
 
     The dense-head protocol: ``head.num_classes`` (K) and ``head(features, padded_size, targets)`` ->
     ``(levels, losses)``; in training ``([], {"loss_*": scalar})``, at inference one ``(scores, boxes)``
@@ -37,11 +42,12 @@ class OneStageDetector(Detector):
         backbone: module mapping Tensor[N, 3, H, W] to named maps, with ``output_shape()``.
         neck: optional module mapping the backbone maps to the head's maps.
         head: the dense head (see above).
-        pixel_mean / pixel_std / min_size / max_size / size_divisor: the preprocessing.
+        pixel_mean / pixel_std / min_size / max_size / size_divisor / fixed_size: the preprocessing.
         score_threshold: candidates scoring at or below this are dropped.
-        topk_candidates: candidates kept per level and image before NMS.
+        topk_candidates: candidates kept per level (``per_level``) or class (``per_class``) and image before NMS.
         nms_threshold: IoU threshold of the per-class NMS.
         detections_per_image: at most this many detections per image.
+        selection: ``"per_level"`` (RetinaNet, FCOS) or ``"per_class"`` (SSD), see above.
 
     Example:
         >>> model = MODELS.build({"type": "OneStageDetector", "backbone": {"type": "ResNet", "depth": 18},
@@ -62,16 +68,21 @@ class OneStageDetector(Detector):
         min_size: int | None = None,
         max_size: int | None = None,
         size_divisor: int = 32,
+        fixed_size: Sequence[int] | None = None,
         score_threshold: float = 0.05,
         topk_candidates: int = 1000,
         nms_threshold: float = 0.5,
         detections_per_image: int = 100,
+        selection: str = "per_level",
     ) -> None:
         super().__init__(backbone=backbone, neck=neck, pixel_mean=pixel_mean, pixel_std=pixel_std, min_size=min_size,
-                         max_size=max_size, size_divisor=size_divisor)
+                         max_size=max_size, size_divisor=size_divisor, fixed_size=fixed_size)
         if topk_candidates < 1 or detections_per_image < 1:
             raise ValueError(f"topk_candidates ({topk_candidates}) and detections_per_image ({detections_per_image}) "
                              "must be >= 1")
+        if selection not in _SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(_SELECTIONS)}, got {selection!r}")
+        self.selection = selection
         self.head = head
         self.score_threshold = float(score_threshold)
         self.topk_candidates = int(topk_candidates)
@@ -128,6 +139,8 @@ class OneStageDetector(Detector):
             Per image ``boxes`` Tensor[D, 4] (padded-batch pixels), ``labels`` Tensor[D] (1..K) and
             ``scores`` Tensor[D], best first.
         """
+        if self.selection == "per_class":
+            return self._select_per_class(levels, image_sizes)
         candidates = []
         for scores, boxes in levels:
             num_classes = scores.shape[2]
@@ -147,6 +160,26 @@ class OneStageDetector(Detector):
             results.append({"boxes": boxes_i[keep], "labels": labels_i[keep], "scores": scores_i[keep]})
         return results
 
+    def _select_per_class(self, levels: Sequence[tuple[Tensor, Tensor]],
+                          image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """``selection: per_class``: the ``topk_candidates`` best boxes of each class over all levels."""
+        scores = torch.cat([level[0] for level in levels], dim=1)
+        boxes = torch.cat([level[1] for level in levels], dim=1)
+        num_boxes, num_classes = scores.shape[1:]
+        k = min(self.topk_candidates, num_boxes)
+        results = []
+        for scores_i, boxes_i, size in zip(scores, boxes, image_sizes):
+            per_class = scores_i.t()  # [K, M]
+            # Scores at or below the threshold sink below every kept one, so the top k of the rest is unchanged.
+            per_class = per_class.masked_fill(per_class <= self.score_threshold, -1.0)
+            top_scores, top_idx = per_class.topk(k, dim=1)  # [K, k], class-major as the candidates are listed
+            keep = top_scores > self.score_threshold
+            labels = torch.arange(1, num_classes + 1, device=scores.device)[:, None].expand_as(top_idx)[keep]
+            scores_k, boxes_k = top_scores[keep], clip_boxes_to_image(boxes_i[top_idx[keep]], size)
+            keep = batched_nms(boxes_k, scores_k, labels, self.nms_threshold)[: self.detections_per_image]
+            results.append({"boxes": boxes_k[keep], "labels": labels[keep], "scores": scores_k[keep]})
+        return results
+
     def describe(self) -> ModelInfo:
         """Detection of the head's ``num_classes``, with the detector's test-time filters."""
         return ModelInfo(
@@ -155,6 +188,7 @@ class OneStageDetector(Detector):
             score_threshold=self.score_threshold,
             detections_per_image=self.detections_per_image,
             test_settings={"min_size": self.min_size, "max_size": self.max_size, "topk_candidates": self.topk_candidates,
-                           "nms_threshold": self.nms_threshold},
+                           "nms_threshold": self.nms_threshold, "selection": self.selection,
+                           **({"fixed_size": list(self.preprocessor.fixed_size)} if self.preprocessor.fixed_size else {})},
             feature_strides=self.feature_strides(),
         )

@@ -48,22 +48,26 @@ class ImagePreprocessor(nn.Module):
 
     Resizing (when ``min_size`` is set) scales each image so that its short side is ``min_size``
     unless that makes the long side exceed ``max_size`` (bilinear, the scale recomputed from the
-    rounded size); target boxes are scaled the same way, target masks with nearest neighbours.
+    rounded size); target boxes are scaled the same way, target masks with nearest neighbours. With
+    ``fixed_size`` every image is resized (bilinear, aspect ratio not kept) to that ``(height, width)``,
+    SSD's input; boxes are scaled per axis and detections mapped back the same way.
 
     Args:
         pixel_mean / pixel_std: per-channel (RGB) normalisation of inputs in [0, 1].
         min_size: target short side of the resize; ``None`` keeps the input size.
         max_size: cap on the long side after resizing (defaults to ``min_size`` * 1333 / 800).
         size_divisor: the padded batch's height and width are multiples of this.
+        fixed_size: ``(height, width)`` every image is resized to; ``None`` for the ``min_size`` rule.
 
     Raises:
-        ValueError: not three means or deviations, a size divisor below 1, or ``max_size`` without
-            ``min_size``.
+        ValueError: not three means or deviations, a size divisor below 1, ``max_size`` without
+            ``min_size``, or ``fixed_size`` that is not two positive sizes or comes with ``min_size``.
     """
 
     def __init__(self, *, pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
                  pixel_std: Sequence[float] = (0.229, 0.224, 0.225), min_size: int | None = None,
-                 max_size: int | None = None, size_divisor: int = 32) -> None:
+                 max_size: int | None = None, size_divisor: int = 32,
+                 fixed_size: Sequence[int] | None = None) -> None:
         super().__init__()
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError(f"pixel_mean and pixel_std need three values (RGB), got {pixel_mean!r} and {pixel_std!r}")
@@ -71,18 +75,27 @@ class ImagePreprocessor(nn.Module):
             raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
         if max_size is not None and min_size is None:
             raise ValueError("max_size only applies together with min_size; set min_size too or drop max_size")
+        if fixed_size is not None:
+            if len(fixed_size) != 2 or min(int(v) for v in fixed_size) < 1:
+                raise ValueError(f"fixed_size is the (height, width) of every resized image, got {fixed_size!r}")
+            if min_size is not None:
+                raise ValueError("fixed_size and min_size are two resize rules; set one of them (the other to null)")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.min_size = min_size
         self.max_size = max_size if max_size is not None or min_size is None else int(round(min_size * 1333 / 800))
         self.size_divisor = int(size_divisor)
+        self.fixed_size = None if fixed_size is None else (int(fixed_size[0]), int(fixed_size[1]))
 
     def normalise(self, image: Tensor) -> Tensor:
         """``(image - pixel_mean) / pixel_std`` of one float Tensor[3, H, W]."""
         return (image - self.pixel_mean.to(image.dtype)) / self.pixel_std.to(image.dtype)
 
     def resize(self, image: Tensor) -> tuple[Tensor, float | None]:
-        """``image`` resized by the ``min_size`` / ``max_size`` rule, and the scale (``None``: not resized)."""
+        """``image`` resized by the ``fixed_size`` or ``min_size`` / ``max_size`` rule, and the scale
+        (``None``: not resized, or resized to ``fixed_size``, whose scales differ per axis)."""
+        if self.fixed_size is not None:
+            return F.interpolate(image[None], size=self.fixed_size, mode="bilinear", align_corners=False)[0], None
         if self.min_size is None:
             return image, None
         h, w = image.shape[-2:]
@@ -105,10 +118,11 @@ class ImagePreprocessor(nn.Module):
             sizes.append((int(image.shape[-2]), int(image.shape[-1])))
             if new_targets is not None:
                 target = dict(targets[i])
-                if scale is not None:
+                if image.shape[-2:] != images[i].shape[-2:]:
                     target["boxes"] = scale_boxes(target["boxes"], images[i].shape[-2:], image.shape[-2:])
                     if "masks" in target:
-                        target["masks"] = resize_masks(target["masks"], scale)
+                        target["masks"] = (resize_masks(target["masks"], scale) if scale is not None else
+                                           _masks_to_size(target["masks"], image.shape[-2:]))
                 new_targets.append(target)
         height, width = self.padded_size(sizes)
         batch = resized[0].new_zeros((len(resized), 3, height, width))
@@ -130,6 +144,13 @@ class ImagePreprocessor(nn.Module):
         if tuple(maps.shape[-2:]) == size:
             return maps
         return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=align_corners)[0]
+
+
+def _masks_to_size(masks: Tensor, size: Sequence[int]) -> Tensor:
+    """uint8 masks Tensor[N, h, w] resized (nearest) to ``size``."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, int(size[0]), int(size[1])))
+    return F.interpolate(masks[:, None].float(), size=(int(size[0]), int(size[1])))[:, 0].to(masks.dtype)
 
 
 def round_up(value: int, divisor: int) -> int:

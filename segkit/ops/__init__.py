@@ -2,6 +2,7 @@
 
 from segkit.ops.anchors import AnchorGenerator, cell_anchors, octave_anchor_sizes
 from segkit.ops.box_coder import BoxCoder
+from segkit.ops.default_boxes import DefaultBoxGenerator, ssd_scales
 from segkit.ops.losses import sigmoid_focal_loss, smooth_l1_loss
 from segkit.ops.matcher import Matcher
 from segkit.ops.conv import conv_norm_act
@@ -14,6 +15,7 @@ __all__ = [
     "AnchorGenerator",
     "BalancedSampler",
     "BoxCoder",
+    "DefaultBoxGenerator",
     "Matcher",
     "MultiLevelRoIAlign",
     "NORMS",
@@ -28,4 +30,5 @@ __all__ = [
     "make_norm",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
+    "ssd_scales",
 ]

@@ -439,3 +439,7 @@ class SegRandomCrop(A.DualTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("height", "width", "cat_max_ratio", "ignore_index", "max_tries", "fill")
+
+
+# SSD's augmentation lives in its own module; importing it registers its transforms with these.
+from segkit.data import ssd_transforms  # noqa: E402,F401

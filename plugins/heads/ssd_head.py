@@ -131,7 +131,6 @@ class SSDHead(nn.Module):
         Tensor[N, H*W*A, 4], ordered by row, column and cell box (the default boxes' order)."""
         logits, deltas = [], []
         for feature, cls_conv, box_conv in zip(features, self.cls_logits, self.bbox_pred):
-            n, _, h, w = feature.shape
             logits.append(_per_box(cls_conv(feature), self.num_classes + 1))
             deltas.append(_per_box(box_conv(feature), 4))
         return logits, deltas

@@ -142,6 +142,21 @@ def test_load_from_the_torchvision_ssd300_name_keeps_all_but_the_classifier(pari
     torch.testing.assert_close(model.backbone.l2_norm.weight, reference.backbone.scale_weight)
 
 
+def test_ssd_coco_config_is_torchvision_s_ssd300_vgg16_and_its_recipe():
+    cfg = segkit.load_config("configs/ssd300_vgg16_coco.yaml", ["model.backbone.pretrained=null",
+                                                                 "model.head.num_classes=90"])
+    with torch.device("meta"):
+        reference = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None)
+        model = segkit.build_model(cfg)
+    state, converted = convert_torchvision_ssd(reference.state_dict())
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
+    assert cfg["model"] == {**converted["model"], "backbone": {**converted["model"]["backbone"], "pretrained": None}}
+    assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 32 and cfg["optimizer"]["lr"] == 0.002
+    assert cfg["trainer"]["max_epochs"] == 120 and cfg["scheduler"]["milestones"] == [80, 110]
+    assert [t["type"] for t in cfg["data"]["train"]["transforms"]] == [
+        "PhotometricDistort", "ZoomOut", "MinIoURandomCrop", "HorizontalFlip"]
+
+
 def test_another_ssd_is_refused_naming_what_is_supported():
     with torch.device("meta"):
         state = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None).state_dict()
@@ -227,7 +242,7 @@ def test_tiny_ssd_losses_fall_and_an_image_without_boxes_has_no_box_loss():
     assert float(empty["loss_box_reg"].detach()) == 0.0 and float(empty["loss_cls"].detach()) == 0.0  # no positives, no negatives
 
 
-def test_tiny_ssd_detections_are_in_input_image_coordinates():
+def test_tiny_ssd_detections_are_in_input_image_coordinates_and_export(tmp_path):
     torch.manual_seed(0)
     model = MODELS.build(tiny_config(score_threshold=0.0), path="model").eval()
     images = [torch.rand(3, 60, 90), torch.rand(3, 150, 70)]  # resized to 96x96 inside, both ways
@@ -239,6 +254,10 @@ def test_tiny_ssd_detections_are_in_input_image_coordinates():
         assert out["boxes"][:, 2].max() <= w + 1e-3 and out["boxes"][:, 3].max() <= h + 1e-3
         assert out["boxes"][:, 2].max() > 0.8 * w  # boxes reach the right border: scaled per axis
         assert bool((out["scores"][:-1] >= out["scores"][1:]).all())
+    from segkit.export import check_export, export_model
+
+    export_model(model, tmp_path / "ssd.pt", "torchscript", images[0])  # the per-class selection traces
+    assert check_export(tmp_path / "ssd.pt", model, [images[0], torch.rand(3, 60, 90)])["max_abs_diff"] <= 1e-4
 
 
 def test_bad_ssd_options_are_clear_errors():

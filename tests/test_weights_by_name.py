@@ -168,7 +168,7 @@ def _named_configs() -> dict[str, list[str]]:
 NAMED = _named_configs()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "101" in n else [])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "101" in n or "vgg" in n else [])
                                   for n in sorted(NAMED)])
 def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, name: str):
     """The EncNet / FCN configs' deep-stem ResNet-50 takes timm's resnet50c (its stem included), the
@@ -181,6 +181,9 @@ def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, nam
             continue
         built.append(backbone_cfg)
         net = BACKBONES.build(backbone_cfg, path="model.backbone")
+        if backbone_cfg["type"] == "VGG":  # SSD's VGG-16 (tests/test_ssd.py loads it by name in the default suite)
+            torch.testing.assert_close(net.stages[3][4].weight, state["features.21.weight"], msg=config)
+            continue
         torch.testing.assert_close(net.layer4[0].conv2.weight, state["layer4.0.conv2.weight"], msg=config)
         if backbone_cfg.get("stem") == "deep":
             torch.testing.assert_close(net.conv1.weight, state["conv1.0.weight"], msg=config)
@@ -191,7 +194,8 @@ def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, nam
 
 def test_every_paper_config_names_its_weights():
     assert set(NAMED) == {"torchvision://resnet50.IMAGENET1K_V1", "torchvision://resnext101_64x4d.IMAGENET1K_V1",
-                          "timm://resnet50c.gluon_in1k", "timm://resnet101c.gluon_in1k"}
+                          "timm://resnet50c.gluon_in1k", "timm://resnet101c.gluon_in1k",
+                          "torchvision://vgg16.IMAGENET1K_FEATURES"}
 
 
 def test_detector_name_as_load_from_starts_a_training_run(caches: Path, detector_state,

@@ -41,6 +41,8 @@ REFERENCES: dict[str, Reference] = {
                                        "configs/mask_rcnn_r50_fpn_coco.yaml"),
     "fcn_resnet50": Reference("FCN R50-D8", "torchvision.models.segmentation.fcn_resnet50",
                               "configs/fcn_r50_d8_voc.yaml"),
+    "ssd300_vgg16": Reference("SSD300 VGG-16", "torchvision.models.detection.ssd300_vgg16",
+                              "configs/ssd300_vgg16_coco.yaml"),
 }
 
 
@@ -66,6 +68,9 @@ def reference_for(cfg: Mapping[str, Any]) -> str:
     if model.get("type") == "EncoderDecoder" and resnet50 and not neck \
             and (model.get("decode_head") or {}).get("type") == "FCNHead":
         return "fcn_resnet50"
+    if model.get("type") == "OneStageDetector" and backbone.get("type") == "VGG" and backbone.get("depth", 16) == 16 \
+            and neck.get("type") == "SSDExtraLayers" and (model.get("head") or {}).get("type") == "SSDHead":
+        return "ssd300_vgg16"
     described = {"TwoStageDetector": "a TwoStageDetector", "EncoderDecoder": "an EncoderDecoder"}
     what = described.get(str(model.get("type")), f"a {model.get('type')}")
     parts = f"{backbone.get('type')}-{backbone.get('depth')}" + (f" + {neck.get('type')}" if neck else "")
@@ -115,7 +120,7 @@ def build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tu
         return _torchvision_fcn(cfg, ours)
     from segkit.weights import convert_weights
 
-    reference = _torchvision_detector(name, cfg, size)
+    reference = _torchvision_ssd(cfg) if name == "ssd300_vgg16" else _torchvision_detector(name, cfg, size)
     state = convert_weights(reference.state_dict(), "torchvision").state_dict  # the registered converter's map
     _load_or_explain(ours, state, name, cfg)
     return reference
@@ -136,6 +141,20 @@ def _settings(registry: Any, section: Mapping[str, Any]) -> dict[str, Any]:
     params = inspect.signature(registry.get(str(section["type"]))).parameters
     return {**{k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty},
             **{k: v for k, v in section.items() if k != "type"}}
+
+
+def _torchvision_ssd(cfg: Mapping[str, Any]) -> nn.Module:
+    """torchvision's ssd300_vgg16 with the classes and test-time settings of segkit's config (it always
+    resizes to 300x300, as the SSD configs do)."""
+    from torchvision.models.detection import ssd300_vgg16
+
+    from segkit.registry import HEADS, MODELS
+
+    det, head = _settings(MODELS, cfg["model"]), _settings(HEADS, cfg["model"]["head"])
+    return ssd300_vgg16(weights=None, weights_backbone=None, num_classes=int(head["num_classes"]) + 1,
+                        score_thresh=det["score_threshold"], nms_thresh=det["nms_threshold"],
+                        detections_per_img=det["detections_per_image"], topk_candidates=det["topk_candidates"],
+                        image_mean=list(det["pixel_mean"]), image_std=list(det["pixel_std"]))
 
 
 def _torchvision_detector(name: str, cfg: Mapping[str, Any], size: tuple[int, int] | None) -> nn.Module:

@@ -112,6 +112,24 @@ def test_losses_equal_torchvision_ssd300(parity, targets):
     torch.testing.assert_close(got["loss_box_reg"], expected["bbox_regression"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_whole_training_forward_equals_torchvision_ssd300():
+    """End to end in train mode (targets resized with the images inside both models), one image without
+    boxes, and images of other sizes than the fast tests'."""
+    reference = _torchvision_ssd()
+    state, cfg = convert_torchvision_ssd(reference.state_dict())
+    ours = segkit.build_model(cfg)
+    ours.load_state_dict(state, strict=True)
+    images = [torch.rand(3, 400, 260), torch.rand(3, 300, 300), torch.rand(3, 120, 500)]
+    targets = [TARGETS[0], NO_TARGETS, {"boxes": torch.tensor([[10.0, 20.0, 480.0, 110.0]]), "labels": torch.tensor([90])}]
+    reference.train()
+    ours.train()
+    with torch.no_grad():
+        expected, got = reference(images, targets), ours(images, targets)
+    torch.testing.assert_close(got["loss_cls"], expected["classification"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["loss_box_reg"], expected["bbox_regression"], atol=1e-5, rtol=1e-5)
+
+
 def test_converted_checkpoint_carries_torchvision_s_config_and_coco_names(parity):
     ckpt = torch.load(parity["file"], weights_only=True)
     cfg, classes = ckpt[CONFIG_KEY], ckpt[CLASSES_KEY]

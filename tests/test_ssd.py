@@ -183,6 +183,22 @@ def test_another_ssd_is_refused_naming_what_is_supported():
         convert_torchvision_ssd(state)
 
 
+def test_fixed_size_resize_scales_boxes_and_masks_per_axis_and_maps_detections_back():
+    from segkit.models.preprocess import ImagePreprocessor
+
+    pre = ImagePreprocessor(fixed_size=(30, 40), size_divisor=1)
+    masks = torch.zeros(1, 60, 20, dtype=torch.uint8)
+    masks[0, 30:, 10:] = 1
+    target = {"boxes": torch.tensor([[10.0, 30.0, 20.0, 60.0]]), "labels": torch.tensor([1]), "masks": masks}
+    batch = pre([torch.rand(3, 60, 20), torch.rand(3, 15, 80)], [target, {**NO_TARGETS, "masks": masks[:0, :15, :80]}])
+    assert tuple(batch.tensor.shape) == (2, 3, 30, 40) and batch.image_sizes == [(30, 40), (30, 40)]
+    assert batch.targets[0]["boxes"].tolist() == [[20.0, 15.0, 40.0, 30.0]]  # x times 2, y times 1/2
+    assert batch.targets[0]["masks"].shape == (1, 30, 40) and batch.targets[0]["masks"][0, 15:, 20:].all()
+    assert batch.targets[1]["masks"].shape == (0, 30, 40)
+    back = pre.boxes_to_input(torch.tensor([[20.0, 15.0, 40.0, 30.0]]), (30, 40), (60, 20))
+    assert back.tolist() == [[10.0, 30.0, 20.0, 60.0]]
+
+
 # ---------------------------------------------------------------------------- default boxes and VGG
 @pytest.mark.parametrize("options", [
     {"aspect_ratios": [[2], [2, 3], [2, 3], [2, 3], [2], [2]], "scales": [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],

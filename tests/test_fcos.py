@@ -280,3 +280,12 @@ def test_labels_out_of_range_are_a_clear_error():
     target = {"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([4])}
     with pytest.raises(ValueError, match=r"1\.\.3"):
         model([torch.rand(3, 64, 64)] * 2, [target, target])
+
+
+def test_exported_fcos_gives_the_same_detections(tmp_path):
+    from segkit.export import check_export, export_model
+
+    model = MODELS.build(tiny_config(score_threshold=0.0, detections_per_image=20), path="model").eval()
+    image = torch.rand(3, 96, 160)  # P7 of 1x2: GroupNorm's 32 groups of the 32-channel FPN need 2 values
+    assert export_model(model, tmp_path / "fcos.pt", "torchscript", image)["outputs"] == ["boxes", "labels", "scores"]
+    assert check_export(tmp_path / "fcos.pt", model, [image, torch.rand(3, 96, 160)])["max_abs_diff"] <= 1e-4

@@ -39,6 +39,8 @@ REFERENCES: dict[str, Reference] = {
                                          "configs/faster_rcnn_r50_fpn_coco.yaml"),
     "maskrcnn_resnet50_fpn": Reference("Mask R-CNN R50-FPN", "torchvision.models.detection.maskrcnn_resnet50_fpn",
                                        "configs/mask_rcnn_r50_fpn_coco.yaml"),
+    "fcos_resnet50_fpn": Reference("FCOS R50-FPN", "torchvision.models.detection.fcos_resnet50_fpn",
+                                   "configs/fcos_r50_fpn_coco.yaml"),
     "fcn_resnet50": Reference("FCN R50-D8", "torchvision.models.segmentation.fcn_resnet50",
                               "configs/fcn_r50_d8_voc.yaml"),
 }
@@ -63,10 +65,14 @@ def reference_for(cfg: Mapping[str, Any]) -> str:
                 return "fasterrcnn_resnet50_fpn"
             if mask.get("type") == "MaskRCNNHead":
                 return "maskrcnn_resnet50_fpn"
+    if model.get("type") == "OneStageDetector" and resnet50 and undilated and neck.get("type") == "FPN" \
+            and (model.get("head") or {}).get("type") == "FCOSHead":
+        return "fcos_resnet50_fpn"
     if model.get("type") == "EncoderDecoder" and resnet50 and not neck \
             and (model.get("decode_head") or {}).get("type") == "FCNHead":
         return "fcn_resnet50"
-    described = {"TwoStageDetector": "a TwoStageDetector", "EncoderDecoder": "an EncoderDecoder"}
+    described = {"TwoStageDetector": "a TwoStageDetector", "EncoderDecoder": "an EncoderDecoder",
+                 "OneStageDetector": "a OneStageDetector"}
     what = described.get(str(model.get("type")), f"a {model.get('type')}")
     parts = f"{backbone.get('type')}-{backbone.get('depth')}" + (f" + {neck.get('type')}" if neck else "")
     choices = "; ".join(f"{r.title} ({name}, e.g. {r.example_config})" for name, r in REFERENCES.items())
@@ -115,7 +121,7 @@ def build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tu
         return _torchvision_fcn(cfg, ours)
     from segkit.weights import convert_weights
 
-    reference = _torchvision_detector(name, cfg, size)
+    reference = _torchvision_fcos(cfg, size) if name == "fcos_resnet50_fpn" else _torchvision_detector(name, cfg, size)
     state = convert_weights(reference.state_dict(), "torchvision").state_dict  # the registered converter's map
     _load_or_explain(ours, state, name, cfg)
     return reference
@@ -186,6 +192,48 @@ def _torchvision_detector(name: str, cfg: Mapping[str, Any], size: tuple[int, in
     mask = _settings(HEADS, m["roi_head"]["mask_head"])
     return MaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], mask["pooler_resolution"],
                                                                mask["pooler_sampling_ratio"]), **kwargs)
+
+
+def _torchvision_fcos(cfg: Mapping[str, Any], size: tuple[int, int] | None) -> nn.Module:
+    """torchvision's FCOS with the settings of segkit's config (sizes, points, test-time filters)."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from segkit.registry import BACKBONES, HEADS, MODELS, NECKS
+
+    m = cfg["model"]
+    det, bb = _settings(MODELS, m), _settings(BACKBONES, m["backbone"])
+    neck, head = _settings(NECKS, m["neck"]), _settings(HEADS, m["head"])
+    norms = {"FrozenBN": FrozenBatchNorm2d, "BN": nn.BatchNorm2d}
+    if bb["norm"] not in norms or head["norm"] != "GN" or head["size_ranges"] is not None:
+        raise UserError("--compare torchvision: fcos_resnet50_fpn has a FrozenBN or BN backbone, GroupNorm in the "
+                        "head and the default size ranges; set model.backbone.norm, model.head.norm: GN and "
+                        "model.head.size_ranges: null as configs/fcos_r50_fpn_coco.yaml does.")
+    frozen = int(bb["frozen_stages"])
+    channels = int(neck["out_channels"])
+    backbone = _resnet_fpn_extractor(
+        resnet50(norm_layer=norms[bb["norm"]]), trainable_layers=5 if frozen < 0 else max(0, 4 - frozen),
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(channels if neck["extra_from"] == "output" else 2048, channels))
+    min_size, max_size = det["min_size"], det["max_size"]
+    if min_size is None:  # segkit keeps the input size; torchvision always resizes, so resize to it
+        min_size, max_size = (min(size), max(size)) if size else (800, 1333)
+    elif max_size is None:
+        max_size = int(round(min_size * 1333 / 800))
+    num_classes = int(head["num_classes"]) + 1
+    sizes = head["level_sizes"] or [8, 16, 32, 64, 128]
+    return FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=list(det["pixel_mean"]),
+                image_std=list(det["pixel_std"]),
+                anchor_generator=AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes)),
+                head=TorchvisionFCOSHead(channels, 1, num_classes, int(head["num_convs"])),
+                center_sampling_radius=head["center_sampling_radius"], score_thresh=det["score_threshold"],
+                nms_thresh=det["nms_threshold"], detections_per_img=det["detections_per_image"],
+                topk_candidates=det["topk_candidates"])
 
 
 class TorchvisionSegmentor(nn.Module):

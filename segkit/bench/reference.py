@@ -41,6 +41,8 @@ REFERENCES: dict[str, Reference] = {
                                        "configs/mask_rcnn_r50_fpn_coco.yaml"),
     "retinanet_resnet50_fpn": Reference("RetinaNet R50-FPN", "torchvision.models.detection.retinanet_resnet50_fpn",
                                         "configs/retinanet_r50_fpn_coco.yaml"),
+    "fcos_resnet50_fpn": Reference("FCOS R50-FPN", "torchvision.models.detection.fcos_resnet50_fpn",
+                                   "configs/fcos_r50_fpn_coco.yaml"),
     "fcn_resnet50": Reference("FCN R50-D8", "torchvision.models.segmentation.fcn_resnet50",
                               "configs/fcn_r50_d8_voc.yaml"),
 }
@@ -67,8 +69,10 @@ def reference_for(cfg: Mapping[str, Any]) -> str:
                 return "maskrcnn_resnet50_fpn"
     head = model.get("head") or {}
     if model.get("type") == "OneStageDetector" and resnet50 and undilated and neck.get("type") == "FPN" \
-            and head.get("type") == "RetinaNetHead" and neck.get("extra_block") == "p6p7":
-        return "retinanet_resnet50_fpn"
+            and neck.get("extra_block") == "p6p7":
+        one_stage = {"RetinaNetHead": "retinanet_resnet50_fpn", "FCOSHead": "fcos_resnet50_fpn"}
+        if head.get("type") in one_stage:
+            return one_stage[head["type"]]
     if model.get("type") == "EncoderDecoder" and resnet50 and not neck \
             and (model.get("decode_head") or {}).get("type") == "FCNHead":
         return "fcn_resnet50"
@@ -122,7 +126,8 @@ def build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tu
         return _torchvision_fcn(cfg, ours)
     from segkit.weights import convert_weights
 
-    reference = (_torchvision_retinanet if name == "retinanet_resnet50_fpn" else _torchvision_detector)(name, cfg, size)
+    builders = {"retinanet_resnet50_fpn": _torchvision_retinanet, "fcos_resnet50_fpn": _torchvision_fcos}
+    reference = builders.get(name, _torchvision_detector)(name, cfg, size)
     state = convert_weights(reference.state_dict(), "torchvision").state_dict  # the registered converter's map
     _load_or_explain(ours, state, name, cfg)
     return reference
@@ -242,7 +247,34 @@ def _torchvision_retinanet(name: str, cfg: Mapping[str, Any], size: tuple[int, i
                      head=tv_head, score_thresh=det["score_threshold"], nms_thresh=det["nms_threshold"],
                      detections_per_img=det["detections_per_image"], fg_iou_thresh=head["fg_iou_threshold"],
                      bg_iou_thresh=head["bg_iou_threshold"], topk_candidates=det["topk_candidates"])
+def _torchvision_fcos(name: str, cfg: Mapping[str, Any], size: tuple[int, int] | None) -> nn.Module:
+    """torchvision's FCOS with the settings of segkit's config (sizes, points, test-time filters)."""
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+    from segkit.registry import HEADS, MODELS, NECKS
+
+    m = cfg["model"]
+    det, neck, head = _settings(MODELS, m), _settings(NECKS, m["neck"]), _settings(HEADS, m["head"])
+    if head["norm"] != "GN" or head["size_ranges"] is not None:
+        raise UserError("--compare torchvision: fcos_resnet50_fpn has GroupNorm in the head and the default size "
+                        "ranges; set model.head.norm: GN and model.head.size_ranges: null as "
+                        f"{REFERENCES[name].example_config} does.")
+    channels = int(neck["out_channels"])
+    backbone = _resnet_with_fpn(cfg, LastLevelP6P7(channels if neck["extra_from"] == "output" else 2048, channels),
+                                returned_layers=[2, 3, 4])
+    min_size, max_size = _resize_sizes(det, size)
+    num_classes = int(head["num_classes"]) + 1
+    sizes = head["level_sizes"] or [8, 16, 32, 64, 128]
+    return FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=list(det["pixel_mean"]),
+                image_std=list(det["pixel_std"]),
+                anchor_generator=AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes)),
+                head=TorchvisionFCOSHead(channels, 1, num_classes, int(head["num_convs"])),
+                center_sampling_radius=head["center_sampling_radius"], score_thresh=det["score_threshold"],
+                nms_thresh=det["nms_threshold"], detections_per_img=det["detections_per_image"],
+                topk_candidates=det["topk_candidates"])
 
 class TorchvisionSegmentor(nn.Module):
     """torchvision's FCN behind segkit's segmentor interface, so both run the same calls.

@@ -161,6 +161,32 @@ def test_fcn_reference_gets_torchvision_architecture_and_weights():
     assert set(losses) == {"loss_seg", "loss_aux"} and all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.parametrize("overrides", [[], ["model.head.norm=GN", "model.head.box_loss=giou",
+                                            "model.neck.extra_from=input"]], ids=["v1", "v2"])
+def test_retinanet_reference_has_segkit_weights_and_detects_alike(overrides):
+    import copy
+
+    from segkit.bench import build_reference, match_reference
+
+    torch.set_num_threads(1)  # restored by the fixture
+    cfg = copy.deepcopy(segkit.load_config(CONFIGS / "retinanet_r50_fpn_coco.yaml",
+                                           ["model.min_size=96", "model.max_size=128", *overrides]))
+    match_reference("retinanet_resnet50_fpn", cfg)
+    ours = segkit.build_model(cfg).eval()
+    reference = build_reference("retinanet_resnet50_fpn", cfg, ours, (96, 128), seed=0).eval()
+    with torch.no_grad():  # class biases spread (the threshold chooses); the background logit scores nothing
+        bias = reference.head.classification_head.cls_logits.bias.view(9, 81)
+        bias.uniform_(-4.0, 0.0)
+        bias[:, 0] = -40.0
+    ours.load_state_dict(segkit.weights.convert_weights(reference.state_dict(), "torchvision").state_dict)
+    images = [torch.rand(3, 96, 128)]
+    with torch.no_grad():
+        theirs, mine = reference(images)[0], ours(images)[0]
+    assert len(mine["boxes"]) > 0
+    torch.testing.assert_close(mine["boxes"], theirs["boxes"], rtol=0, atol=1e-3)
+    assert torch.equal(mine["labels"], theirs["labels"])
+
+
 def test_compare_without_torchvision_equivalent_exits_2_listing_comparable_configs(
         tiny_config: Path, capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit) as info:

@@ -40,7 +40,7 @@ def test_config_loads_and_model_builds(path: Path):
 # 28x28-output FC layer: more parameters, on the same small backbone.
 @pytest.mark.parametrize("name,limit", [("quickstart.yaml", 5e6), ("quickstart_mask.yaml", 5e6),
                                         ("quickstart_panet.yaml", 10e6), ("quickstart_seg.yaml", 2e6),
-                                        ("quickstart_retinanet.yaml", 5e6)])
+                                        ("quickstart_retinanet.yaml", 5e6), ("quickstart_fcos.yaml", 5e6)])
 def test_quickstart_is_cpu_sized(name, limit):
     cfg = segkit.load_config(CONFIGS[0].parent / name)
     params = sum(p.numel() for p in segkit.build_model(cfg).parameters())
@@ -89,6 +89,27 @@ def test_retinanet_coco_config_matches_torchvision_retinanet_resnet50_fpn():
     assert (cfg["model"]["min_size"], cfg["model"]["max_size"]) == (800, 1333)
     assert cfg["trainer"]["max_epochs"] == 12 and cfg["scheduler"]["milestones"] == [8, 11]
     assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 16 and cfg["optimizer"]["lr"] == 0.01
+
+
+def test_fcos_coco_config_matches_torchvision_fcos_resnet50_fpn():
+    """torchvision's architecture (every parameter shape agrees after conversion) and test-time settings."""
+    import torchvision
+
+    from segkit_plugins.heads.fcos_weights import convert_torchvision_fcos
+
+    cfg = segkit.load_config(CONFIGS[0].parent / "fcos_r50_fpn_coco.yaml",
+                             ["model.backbone.pretrained=null", "model.head.num_classes=90"])
+    with torch.device("meta"):
+        reference = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                   trainable_backbone_layers=3)
+        model = segkit.build_model(cfg)
+    state, converted = convert_torchvision_fcos(reference.state_dict())
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()
+                                                                         if not k.endswith("num_batches_tracked")}
+    settings = ("min_size", "max_size", "score_threshold", "topk_candidates", "nms_threshold", "detections_per_image")
+    assert {k: cfg["model"][k] for k in settings} == {k: converted["model"][k] for k in settings}
+    assert cfg["trainer"]["max_epochs"] == 12 and cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 16
+    assert cfg["optimizer"]["lr"] == 0.01
 
 
 def test_panet_ablations_switch_exactly_one_part_on_over_mask_rcnn():

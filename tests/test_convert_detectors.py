@@ -234,15 +234,15 @@ def test_a_state_dict_that_is_neither_backbone_nor_detector_exits_2(tmp_path: Pa
     assert not (tmp_path / "o.pth").exists()
 
 
-def test_an_unsupported_torchvision_detector_exits_2_naming_what_was_found(tmp_path: Path, capsys):
-    src = tmp_path / "fcos.pth"  # the key groups of torchvision's fcos_resnet50_fpn
+def test_an_incomplete_torchvision_detector_exits_2_naming_what_is_missing(tmp_path: Path, capsys):
+    src = tmp_path / "fcos.pth"  # the key groups of torchvision's fcos_resnet50_fpn, without P6/P7
     torch.save({"backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7),
                 "backbone.fpn.inner_blocks.0.0.weight": torch.zeros(256, 512, 1, 1),
                 "head.classification_head.cls_logits.weight": torch.zeros(91, 256, 3, 3),
                 "head.regression_head.bbox_ctrness.weight": torch.zeros(1, 256, 3, 3)}, src)
     code, err = _run_cli(["convert", "--from", "torchvision", str(src), str(tmp_path / "o.pth")], capsys)
-    assert code == 2 and "head.regression_head.bbox_ctrness.weight" in err
-    assert "retinanet_resnet50_fpn" in err and not (tmp_path / "o.pth").exists()
+    assert code == 2 and "backbone.fpn.extra_blocks.p6." in err
+    assert "fcos_resnet50_fpn" in err and not (tmp_path / "o.pth").exists()
 
 
 def test_a_detector_without_its_heads_exits_2_naming_what_was_found(tmp_path: Path, capsys):

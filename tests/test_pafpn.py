@@ -207,3 +207,20 @@ def test_non_consecutive_levels_need_bottom_up_off():
     with pytest.raises(ValueError, match="bottom_up"):
         PAFPN(in_shapes=SHAPES, in_features=("c3", "c5"))
     assert list(PAFPN(in_shapes=SHAPES, in_features=("c3", "c5"), bottom_up=False).output_shape()) == ["p3", "p5", "p6"]
+
+
+@pytest.mark.parametrize("extra_from", ["output", "input"])
+def test_p6p7_come_from_n5_or_c5_through_two_stride_2_convs(extra_from):
+    neck, features = _neck(in_features=("c3", "c4", "c5"), extra_block="p6p7", extra_from=extra_from), _features()
+    with torch.no_grad():
+        outputs = neck(features)
+        source = features["c5"] if extra_from == "input" else outputs["p5"]
+        first, second = neck.extra_convs
+        p6 = F.conv2d(source, first.weight, first.bias, stride=2, padding=1)
+        p7 = F.conv2d(F.relu(p6), second.weight, second.bias, stride=2, padding=1)
+    assert list(outputs) == list(neck.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
+    torch.testing.assert_close(outputs["p6"], p6, rtol=0, atol=1e-12)
+    torch.testing.assert_close(outputs["p7"], p7, rtol=0, atol=1e-12)
+    # The augmented N5 differs from the top-down P5, so P6 is not the FPN's.
+    fpn_p6 = FPN.forward(neck, features)["p6"]
+    assert (extra_from == "input") == torch.allclose(outputs["p6"], fpn_p6)

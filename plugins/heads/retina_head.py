@@ -16,7 +16,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from segkit.ops import AnchorGenerator, BoxCoder, Matcher, ShapeSpec, octave_anchor_sizes, shared_channels
 from segkit.ops.conv import conv_norm_act
-from segkit.ops.losses import sigmoid_focal_loss, smooth_l1_loss
+from segkit.ops.losses import sigmoid_focal_loss_by_label, smooth_l1_loss
 from segkit.registry import HEADS
 
 __all__ = ["RetinaNetHead"]
@@ -179,10 +179,8 @@ class RetinaNetHead(nn.Module):
         labels, matched_boxes = self._match(anchors, targets)
         image_idx, anchor_idx = torch.nonzero(labels > 0, as_tuple=True)
         num_foreground = torch.bincount(image_idx, minlength=len(targets)).clamp(min=1).to(torch.float32)
-        cls_targets = torch.zeros_like(logits)
-        cls_targets[image_idx, anchor_idx, labels[image_idx, anchor_idx] - 1] = 1.0
-        focal = sigmoid_focal_loss(logits, cls_targets, alpha=self.focal_alpha, gamma=self.focal_gamma).sum(2)
-        focal = torch.where(labels >= 0, focal, torch.zeros_like(focal))  # anchors between the thresholds: ignored
+        # Per anchor, over every class; anchors between the thresholds (label -1) are ignored.
+        focal = sigmoid_focal_loss_by_label(logits, labels, alpha=self.focal_alpha, gamma=self.focal_gamma)
         loss_cls = (focal.sum(1) / num_foreground).mean()
         box = self._box_losses(deltas[image_idx, anchor_idx], matched_boxes[image_idx, anchor_idx], anchors[anchor_idx])
         per_image = box.new_zeros(len(targets)).index_add(0, image_idx, box)

@@ -38,6 +38,7 @@ from segkit_plugins.heads.rcnn_weights import detector_class_names
 __all__ = ["is_torchvision_retinanet", "convert_torchvision_retinanet", "TorchvisionRetinaNet"]
 
 _HEAD = "head.classification_head."
+_FCOS_CENTERNESS = "head.regression_head.bbox_ctrness."
 _REQUIRED = ("backbone.body.", "backbone.fpn.inner_blocks.", "backbone.fpn.extra_blocks.p6.",
              "head.classification_head.cls_logits.", "head.regression_head.bbox_reg.")
 _SUPPORTED = ("segkit converts torchvision's RetinaNet with a ResNet-FPN backbone "
@@ -50,9 +51,11 @@ _PREDICTOR = re.compile(r"^head\.(?:classification_head\.cls_logits|regression_h
 
 def is_torchvision_retinanet(state_dict: Mapping[str, Tensor]) -> bool:
     """Whether the keys are those of a torchvision one-stage detector on a ResNet-FPN (``backbone.body.*``
-    and ``head.classification_head.*``)."""
+    and ``head.classification_head.*``) other than FCOS (whose centre-ness predictor
+    ``fcos_weights`` converts)."""
     return (any(key.startswith(DETECTOR_PREFIXES) for key in state_dict)
-            and any(key.startswith(_HEAD) for key in state_dict))
+            and any(key.startswith(_HEAD) for key in state_dict)
+            and not any(key.startswith(_FCOS_CENTERNESS) for key in state_dict))
 
 
 def convert_torchvision_retinanet(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:

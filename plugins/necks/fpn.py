@@ -104,15 +104,24 @@ class FPN(nn.Module):
             Ordered ``{"p2": Tensor[N, out_channels, H_2, W_2], ...}``, finest first.
         """
         inputs = [features[f] for f in self.in_features]
+        return OrderedDict(zip(self._shapes, self.add_extra_levels(self.top_down(inputs), inputs)))
+
+    def top_down(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """The top-down pyramid over the ``in_features`` maps (finest first), without the extra levels."""
         top = self.lateral_convs[-1](inputs[-1])
         results = [self.output_convs[-1](top)]
         for i in range(len(inputs) - 2, -1, -1):
             lateral = self.lateral_convs[i](inputs[i])
             top = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
             results.insert(0, self.output_convs[i](top))
+        return results
+
+    def add_extra_levels(self, results: list[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+        """``results`` followed by the ``extra_block`` levels, computed from the coarsest of ``results``
+        (or of ``inputs`` with ``extra_from="input"``)."""
         if self.extra_block == "maxpool":
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         elif self.extra_block == "p6p7":
             p6 = self.extra_convs[0](inputs[-1] if self.extra_from == "input" else results[-1])
             results += [p6, self.extra_convs[1](F.relu(p6))]
-        return OrderedDict(zip(self._shapes, results))
+        return results

@@ -10,7 +10,8 @@ level to the coarsest::
 ``downsample_conv_i`` is a 3x3 stride-2 conv and ``bottom_up_conv_i`` a 3x3 conv, both
 ``out_channels`` wide and followed by the configured norm. The outputs keep FPN's names: ``p<k>``
 carries ``N_k``, so heads reading ``p2``..``p5`` use the augmented maps unchanged, and the extra
-level (``p6``) is ``N_5`` subsampled by a max-pool with kernel 1, stride 2.
+level (``p6``) is ``N_5`` subsampled by a max-pool with kernel 1, stride 2, or, with
+``extra_block="p6p7"`` (RetinaNet, FCOS), ``p6``/``p7`` come from ``N_5`` (or ``C_5``) by two stride-2 convs.
 
 Two published wirings differ in what travels upward (``bottom_up_input``):
 
@@ -59,7 +60,10 @@ class PAFPN(FPN):
         in_features: names of the backbone maps to use, finest first; with ``bottom_up`` each
             stride must be twice the previous one.
         out_channels: channels of every conv and output map.
-        extra_block: ``"maxpool"`` to add the subsampled extra level, or ``None``.
+        extra_block: ``"maxpool"`` to add the subsampled extra level, ``"p6p7"`` for RetinaNet's two conv
+            levels (as :class:`FPN`, but from the coarsest augmented map ``N``), or ``None``.
+        extra_from: what the first ``p6p7`` conv reads: ``"output"`` (the coarsest ``N``) or ``"input"``
+            (the coarsest backbone map).
         norm: ``None``, ``"BN"``, ``"SyncBN"`` or ``"GN"`` after every conv of both paths
             (convs have a bias only without a norm).
         bottom_up: add the bottom-up path; ``False`` gives plain FPN outputs (for ablations).
@@ -83,6 +87,7 @@ class PAFPN(FPN):
         in_features: Sequence[str] = ("c2", "c3", "c4", "c5"),
         out_channels: int = 256,
         extra_block: str | None = "maxpool",
+        extra_from: str = "output",
         norm: str | None = None,
         bottom_up: bool = True,
         bottom_up_input: str = "output",
@@ -92,7 +97,7 @@ class PAFPN(FPN):
             raise ValueError(f"PAFPN bottom_up_input must be one of {_BOTTOM_UP_INPUTS}, got {bottom_up_input!r}")
         super().__init__(
             in_shapes=in_shapes, in_features=in_features, out_channels=out_channels,
-            extra_block=extra_block, norm=norm,
+            extra_block=extra_block, extra_from=extra_from, norm=norm,
         )
         self.bottom_up = bool(bottom_up)
         self.bottom_up_input = bottom_up_input
@@ -122,16 +127,14 @@ class PAFPN(FPN):
             Ordered ``{"p2": N_2, ..., "p5": N_5[, "p6"]}``, each Tensor[N, out_channels, H_k, W_k],
             finest first (the FPN's own outputs when ``bottom_up`` is off).
         """
-        pyramid = super().forward(features)
+        inputs = [features[f] for f in self.in_features]
+        top_down = self.top_down(inputs)
         if not self.bottom_up:
-            return pyramid
-        top_down = list(pyramid.values())[: len(self.in_features)]
+            return OrderedDict(zip(self._shapes, self.add_extra_levels(top_down, inputs)))
         outputs = [top_down[0]]
         upward = top_down[0]
         for i, lateral in enumerate(top_down[1:]):
             merged = F.relu(self.downsample_convs[i](upward)) + lateral
             outputs.append(F.relu(self.bottom_up_convs[i](merged)))
             upward = outputs[-1] if self.bottom_up_input == "output" else merged
-        if self.extra_block == "maxpool":
-            outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2, padding=0))
-        return OrderedDict(zip(self._shapes, outputs))
+        return OrderedDict(zip(self._shapes, self.add_extra_levels(outputs, inputs)))

@@ -39,6 +39,10 @@ REFERENCES: dict[str, Reference] = {
                                          "configs/faster_rcnn_r50_fpn_coco.yaml"),
     "maskrcnn_resnet50_fpn": Reference("Mask R-CNN R50-FPN", "torchvision.models.detection.maskrcnn_resnet50_fpn",
                                        "configs/mask_rcnn_r50_fpn_coco.yaml"),
+    "retinanet_resnet50_fpn": Reference("RetinaNet R50-FPN", "torchvision.models.detection.retinanet_resnet50_fpn",
+                                        "configs/retinanet_r50_fpn_coco.yaml"),
+    "fcos_resnet50_fpn": Reference("FCOS R50-FPN", "torchvision.models.detection.fcos_resnet50_fpn",
+                                   "configs/fcos_r50_fpn_coco.yaml"),
     "fcn_resnet50": Reference("FCN R50-D8", "torchvision.models.segmentation.fcn_resnet50",
                               "configs/fcn_r50_d8_voc.yaml"),
     "ssd300_vgg16": Reference("SSD300 VGG-16", "torchvision.models.detection.ssd300_vgg16",
@@ -65,13 +69,20 @@ def reference_for(cfg: Mapping[str, Any]) -> str:
                 return "fasterrcnn_resnet50_fpn"
             if mask.get("type") == "MaskRCNNHead":
                 return "maskrcnn_resnet50_fpn"
+    head = model.get("head") or {}
+    if model.get("type") == "OneStageDetector" and resnet50 and undilated and neck.get("type") == "FPN" \
+            and neck.get("extra_block") == "p6p7":
+        one_stage = {"RetinaNetHead": "retinanet_resnet50_fpn", "FCOSHead": "fcos_resnet50_fpn"}
+        if head.get("type") in one_stage:
+            return one_stage[head["type"]]
     if model.get("type") == "EncoderDecoder" and resnet50 and not neck \
             and (model.get("decode_head") or {}).get("type") == "FCNHead":
         return "fcn_resnet50"
     if model.get("type") == "OneStageDetector" and backbone.get("type") == "VGG" and backbone.get("depth", 16) == 16 \
-            and neck.get("type") == "SSDExtraLayers" and (model.get("head") or {}).get("type") == "SSDHead":
+            and neck.get("type") == "SSDExtraLayers" and head.get("type") == "SSDHead":
         return "ssd300_vgg16"
-    described = {"TwoStageDetector": "a TwoStageDetector", "EncoderDecoder": "an EncoderDecoder"}
+    described = {"TwoStageDetector": "a TwoStageDetector", "EncoderDecoder": "an EncoderDecoder",
+                 "OneStageDetector": "a OneStageDetector"}
     what = described.get(str(model.get("type")), f"a {model.get('type')}")
     parts = f"{backbone.get('type')}-{backbone.get('depth')}" + (f" + {neck.get('type')}" if neck else "")
     choices = "; ".join(f"{r.title} ({name}, e.g. {r.example_config})" for name, r in REFERENCES.items())
@@ -120,7 +131,9 @@ def build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tu
         return _torchvision_fcn(cfg, ours)
     from segkit.weights import convert_weights
 
-    reference = _torchvision_ssd(cfg) if name == "ssd300_vgg16" else _torchvision_detector(name, cfg, size)
+    builders = {"retinanet_resnet50_fpn": _torchvision_retinanet, "fcos_resnet50_fpn": _torchvision_fcos,
+                "ssd300_vgg16": _torchvision_ssd}
+    reference = builders.get(name, _torchvision_detector)(name, cfg, size)
     state = convert_weights(reference.state_dict(), "torchvision").state_dict  # the registered converter's map
     _load_or_explain(ours, state, name, cfg)
     return reference
@@ -143,7 +156,7 @@ def _settings(registry: Any, section: Mapping[str, Any]) -> dict[str, Any]:
             **{k: v for k, v in section.items() if k != "type"}}
 
 
-def _torchvision_ssd(cfg: Mapping[str, Any]) -> nn.Module:
+def _torchvision_ssd(name: str, cfg: Mapping[str, Any], size: tuple[int, int] | None) -> nn.Module:
     """torchvision's ssd300_vgg16 with the classes and test-time settings of segkit's config (it always
     resizes to 300x300, as the SSD configs do)."""
     from torchvision.models.detection import ssd300_vgg16
@@ -159,30 +172,17 @@ def _torchvision_ssd(cfg: Mapping[str, Any]) -> nn.Module:
 
 def _torchvision_detector(name: str, cfg: Mapping[str, Any], size: tuple[int, int] | None) -> nn.Module:
     """torchvision's Faster / Mask R-CNN with the settings of segkit's config (sizes, RPN, RoI heads)."""
-    from torchvision.models import resnet50
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import MultiScaleRoIAlign
-    from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from segkit.registry import BACKBONES, HEADS, MODELS
+    from segkit.registry import HEADS, MODELS
 
     m = cfg["model"]
-    det, bb = _settings(MODELS, m), _settings(BACKBONES, m["backbone"])
+    det = _settings(MODELS, m)
     rpn, roi = _settings(HEADS, m["rpn_head"]), _settings(HEADS, m["roi_head"])
-    norms = {"FrozenBN": FrozenBatchNorm2d, "BN": nn.BatchNorm2d}
-    if bb["norm"] not in norms:
-        raise UserError(f"--compare torchvision: model.backbone.norm '{bb['norm']}' has no torchvision equivalent "
-                        f"(FrozenBN or BN).")
-    frozen = int(bb["frozen_stages"])
-    backbone = _resnet_fpn_extractor(resnet50(norm_layer=norms[bb["norm"]]),
-                                     trainable_layers=5 if frozen < 0 else max(0, 4 - frozen))
-    min_size, max_size = det["min_size"], det["max_size"]
-    if min_size is None:  # segkit keeps the input size; torchvision always resizes, so resize to it
-        min_size, max_size = (min(size), max(size)) if size else (800, 1333)
-    elif max_size is None:
-        max_size = int(round(min_size * 1333 / 800))
+    backbone = _resnet_with_fpn(cfg)
+    min_size, max_size = _resize_sizes(det, size)
     levels = len(rpn["anchor_sizes"])
     kwargs: dict[str, Any] = dict(
         num_classes=int(roi["num_classes"]) + 1, min_size=min_size, max_size=max_size,
@@ -206,6 +206,95 @@ def _torchvision_detector(name: str, cfg: Mapping[str, Any], size: tuple[int, in
     return MaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], mask["pooler_resolution"],
                                                                mask["pooler_sampling_ratio"]), **kwargs)
 
+
+def _resnet_with_fpn(cfg: Mapping[str, Any], extra_blocks: nn.Module | None = None,
+                     returned_layers: Sequence[int] | None = None) -> nn.Module:
+    """torchvision's ResNet-50 + FPN with the norm and frozen stages of segkit's config."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from segkit.registry import BACKBONES
+
+    bb = _settings(BACKBONES, cfg["model"]["backbone"])
+    norms = {"FrozenBN": FrozenBatchNorm2d, "BN": nn.BatchNorm2d}
+    if bb["norm"] not in norms:
+        raise UserError(f"--compare torchvision: model.backbone.norm '{bb['norm']}' has no torchvision equivalent "
+                        f"(FrozenBN or BN).")
+    frozen = int(bb["frozen_stages"])
+    return _resnet_fpn_extractor(resnet50(norm_layer=norms[bb["norm"]]),
+                                 trainable_layers=5 if frozen < 0 else max(0, 4 - frozen),
+                                 returned_layers=returned_layers, extra_blocks=extra_blocks)
+
+
+def _resize_sizes(det: Mapping[str, Any], size: tuple[int, int] | None) -> tuple[int, int]:
+    """torchvision's ``min_size`` / ``max_size`` for segkit's: torchvision always resizes, so a model that keeps
+    the input size resizes to the benchmark's size."""
+    min_size, max_size = det["min_size"], det["max_size"]
+    if min_size is None:
+        return (min(size), max(size)) if size else (800, 1333)
+    return min_size, (int(round(min_size * 1333 / 800)) if max_size is None else max_size)
+
+
+def _torchvision_retinanet(name: str, cfg: Mapping[str, Any], size: tuple[int, int] | None) -> nn.Module:
+    """torchvision's RetinaNet with the settings of segkit's config: v1, or the ``_v2`` layout (GroupNorm towers,
+    P6 from C5, GIoU box loss) where the config has it."""
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import RetinaNetHead
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    from segkit.registry import HEADS, MODELS, NECKS
+
+    m = cfg["model"]
+    det, neck, head = _settings(MODELS, m), _settings(NECKS, m["neck"]), _settings(HEADS, m["head"])
+    if head["norm"] not in (None, "GN") or head["box_loss"] not in ("l1", "giou") or neck["norm"] is not None:
+        raise UserError("--compare torchvision: torchvision's RetinaNet has towers without a norm or with GroupNorm, "
+                        "an l1 or giou box loss and an FPN without a norm; compare a config like "
+                        f"{REFERENCES[name].example_config}.")
+    channels = int(neck["out_channels"])
+    backbone = _resnet_with_fpn(cfg, LastLevelP6P7(2048 if neck["extra_from"] == "input" else channels, channels),
+                                returned_layers=[2, 3, 4])
+    anchors = AnchorGenerator(tuple(tuple(int(s) for s in sizes) for sizes in head["anchor_sizes"]),
+                              (tuple(head["aspect_ratios"]),) * len(head["anchor_sizes"]))
+    num_classes = int(head["num_classes"]) + 1  # torchvision keeps a (never used) background logit
+    norm = (lambda c: nn.GroupNorm(32, c)) if head["norm"] == "GN" else None
+    tv_head = RetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
+    tv_head.regression_head._loss_type = head["box_loss"]
+    min_size, max_size = _resize_sizes(det, size)
+    return RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size,
+                     image_mean=list(det["pixel_mean"]), image_std=list(det["pixel_std"]), anchor_generator=anchors,
+                     head=tv_head, score_thresh=det["score_threshold"], nms_thresh=det["nms_threshold"],
+                     detections_per_img=det["detections_per_image"], fg_iou_thresh=head["fg_iou_threshold"],
+                     bg_iou_thresh=head["bg_iou_threshold"], topk_candidates=det["topk_candidates"])
+def _torchvision_fcos(name: str, cfg: Mapping[str, Any], size: tuple[int, int] | None) -> nn.Module:
+    """torchvision's FCOS with the settings of segkit's config (sizes, points, test-time filters)."""
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    from segkit.registry import HEADS, MODELS, NECKS
+
+    m = cfg["model"]
+    det, neck, head = _settings(MODELS, m), _settings(NECKS, m["neck"]), _settings(HEADS, m["head"])
+    if head["norm"] != "GN" or head["size_ranges"] is not None:
+        raise UserError("--compare torchvision: fcos_resnet50_fpn has GroupNorm in the head and the default size "
+                        "ranges; set model.head.norm: GN and model.head.size_ranges: null as "
+                        f"{REFERENCES[name].example_config} does.")
+    channels = int(neck["out_channels"])
+    backbone = _resnet_with_fpn(cfg, LastLevelP6P7(channels if neck["extra_from"] == "output" else 2048, channels),
+                                returned_layers=[2, 3, 4])
+    min_size, max_size = _resize_sizes(det, size)
+    num_classes = int(head["num_classes"]) + 1
+    sizes = head["level_sizes"] or [8, 16, 32, 64, 128]
+    return FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=list(det["pixel_mean"]),
+                image_std=list(det["pixel_std"]),
+                anchor_generator=AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes)),
+                head=TorchvisionFCOSHead(channels, 1, num_classes, int(head["num_convs"])),
+                center_sampling_radius=head["center_sampling_radius"], score_thresh=det["score_threshold"],
+                nms_thresh=det["nms_threshold"], detections_per_img=det["detections_per_image"],
+                topk_candidates=det["topk_candidates"])
 
 class TorchvisionSegmentor(nn.Module):
     """torchvision's FCN behind segkit's segmentor interface, so both run the same calls.

@@ -3,7 +3,7 @@
 from segkit.ops.anchors import AnchorGenerator, cell_anchors, octave_anchor_sizes
 from segkit.ops.box_coder import BoxCoder
 from segkit.ops.default_boxes import DefaultBoxGenerator, ssd_scales
-from segkit.ops.losses import sigmoid_focal_loss, smooth_l1_loss
+from segkit.ops.losses import sigmoid_focal_loss, sigmoid_focal_loss_by_label, smooth_l1_loss
 from segkit.ops.matcher import Matcher
 from segkit.ops.conv import conv_norm_act
 from segkit.ops.norm import NORMS, check_norm, make_norm
@@ -29,6 +29,7 @@ __all__ = [
     "conv_norm_act",
     "make_norm",
     "sigmoid_focal_loss",
+    "sigmoid_focal_loss_by_label",
     "smooth_l1_loss",
     "ssd_scales",
 ]

@@ -27,7 +27,7 @@ SMALL = ["model.backbone.depth=18", "model.backbone.base_channels=16", "model.ba
 def test_every_one_stage_detector_has_a_pafpn_config():
     one_stage = {segkit.load_config(CONFIGS / name)["model"]["head"]["type"] for name in PAFPN_CONFIGS
                  if segkit.load_config(CONFIGS / name)["model"]["type"] == "OneStageDetector"}
-    assert {"RetinaNetHead", "FCOSHead"} <= one_stage
+    assert {"RetinaNetHead", "FCOSHead", "SSDHead"} <= one_stage
 
 
 @pytest.mark.parametrize("name", PAFPN_CONFIGS)

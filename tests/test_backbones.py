@@ -238,11 +238,11 @@ def test_convert_with_a_missing_input_exits_2(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_convert_of_a_non_resnet_state_dict_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    src = tmp_path / "vgg.pth"
-    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, src)
+    src = tmp_path / "vit.pth"
+    torch.save({"conv_proj.weight": torch.zeros(8, 3, 16, 16)}, src)
     code, err = _run_cli(["convert", "--from", "torchvision", str(src), str(tmp_path / "o.pth")], capsys)
     message = " ".join(err.split())
-    assert code == 2 and "no torchvision converter recognises this state dict (first keys: features.0.weight)" in message
+    assert code == 2 and "no torchvision converter recognises this state dict (first keys: conv_proj.weight)" in message
     assert "TorchvisionResNet: torchvision resnet*/resnext* backbones" in message
 
 

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
-from segkit.ops import AnchorGenerator, ShapeSpec, make_norm, shared_channels
+from segkit.ops import AnchorGenerator, ShapeSpec, shared_channels
+from segkit.ops.conv import dense_head_tower
+from segkit.ops.labels import check_labels, check_num_classes
 from segkit.ops.losses import sigmoid_focal_loss_by_label
-from segkit.ops.norm import check_norm
 from segkit.registry import HEADS
 
 __all__ = ["FCOSHead", "encode_distances", "decode_distances", "centerness_targets"]
@@ -122,18 +123,13 @@ class FCOSHead(nn.Module):
         focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes is the number of foreground classes and must be >= 1, got {num_classes}")
         if not 0.0 < prior_probability < 1.0:
             raise ValueError(f"prior_probability is a probability in (0, 1), got {prior_probability}")
         if not center_sampling_radius > 0:
             raise ValueError(f"FCOSHead center_sampling_radius must be > 0 (in units of the level size), "
                              f"got {center_sampling_radius}")
-        if num_convs < 0:
-            raise ValueError(f"FCOSHead num_convs must be >= 0, got {num_convs}")
-        check_norm(norm, owner="FCOSHead")
         channels = shared_channels(in_shapes, in_features, owner="the FCOS head")
-        self.num_classes = int(num_classes)
+        self.num_classes = check_num_classes(num_classes)
         self.in_features = tuple(in_features)
         sizes = [float(in_shapes[f].stride) for f in self.in_features] if level_sizes is None else list(level_sizes)
         if len(sizes) != len(self.in_features) or any(not s > 0 for s in sizes):
@@ -145,9 +141,9 @@ class FCOSHead(nn.Module):
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
 
-        self.cls_convs = _tower(channels, num_convs, norm)
+        self.cls_convs = dense_head_tower(channels, num_convs, norm=norm, bias=True, owner="FCOSHead")
         self.cls_logits = nn.Conv2d(channels, self.num_classes, 3, padding=1)
-        self.bbox_convs = _tower(channels, num_convs, norm)
+        self.bbox_convs = dense_head_tower(channels, num_convs, norm=norm, bias=True, owner="FCOSHead")
         self.bbox_pred = nn.Conv2d(channels, 4, 3, padding=1)
         self.centerness = nn.Conv2d(channels, 1, 3, padding=1)
         for conv in (self.cls_logits, self.bbox_pred, self.centerness):
@@ -241,10 +237,7 @@ class FCOSHead(nn.Module):
         labels, boxes = [], []
         for target in targets:
             gt = target["boxes"].to(centres.dtype)
-            classes = target["labels"].to(torch.int64)
-            if classes.numel() and (classes.min() < 1 or classes.max() > self.num_classes):
-                raise ValueError(f"target labels must be in 1..{self.num_classes} (num_classes={self.num_classes} "
-                                 f"foreground classes), got values from {int(classes.min())} to {int(classes.max())}")
+            classes = check_labels(target["labels"], self.num_classes)
             if not len(gt):
                 labels.append(torch.zeros(len(centres), dtype=torch.int64, device=centres.device))
                 boxes.append(centres.new_zeros(len(centres), 4))
@@ -277,15 +270,3 @@ def _size_ranges(sizes: Sequence[float], ranges: Sequence[Sequence[float]] | Non
                          f"in_features ({len(sizes)}), e.g. [[0, 64], [64, 128], ..., [512, .inf]]; got {ranges}")
     return ranges  # type: ignore[return-value]
 
-
-def _tower(channels: int, num_convs: int, norm: str | None) -> nn.Sequential:
-    """``num_convs`` blocks of 3x3 conv (with bias, as torchvision's FCOS) + norm + ReLU, convs drawn from
-    N(0, 0.01) with zero bias."""
-    blocks = []
-    for _ in range(num_convs):
-        conv = nn.Conv2d(channels, channels, 3, padding=1)
-        nn.init.normal_(conv.weight, std=0.01)
-        nn.init.zeros_(conv.bias)
-        layers: list[nn.Module] = [conv] + ([make_norm(norm, channels)] if norm is not None else [])
-        blocks.append(nn.Sequential(*layers, nn.ReLU(inplace=True)))
-    return nn.Sequential(*blocks)

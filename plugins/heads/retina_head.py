@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from segkit.ops import AnchorGenerator, BoxCoder, Matcher, ShapeSpec, octave_anchor_sizes, shared_channels
-from segkit.ops.conv import conv_norm_act
+from segkit.ops.conv import dense_head_tower
+from segkit.ops.labels import check_labels, check_num_classes
 from segkit.ops.losses import sigmoid_focal_loss_by_label, smooth_l1_loss
 from segkit.registry import HEADS
 
@@ -86,8 +87,6 @@ class RetinaNetHead(nn.Module):
         box_coder_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes is the number of foreground classes and must be >= 1, got {num_classes}")
         if box_loss not in _BOX_LOSSES:
             raise ValueError(f"RetinaNetHead box_loss must be one of {', '.join(_BOX_LOSSES)}, got {box_loss!r}")
         if not 0.0 < prior_probability < 1.0:
@@ -98,13 +97,13 @@ class RetinaNetHead(nn.Module):
         if len({len(s) if isinstance(s, (list, tuple)) else 1 for s in anchor_sizes}) != 1:
             raise ValueError("every RetinaNetHead level needs the same number of anchor sizes, since the head is shared")
         channels = shared_channels(in_shapes, in_features, owner="the RetinaNet head")
-        self.num_classes = int(num_classes)
+        self.num_classes = check_num_classes(num_classes)
         self.in_features = tuple(in_features)
         self.anchor_generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=aspect_ratios)
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
-        self.cls_convs = _tower(channels, num_convs, norm)
+        self.cls_convs = dense_head_tower(channels, num_convs, norm=norm, owner="RetinaNetHead")
         self.cls_logits = nn.Conv2d(channels, num_anchors * self.num_classes, 3, padding=1)
-        self.bbox_convs = _tower(channels, num_convs, norm)
+        self.bbox_convs = dense_head_tower(channels, num_convs, norm=norm, owner="RetinaNetHead")
         self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
         for conv in (self.cls_logits, self.bbox_pred):
             nn.init.normal_(conv.weight, std=0.01)
@@ -193,10 +192,7 @@ class RetinaNetHead(nn.Module):
         labels, boxes = [], []
         for target in targets:
             gt = target["boxes"].to(anchors.dtype)
-            classes = target["labels"].to(torch.int64)
-            if classes.numel() and (classes.min() < 1 or classes.max() > self.num_classes):
-                raise ValueError(f"target labels must be in 1..{self.num_classes} (num_classes={self.num_classes} "
-                                 f"foreground classes), got values from {int(classes.min())} to {int(classes.max())}")
+            classes = check_labels(target["labels"], self.num_classes)
             matched_idxs, match = self.matcher(box_iou(gt, anchors))
             if len(gt):
                 labels.append(torch.where(match == 1, classes[matched_idxs], match.to(torch.int64)))
@@ -215,15 +211,3 @@ class RetinaNetHead(nn.Module):
         targets = self.box_coder.encode(gt_boxes, anchors)
         return smooth_l1_loss(deltas, targets, beta=beta, reduction="none").float().sum(1)
 
-
-def _tower(channels: int, num_convs: int, norm: str | None) -> nn.Sequential:
-    """``num_convs`` blocks of 3x3 conv (+ norm) + ReLU, convs drawn from N(0, 0.01) with zero bias."""
-    if num_convs < 0:
-        raise ValueError(f"RetinaNetHead num_convs must be >= 0, got {num_convs}")
-    blocks = [conv_norm_act(channels, channels, 3, norm=norm, activation=True, init="default",
-                            owner="RetinaNetHead") for _ in range(num_convs)]
-    for block in blocks:
-        nn.init.normal_(block[0].weight, std=0.01)
-        if block[0].bias is not None:
-            nn.init.zeros_(block[0].bias)
-    return nn.Sequential(*blocks)

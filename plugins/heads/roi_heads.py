@@ -13,6 +13,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_sm
 
 from segkit.errors import ConfigError
 from segkit.ops import BalancedSampler, BoxCoder, Matcher, MultiLevelRoIAlign, ShapeSpec, shared_channels, smooth_l1_loss
+from segkit.ops.labels import check_labels, check_num_classes
 from segkit.registry import HEADS, check_arguments
 
 __all__ = ["StandardRoIHead"]
@@ -89,13 +90,11 @@ class StandardRoIHead(nn.Module):
         mask_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes is the number of foreground classes and must be >= 1, got {num_classes}")
         shared_channels(in_shapes, in_features, owner="the RoI pooler")
         feature_dim = getattr(box_head, "out_channels", None)
         if not isinstance(feature_dim, int):
             raise ValueError(f"the box head {type(box_head).__name__} must expose its output size as `out_channels`")
-        self.num_classes = int(num_classes)
+        self.num_classes = check_num_classes(num_classes)
         self.in_features = tuple(in_features)
         self.pooler = MultiLevelRoIAlign(
             strides=[in_shapes[f].stride for f in in_features],
@@ -175,7 +174,7 @@ class StandardRoIHead(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("the RoI head needs targets in training mode")
-            self._check_labels(targets)
+            check_labels(torch.cat([t["labels"].reshape(-1) for t in targets]), self.num_classes)
             proposals, labels, gt_boxes, matched_idxs = self._sample(proposals, targets)
         if getattr(self.box_head, "adaptive_pooling", False):
             x = self.box_head(self.pooler.pool_all_levels(feats, proposals))
@@ -195,14 +194,6 @@ class StandardRoIHead(nn.Module):
             ]
             losses.update(self.mask_head(features, instances, targets))
         return [], losses
-
-    def _check_labels(self, targets: Sequence[Mapping[str, Tensor]]) -> None:
-        labels = torch.cat([t["labels"].reshape(-1) for t in targets])
-        if labels.numel() and (labels.min() < 1 or labels.max() > self.num_classes):
-            raise ValueError(
-                f"target labels must be in 1..{self.num_classes} (num_classes={self.num_classes} foreground "
-                f"classes; 0 is background), got values from {int(labels.min())} to {int(labels.max())}"
-            )
 
     def _sample(
         self, proposals: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]]

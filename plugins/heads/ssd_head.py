@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from segkit.ops import BoxCoder, DefaultBoxGenerator, ShapeSpec
+from segkit.ops.labels import check_labels, check_num_classes
 from segkit.ops.losses import smooth_l1_loss
 from segkit.registry import HEADS
 
@@ -100,8 +101,6 @@ class SSDHead(nn.Module):
         box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes is the number of foreground classes and must be >= 1, got {num_classes}")
         missing = [f for f in in_features if f not in in_shapes]
         if missing:
             raise ValueError(f"SSDHead in_features {missing} are not among the input maps {list(in_shapes)}")
@@ -110,7 +109,7 @@ class SSDHead(nn.Module):
                              "levels; give one list of aspect ratios per level")
         if negative_ratio < 0:
             raise ValueError(f"SSDHead negative_ratio must be >= 0, got {negative_ratio}")
-        self.num_classes = int(num_classes)
+        self.num_classes = check_num_classes(num_classes)
         self.in_features = tuple(in_features)
         self.default_boxes = DefaultBoxGenerator(aspect_ratios=aspect_ratios, scales=scales, min_ratio=min_ratio,
                                                  max_ratio=max_ratio, steps=steps, clip=clip)
@@ -203,10 +202,7 @@ class SSDHead(nn.Module):
         labels, boxes = [], []
         for target in targets:
             gt = target["boxes"].to(default_boxes.dtype)
-            classes = target["labels"].to(torch.int64)
-            if classes.numel() and (classes.min() < 1 or classes.max() > self.num_classes):
-                raise ValueError(f"target labels must be in 1..{self.num_classes} (num_classes={self.num_classes} "
-                                 f"foreground classes), got values from {int(classes.min())} to {int(classes.max())}")
+            classes = check_labels(target["labels"], self.num_classes)
             if len(gt) == 0:
                 labels.append(torch.zeros(len(default_boxes), dtype=torch.int64, device=default_boxes.device))
                 boxes.append(torch.zeros_like(default_boxes))

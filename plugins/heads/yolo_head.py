@@ -18,6 +18,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from segkit.ops import ShapeSpec, shared_channels
 from segkit.ops.conv import conv_norm_act
+from segkit.ops.labels import check_labels, check_num_classes
 from segkit.registry import HEADS
 from segkit_plugins.heads.simota import simota_assign
 
@@ -229,11 +230,7 @@ class YOLOHead(nn.Module):
 
     def _classes(self, labels: Tensor) -> Tensor:
         """0-based classes of labels 1..K, checked."""
-        labels = labels.to(torch.int64)
-        if labels.numel() and (labels.min() < 1 or labels.max() > self.num_classes):
-            raise ValueError(f"target labels must be in 1..{self.num_classes} (num_classes={self.num_classes} "
-                             f"foreground classes), got values from {int(labels.min())} to {int(labels.max())}")
-        return labels - 1
+        return check_labels(labels, self.num_classes) - 1
 
     def _box_losses(self, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
         """The box loss of each assigned cell, Tensor[F] (float32)."""
@@ -266,8 +263,7 @@ def _check_options(num_classes: int, in_shapes: Mapping[str, ShapeSpec], in_feat
                    feat_channels: int, num_convs: int, activation: str, prior_probability: float,
                    center_radius: float, simota_topk: int, box_loss: str) -> None:
     """Refuse option values the head cannot use, naming the option."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes is the number of foreground classes and must be >= 1, got {num_classes}")
+    check_num_classes(num_classes)
     missing = [f for f in in_features if f not in in_shapes]
     if not in_features or missing:
         raise ValueError(f"YOLOHead in_features {list(in_features)} must be among the input maps {list(in_shapes)}")

@@ -3,6 +3,7 @@
 from segkit.ops.anchors import AnchorGenerator, cell_anchors, octave_anchor_sizes
 from segkit.ops.box_coder import BoxCoder
 from segkit.ops.default_boxes import DefaultBoxGenerator, ssd_scales
+from segkit.ops.labels import check_labels, check_num_classes
 from segkit.ops.losses import sigmoid_focal_loss, sigmoid_focal_loss_by_label, smooth_l1_loss
 from segkit.ops.matcher import Matcher
 from segkit.ops.conv import conv_norm_act
@@ -25,7 +26,9 @@ __all__ = [
     "boxes_to_rois",
     "cell_anchors",
     "octave_anchor_sizes",
+    "check_labels",
     "check_norm",
+    "check_num_classes",
     "conv_norm_act",
     "make_norm",
     "sigmoid_focal_loss",

@@ -20,15 +20,16 @@ from torch import Tensor
 from segkit.checkpoint import CheckpointError
 from segkit.registry import CONVERTERS
 from segkit.weights import ConvertedWeights, WeightConverter
-from segkit_plugins.backbones.resnet_weights import infer_resnet_arch
 from segkit_plugins.heads.detector_weights import (
     DETECTOR_PREFIXES,
     coco_val_sections,
     fix_batch_counters,
     layer_indices,
-    norm_of,
+    one_stage_model,
+    refuse_unmapped_keys,
     rename_backbone_fpn_key,
     resnet_body_name,
+    resnet_fpn_arch,
 )
 from segkit_plugins.heads.rcnn_weights import detector_class_names
 
@@ -69,11 +70,7 @@ def convert_torchvision_fcos(state_dict: Mapping[str, Tensor]) -> tuple[dict[str
         >>> state, cfg = convert_torchvision_fcos(tv.state_dict())
         >>> segkit.build_model(cfg).load_state_dict(state)
     """
-    unknown = [key for key in state_dict
-               if rename_backbone_fpn_key(key) is None and not _TOWER.match(key) and not _PREDICTOR.match(key)]
-    if unknown:
-        raise CheckpointError(f"the torchvision FCOS state dict has {len(unknown)} key(s) that segkit cannot map, "
-                              f"e.g. {', '.join(unknown[:3])}; {_SUPPORTED}.")
+    refuse_unmapped_keys(state_dict, (_TOWER, _PREDICTOR), "torchvision FCOS", _SUPPORTED)
     arch = _arch(state_dict)
     converted = dict(_rename(key, value, arch) for key, value in state_dict.items())
     fix_batch_counters(converted, frozen_backbone=arch["backbone_norm"] == "FrozenBN")
@@ -81,20 +78,7 @@ def convert_torchvision_fcos(state_dict: Mapping[str, Tensor]) -> tuple[dict[str
 
 
 def _arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
-    absent = [p for p in _REQUIRED if not any(k.startswith(p) for k in state)]
-    if absent:
-        found = sorted({".".join(k.split(".")[:2]) for k in state})
-        raise CheckpointError(f"the state dict looks like a torchvision FCOS but has no '{absent[0]}*' keys "
-                              f"(found {', '.join(found[:8])}); {_SUPPORTED}.")
-    body = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
-    try:
-        backbone = infer_resnet_arch(body)
-    except CheckpointError as exc:
-        raise CheckpointError(f"the detector's backbone is not a ResNet: {exc}") from None
-    if layer_indices(state, r"^backbone\.fpn\.inner_blocks\.(\d+)\.") != [0, 1, 2]:
-        raise CheckpointError(f"the FCOS's FPN does not have three inputs; {_SUPPORTED}, whose FPN uses c3..c5.")
-    fpn = state.get("backbone.fpn.inner_blocks.0.0.weight", state.get("backbone.fpn.inner_blocks.0.weight"))
-    channels = int(fpn.shape[0])
+    arch = resnet_fpn_arch(state, _REQUIRED, "torchvision FCOS", _SUPPORTED)
     if int(state["head.regression_head.bbox_reg.weight"].shape[0]) != 4:
         raise CheckpointError("the FCOS predicts more than one box per location; segkit's FCOSHead has one point "
                               "per location, as torchvision's default.")
@@ -107,9 +91,7 @@ def _arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
                               "(conv, GroupNorm, ReLU).")
     backbone_counters = any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state)
     return {
-        "backbone": backbone, "fpn_channels": channels, "fpn_norm": norm_of(state, "backbone.fpn.inner_blocks.0.1."),
-        "extra_from": "output" if int(state["backbone.fpn.extra_blocks.p6.weight"].shape[1]) == channels else "input",
-        "num_classes": int(state["head.classification_head.cls_logits.weight"].shape[0]) - 1,
+        **arch, "num_classes": int(state["head.classification_head.cls_logits.weight"].shape[0]) - 1,
         "num_convs": len(convs), "head_norm": "GN" if norms else None,
         "backbone_norm": "BN" if backbone_counters else "FrozenBN",
     }
@@ -135,21 +117,13 @@ def _rename(key: str, value: Tensor, arch: Mapping[str, Any]) -> tuple[str, Tens
 def _config(arch: Mapping[str, Any]) -> dict[str, Any]:
     """A complete segkit config of the FCOS ``arch`` describes, with torchvision's settings."""
     num_classes = int(arch["num_classes"])
-    model = {
-        "type": "OneStageDetector",
-        "pixel_mean": [0.485, 0.456, 0.406], "pixel_std": [0.229, 0.224, 0.225],
-        "min_size": 800, "max_size": 1333, "size_divisor": 32,
-        "score_threshold": 0.2, "topk_candidates": 1000, "nms_threshold": 0.6, "detections_per_image": 100,
-        "backbone": {"type": "ResNet", **arch["backbone"], "out_indices": [1, 2, 3], "frozen_stages": 1,
-                     "norm": arch["backbone_norm"], "pretrained": None},
-        "neck": {"type": "FPN", "in_features": ["c3", "c4", "c5"], "out_channels": arch["fpn_channels"],
-                 "extra_block": "p6p7", "extra_from": arch["extra_from"], "norm": arch["fpn_norm"]},
-        "head": {
-            "type": "FCOSHead", "num_classes": num_classes, "in_features": ["p3", "p4", "p5", "p6", "p7"],
-            "level_sizes": [8, 16, 32, 64, 128], "center_sampling_radius": 1.5,
-            "num_convs": int(arch["num_convs"]), "norm": arch["head_norm"],
-        },
+    head = {
+        "type": "FCOSHead", "num_classes": num_classes, "in_features": ["p3", "p4", "p5", "p6", "p7"],
+        "level_sizes": [8, 16, 32, 64, 128], "center_sampling_radius": 1.5,
+        "num_convs": int(arch["num_convs"]), "norm": arch["head_norm"],
     }
+    model = one_stage_model(arch, arch["backbone_norm"], head, score_threshold=0.2, topk_candidates=1000,
+                            nms_threshold=0.6, detections_per_image=100)
     name = f"fcos_{resnet_body_name(arch['backbone'])}_fpn"
     return {"model": model, **coco_val_sections(num_classes), "work_dir": f"work_dirs/{name}"}
 

@@ -23,15 +23,17 @@ from segkit.checkpoint import CheckpointError
 from segkit.ops import octave_anchor_sizes
 from segkit.registry import CONVERTERS
 from segkit.weights import ConvertedWeights, WeightConverter
-from segkit_plugins.backbones.resnet_weights import infer_resnet_arch
 from segkit_plugins.heads.detector_weights import (
     DETECTOR_PREFIXES,
     coco_val_sections,
     fix_batch_counters,
     layer_indices,
     norm_of,
+    one_stage_model,
+    refuse_unmapped_keys,
     rename_backbone_fpn_key,
     resnet_body_name,
+    resnet_fpn_arch,
 )
 from segkit_plugins.heads.rcnn_weights import detector_class_names
 
@@ -75,11 +77,7 @@ def convert_torchvision_retinanet(state_dict: Mapping[str, Tensor]) -> tuple[dic
         >>> state, cfg = convert_torchvision_retinanet(tv.state_dict())
         >>> segkit.build_model(cfg).load_state_dict(state)
     """
-    unknown = [key for key in state_dict
-               if rename_backbone_fpn_key(key) is None and not _TOWER.match(key) and not _PREDICTOR.match(key)]
-    if unknown:
-        raise CheckpointError(f"the torchvision detector state dict has {len(unknown)} key(s) that segkit cannot map, "
-                              f"e.g. {', '.join(unknown[:3])}; {_SUPPORTED}.")
+    refuse_unmapped_keys(state_dict, (_TOWER, _PREDICTOR), "torchvision detector", _SUPPORTED)
     arch = _arch(state_dict)
     converted = dict(_rename(key, value, arch) for key, value in state_dict.items())
     fix_batch_counters(converted, frozen_backbone=not arch["v2"])
@@ -87,20 +85,7 @@ def convert_torchvision_retinanet(state_dict: Mapping[str, Tensor]) -> tuple[dic
 
 
 def _arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
-    absent = [p for p in _REQUIRED if not any(k.startswith(p) for k in state)]
-    if absent:
-        found = sorted({".".join(k.split(".")[:2]) for k in state})
-        raise CheckpointError(f"the state dict looks like a torchvision one-stage detector but has no '{absent[0]}*' "
-                              f"keys (found {', '.join(found[:8])}); {_SUPPORTED}.")
-    body = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
-    try:
-        backbone = infer_resnet_arch(body)
-    except CheckpointError as exc:
-        raise CheckpointError(f"the detector's backbone is not a ResNet: {exc}") from None
-    if layer_indices(state, r"^backbone\.fpn\.inner_blocks\.(\d+)\.") != [0, 1, 2]:
-        raise CheckpointError(f"the RetinaNet's FPN does not have three inputs; {_SUPPORTED}, whose FPN uses c3..c5.")
-    fpn = state.get("backbone.fpn.inner_blocks.0.0.weight", state.get("backbone.fpn.inner_blocks.0.weight"))
-    channels = int(fpn.shape[0])
+    arch = resnet_fpn_arch(state, _REQUIRED, "torchvision one-stage detector", _SUPPORTED)
     anchors = int(state["head.regression_head.bbox_reg.weight"].shape[0]) // 4
     if anchors != 9:
         raise CheckpointError(f"the RetinaNet predicts {anchors} anchors per location; only torchvision's default "
@@ -109,9 +94,7 @@ def _arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
     old_spelling = not any(re.match(r"^head\.classification_head\.conv\.\d+\.0\.weight$", k) for k in state)
     norm = norm_of(state, "head.classification_head.conv.0.1.")
     return {
-        "backbone": backbone, "fpn_channels": channels, "fpn_norm": norm_of(state, "backbone.fpn.inner_blocks.0.1."),
-        "extra_from": "output" if int(state["backbone.fpn.extra_blocks.p6.weight"].shape[1]) == channels else "input",
-        "num_classes": int(state["head.classification_head.cls_logits.weight"].shape[0]) // anchors - 1,
+        **arch, "num_classes": int(state["head.classification_head.cls_logits.weight"].shape[0]) // anchors - 1,
         "num_anchors": anchors, "num_convs": len(towers), "old_spelling": old_spelling, "head_norm": norm,
         "v2": norm is not None,
     }
@@ -137,22 +120,13 @@ def _rename(key: str, value: Tensor, arch: Mapping[str, Any]) -> tuple[str, Tens
 def _config(arch: Mapping[str, Any]) -> dict[str, Any]:
     """A complete segkit config of the RetinaNet ``arch`` describes, with torchvision's settings."""
     num_classes = int(arch["num_classes"])
-    model = {
-        "type": "OneStageDetector",
-        "pixel_mean": [0.485, 0.456, 0.406], "pixel_std": [0.229, 0.224, 0.225],
-        "min_size": 800, "max_size": 1333, "size_divisor": 32,
-        "score_threshold": 0.05, "topk_candidates": 1000, "nms_threshold": 0.5, "detections_per_image": 300,
-        "backbone": {"type": "ResNet", **arch["backbone"], "out_indices": [1, 2, 3], "frozen_stages": 1,
-                     "norm": "BN" if arch["v2"] else "FrozenBN", "pretrained": None},
-        "neck": {"type": "FPN", "in_features": ["c3", "c4", "c5"], "out_channels": arch["fpn_channels"],
-                 "extra_block": "p6p7", "extra_from": arch["extra_from"], "norm": arch["fpn_norm"]},
-        "head": {
-            "type": "RetinaNetHead", "num_classes": num_classes, "in_features": ["p3", "p4", "p5", "p6", "p7"],
-            "anchor_sizes": [list(s) for s in octave_anchor_sizes()], "aspect_ratios": [0.5, 1.0, 2.0],
-            "num_convs": int(arch["num_convs"]), "norm": arch["head_norm"],
-            "box_loss": "giou" if arch["v2"] else "l1",
-        },
+    head = {
+        "type": "RetinaNetHead", "num_classes": num_classes, "in_features": ["p3", "p4", "p5", "p6", "p7"],
+        "anchor_sizes": [list(s) for s in octave_anchor_sizes()], "aspect_ratios": [0.5, 1.0, 2.0],
+        "num_convs": int(arch["num_convs"]), "norm": arch["head_norm"], "box_loss": "giou" if arch["v2"] else "l1",
     }
+    model = one_stage_model(arch, "BN" if arch["v2"] else "FrozenBN", head, score_threshold=0.05,
+                            topk_candidates=1000, nms_threshold=0.5, detections_per_image=300)
     name = f"retinanet_{resnet_body_name(arch['backbone'])}_fpn{'_v2' if arch['v2'] else ''}"
     return {"model": model, **coco_val_sections(num_classes), "work_dir": f"work_dirs/{name}"}
 

@@ -45,3 +45,48 @@ def torchvision_head_losses(reference: torch.nn.Module, ours: torch.nn.Module, i
         for head in heads:
             head.eval()
     return {**tv_rpn, **tv_roi}, {**rpn, **roi}
+
+
+#: An image without ground truth, as a detection target.
+NO_TARGETS = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+
+
+def convert_and_load(reference: torch.nn.Module, folder, overrides: dict | None = None) -> tuple[torch.nn.Module, object]:
+    """segkit's model from ``segkit convert --from torchvision`` of ``reference``'s state dict, saved in
+    ``folder`` and loaded with ``overrides`` (``{"min_size": 256}`` -> ``model.min_size=256``).
+
+    Returns:
+        ``(model in eval mode, path of the converted checkpoint)``.
+    """
+    import segkit
+    from segkit.cli import main
+
+    torch.save(reference.state_dict(), folder / "torchvision.pth")
+    assert main(["convert", "--from", "torchvision", str(folder / "torchvision.pth"), str(folder / "segkit.pth")]) == 0
+    ours = segkit.load_model(folder / "segkit.pth", overrides=[f"model.{k}={v}" for k, v in (overrides or {}).items()])
+    return ours, folder / "segkit.pth"
+
+
+def assert_same_detections(expected: list[dict], got: list[dict], *, score_atol: float) -> None:
+    """Per image: the same number of detections (at least one), boxes within 1e-4 px, scores within
+    ``score_atol``, equal labels."""
+    assert len(expected) == len(got)
+    for exp, out in zip(expected, got):
+        assert 0 < len(out["boxes"]) == len(exp["boxes"])
+        torch.testing.assert_close(out["boxes"], exp["boxes"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["scores"], exp["scores"], atol=score_atol, rtol=0)
+        assert torch.equal(out["labels"], exp["labels"])
+
+
+def one_stage_features(reference: torch.nn.Module, ours: torch.nn.Module, images: list[torch.Tensor]):
+    """A torchvision one-stage detector's and segkit's preprocessed batches and feature maps of ``images``.
+
+    Returns:
+        ``(tv_images ImageList, tv_features list, batch Tensor, features dict)``.
+    """
+    with torch.no_grad():
+        tv_images, _ = reference.transform(images)
+        tv_features = list(reference.backbone(tv_images.tensors).values())
+        batch, _, _ = ours.preprocess(images)
+        features = ours.extract_features(batch)
+    return tv_images, tv_features, batch, features

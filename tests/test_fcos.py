@@ -12,13 +12,13 @@ import torchvision
 
 import segkit
 from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY, CheckpointError
-from segkit.cli import main
 from segkit.errors import ConfigError
 from segkit.ops import ShapeSpec
 from segkit.registry import HEADS, MODELS
 from segkit_plugins.heads.fcos_head import centerness_targets, decode_distances, encode_distances
 from segkit_plugins.heads.fcos_weights import convert_torchvision_fcos, is_torchvision_fcos
 from segkit_plugins.heads.retinanet_weights import is_torchvision_retinanet
+from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load, one_stage_features
 from tests.test_detector import synthetic_batch
 
 SIZE = {"min_size": 256, "max_size": 320}
@@ -28,7 +28,6 @@ TARGETS = [
      "labels": torch.tensor([3, 17, 5])},
     {"boxes": torch.tensor([[5.0, 5.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
 ]
-NO_TARGETS = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
 
 
 def _torchvision_fcos() -> torch.nn.Module:
@@ -49,12 +48,10 @@ def parity(tmp_path_factory: pytest.TempPathFactory):
     """torchvision's fcos_resnet50_fpn and segkit's model from `segkit convert` of its state dict."""
     folder = tmp_path_factory.mktemp("fcos")
     reference = _torchvision_fcos()
-    torch.save(reference.state_dict(), folder / "torchvision.pth")
-    assert main(["convert", "--from", "torchvision", str(folder / "torchvision.pth"), str(folder / "segkit.pth")]) == 0
-    ours = segkit.load_model(folder / "segkit.pth", overrides=[f"model.{k}={v}" for k, v in SIZE.items()])
+    ours, path = convert_and_load(reference, folder, SIZE)
     # The second image is resized (200 -> 256 px) and padded to the first one's width.
     images = [torch.rand(3, 256, 320), torch.rand(3, 200, 240)]
-    return reference, ours, images, folder / "segkit.pth"
+    return reference, ours, images, path
 
 
 def test_detections_equal_torchvision_fcos_with_the_same_weights(parity):
@@ -62,22 +59,15 @@ def test_detections_equal_torchvision_fcos_with_the_same_weights(parity):
     assert not ours.training
     with torch.no_grad():
         expected, got = reference(images), ours(images)
-    for exp, out in zip(expected, got):
-        assert 0 < len(out["boxes"]) == len(exp["boxes"])
-        torch.testing.assert_close(out["boxes"], exp["boxes"], atol=1e-4, rtol=0)
-        torch.testing.assert_close(out["scores"], exp["scores"], atol=1e-5, rtol=0)
-        assert torch.equal(out["labels"], exp["labels"])
+    assert_same_detections(expected, got, score_atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def parity_outputs(parity):
     """Both models' preprocessed batches, points and raw head outputs on the parity images (computed once)."""
     reference, ours, images, _ = parity
+    tv_images, tv_features, batch, features = one_stage_features(reference, ours, images)
     with torch.no_grad():
-        tv_images, _ = reference.transform(images)
-        tv_features = list(reference.backbone(tv_images.tensors).values())
-        batch, _, _ = ours.preprocess(images)
-        features = ours.extract_features(batch)
         torch.testing.assert_close(batch, tv_images.tensors)
         torch.testing.assert_close(list(features.values()), tv_features)
         tv = (reference.head(tv_features), reference.anchor_generator(tv_images, tv_features),

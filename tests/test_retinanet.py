@@ -25,6 +25,7 @@ from segkit.models import describe
 from segkit.ops import AnchorGenerator, ShapeSpec, octave_anchor_sizes
 from segkit.registry import HEADS, MODELS, NECKS
 from segkit_plugins.heads.retinanet_weights import convert_torchvision_retinanet
+from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load, one_stage_features
 from tests.test_detector import synthetic_batch
 
 SIZE = {"min_size": 256, "max_size": 320}
@@ -32,7 +33,6 @@ TARGETS = [
     {"boxes": torch.tensor([[20.0, 30.0, 120.0, 150.0], [150.0, 40.0, 290.0, 110.0]]), "labels": torch.tensor([3, 17])},
     {"boxes": torch.tensor([[5.0, 5.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
 ]
-NO_TARGETS = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
 
 
 def _torchvision_retinanet(name: str, **options) -> torch.nn.Module:
@@ -53,12 +53,10 @@ def parity(tmp_path_factory: pytest.TempPathFactory):
     """torchvision's retinanet_resnet50_fpn and segkit's model from `segkit convert` of its state dict."""
     folder = tmp_path_factory.mktemp("retinanet")
     reference = _torchvision_retinanet("retinanet_resnet50_fpn", **SIZE)
-    torch.save(reference.state_dict(), folder / "torchvision.pth")
-    assert main(["convert", "--from", "torchvision", str(folder / "torchvision.pth"), str(folder / "segkit.pth")]) == 0
-    ours = segkit.load_model(folder / "segkit.pth", overrides=[f"model.{k}={v}" for k, v in SIZE.items()])
+    ours, path = convert_and_load(reference, folder, SIZE)
     # The second image is resized (200 -> 256 px) and padded to the first one's width.
     images = [torch.rand(3, 256, 320), torch.rand(3, 200, 240)]
-    return reference, ours, images, folder / "segkit.pth"
+    return reference, ours, images, path
 
 
 def test_detections_equal_torchvision_retinanet_with_the_same_weights(parity):
@@ -66,23 +64,14 @@ def test_detections_equal_torchvision_retinanet_with_the_same_weights(parity):
     assert not ours.training
     with torch.no_grad():
         expected, got = reference(images), ours(images)
-    for exp, out in zip(expected, got):
-        assert 0 < len(out["boxes"]) == len(exp["boxes"])
-        torch.testing.assert_close(out["boxes"], exp["boxes"], atol=1e-4, rtol=0)
-        torch.testing.assert_close(out["scores"], exp["scores"], atol=1e-4, rtol=0)
-        assert torch.equal(out["labels"], exp["labels"])
+    assert_same_detections(expected, got, score_atol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def parity_features(parity):
     """Both models' preprocessed batches and feature maps of the parity images (computed once)."""
     reference, ours, images, _ = parity
-    with torch.no_grad():
-        tv_images, _ = reference.transform(images)
-        tv_features = list(reference.backbone(tv_images.tensors).values())
-        batch, _, _ = ours.preprocess(images)
-        features = ours.extract_features(batch)
-    return tv_images, tv_features, batch, features
+    return one_stage_features(reference, ours, images)
 
 
 def test_feature_pyramid_equals_torchvision_p3_to_p7(parity_features):
@@ -385,3 +374,4 @@ def test_segkit_predict_and_cam_draw_a_retinanet_s_detections(tiny_ckpt, tmp_pat
     assert predictions and {"bbox", "score", "category_id"} <= set(predictions[0])
     assert main(["cam", str(tiny_ckpt), *files, "--out", str(tmp_path / "cam")]) == 0
     assert len(list((tmp_path / "cam").glob("*.png"))) == 2
+

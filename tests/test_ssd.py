@@ -14,19 +14,18 @@ from torchvision.models.detection.image_list import ImageList
 
 import segkit
 from segkit.checkpoint import CLASSES_KEY, CONFIG_KEY, CheckpointError
-from segkit.cli import main
 from segkit.errors import ConfigError
 from segkit.models import describe
 from segkit.ops import DefaultBoxGenerator
 from segkit.registry import BACKBONES, MODELS
 from segkit_plugins.heads.ssd_weights import convert_torchvision_ssd
+from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load
 from tests.test_detector import synthetic_batch
 
 TARGETS = [
     {"boxes": torch.tensor([[20.0, 30.0, 120.0, 150.0], [150.0, 40.0, 290.0, 110.0]]), "labels": torch.tensor([3, 17])},
     {"boxes": torch.tensor([[5.0, 5.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
 ]
-NO_TARGETS = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
 
 
 def _torchvision_ssd() -> torch.nn.Module:
@@ -47,9 +46,7 @@ def parity(tmp_path_factory: pytest.TempPathFactory):
     two images of different sizes (not 300x300) with their feature maps captured."""
     folder = tmp_path_factory.mktemp("ssd")
     reference = _torchvision_ssd()
-    torch.save(reference.state_dict(), folder / "torchvision.pth")
-    assert main(["convert", "--from", "torchvision", str(folder / "torchvision.pth"), str(folder / "segkit.pth")]) == 0
-    ours = segkit.load_model(folder / "segkit.pth")
+    ours, _ = convert_and_load(reference, folder)
     images = [torch.rand(3, 240, 320), torch.rand(3, 180, 150)]
     captured = {}
     hooks = [reference.backbone.register_forward_hook(lambda m, args, out: captured.update(tv=(args[0], out))),
@@ -67,11 +64,9 @@ def parity(tmp_path_factory: pytest.TempPathFactory):
 
 def test_detections_equal_torchvision_ssd300_with_the_same_weights(parity):
     assert not parity["ours"].training
-    for image, exp, out in zip(parity["images"], parity["expected"], parity["got"]):
-        assert 0 < len(out["boxes"]) == len(exp["boxes"]) <= 200
-        torch.testing.assert_close(out["boxes"], exp["boxes"], atol=1e-4, rtol=0)
-        torch.testing.assert_close(out["scores"], exp["scores"], atol=1e-5, rtol=0)
-        assert torch.equal(out["labels"], exp["labels"])
+    assert_same_detections(parity["expected"], parity["got"], score_atol=1e-5)
+    for image, out in zip(parity["images"], parity["got"]):
+        assert len(out["boxes"]) <= 200
         assert out["boxes"][:, 2].max() <= image.shape[-1] + 1e-3 and out["boxes"][:, 3].max() <= image.shape[-2] + 1e-3
     # The threshold and the top-k both chose: 91-way softmax scores straddle 0.01, and some classes hold
     # more than 400 boxes above it.

@@ -308,3 +308,17 @@ def test_the_quickstart_learns_the_shapes(tmp_path):
     assert main(["train", "configs/quickstart_yolo.yaml", f"work_dir={tmp_path}"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["bbox/AP50"] >= 0.75, metrics
+
+
+@pytest.mark.parametrize("share_levels", [False, True], ids=["per_level", "shared"])
+def test_exported_yolo_detector_gives_the_same_detections(tmp_path, share_levels):
+    from segkit.export import check_export, export_model
+
+    torch.manual_seed(0)
+    config = {**DETECTOR, "head": {**DETECTOR["head"], "share_levels": share_levels}, "score_threshold": 0.0,
+              "detections_per_image": 20}
+    model = MODELS.build(config, path="model").eval()
+    image = torch.rand(3, 96, 128)
+    assert export_model(model, tmp_path / "yolo.pt", "torchscript", image)["outputs"] == ["boxes", "labels", "scores"]
+    report = check_export(tmp_path / "yolo.pt", model, [image, torch.rand(3, 96, 128)])  # traced at one size
+    assert report["max_abs_diff"] <= 1e-4 and report["detections"] == 40

@@ -268,9 +268,15 @@ def tiny_config(**options) -> dict:
     }
 
 
-def test_training_returns_finite_losses_that_fall_on_fixed_images():
+ATSS_HEAD = {"assigner": "atss", "aspect_ratios": [1.0], "anchor_sizes": [[32], [64], [128], [256], [512]]}
+
+
+@pytest.mark.parametrize("head", [{}, ATSS_HEAD], ids=["max_iou", "atss"])
+def test_training_returns_finite_losses_that_fall_on_fixed_images(head):
     torch.manual_seed(0)
-    model = MODELS.build(tiny_config(), path="model").train()
+    config = tiny_config()
+    config["head"].update(head)
+    model = MODELS.build(config, path="model").train()
     images, targets = synthetic_batch()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
@@ -375,3 +381,73 @@ def test_segkit_predict_and_cam_draw_a_retinanet_s_detections(tiny_ckpt, tmp_pat
     assert main(["cam", str(tiny_ckpt), *files, "--out", str(tmp_path / "cam")]) == 0
     assert len(list((tmp_path / "cam").glob("*.png"))) == 2
 
+
+def _atss_by_hand(gt, anchors, level_sizes, topk):
+    """ATSS written out box by box and level by level, with Python's statistics."""
+    import statistics
+
+    centres = [((a[0] + a[2]) / 2, (a[1] + a[3]) / 2) for a in anchors.tolist()]
+    iou = torchvision.ops.box_iou(gt, anchors)
+    best = [(-1.0, 0)] * len(anchors)
+    for g, (x0, y0, x1, y1) in enumerate(gt.tolist()):
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        candidates, start = [], 0
+        for size in level_sizes:
+            order = sorted(range(start, start + size), key=lambda i: (centres[i][0] - cx) ** 2 + (centres[i][1] - cy) ** 2)
+            candidates += order[:topk]
+            start += size
+        ious = [float(iou[g, i]) for i in candidates]
+        threshold = statistics.mean(ious) + statistics.stdev(ious)
+        for i, value in zip(candidates, ious):
+            ax, ay = centres[i]
+            if value >= threshold and min(ax - x0, ay - y0, x1 - ax, y1 - ay) > 0.01 and value > best[i][0]:
+                best[i] = (value, g)
+    return [g for _, g in best], [int(v >= 0) for v, _ in best]
+
+
+def test_atss_matcher_equals_the_paper_s_rule_written_out():
+    from segkit.ops import ATSSMatcher
+
+    torch.manual_seed(0)
+    sizes = [(16, 8, 32), (8, 16, 64), (4, 32, 128)]  # (grid, stride, anchor size) of three levels
+    anchors = []
+    for grid, stride, size in sizes:
+        ys, xs = torch.meshgrid(torch.arange(grid) * stride + stride / 2, torch.arange(grid) * stride + stride / 2,
+                                indexing="ij")
+        ctr = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)
+        anchors.append(torch.cat([ctr - size / 2, ctr + size / 2], 1))
+    level_sizes = [len(a) for a in anchors]
+    anchors = torch.cat(anchors)
+    xy = torch.rand(12, 2) * 100
+    wh = torch.rand(12, 2) * 60 + 4  # small, large and elongated boxes, overlapping each other
+    gt = torch.cat([xy, xy + wh], 1)
+    idx, labels = ATSSMatcher(topk=9)(gt, anchors, level_sizes)
+    expected_idx, expected_labels = _atss_by_hand(gt, anchors, level_sizes, topk=9)
+    assert labels.tolist() == expected_labels and 20 < sum(expected_labels) < len(anchors) // 4
+    assert idx[labels == 1].tolist() == [g for g, fg in zip(expected_idx, expected_labels) if fg]
+    empty_idx, empty_labels = ATSSMatcher()(gt[:0], anchors, level_sizes)
+    assert not empty_labels.any() and len(empty_idx) == len(anchors)
+    with pytest.raises(ValueError, match="level sizes summing to 10"):
+        ATSSMatcher()(gt, anchors, [10])
+    with pytest.raises(ValueError, match="topk must be >= 1"):
+        ATSSMatcher(topk=0)
+
+
+def test_atss_gives_a_small_box_more_foreground_anchors_than_iou_thresholds():
+    torch.manual_seed(0)
+    heads = {}
+    for name, head in (("max_iou", {}), ("atss", ATSS_HEAD)):
+        config = tiny_config()
+        config["head"].update(head)
+        heads[name] = MODELS.build(config, path="model").head
+    feats = [torch.zeros(1, 32, 128 // s, 128 // s) for s in (8, 16, 32, 64, 128)]
+    anchors = heads["atss"].anchor_generator(feats, (128, 128))
+    small = [{"boxes": torch.tensor([[20.0, 20.0, 34.0, 34.0]]), "labels": torch.tensor([2])}]
+    labels, boxes = heads["atss"]._match(torch.cat(anchors), small, [len(a) for a in anchors])
+    assert int((labels == 2).sum()) >= 3 and set(labels.unique().tolist()) == {0, 2}
+    iou_anchors = heads["max_iou"].anchor_generator(feats, (128, 128))
+    iou_labels, _ = heads["max_iou"]._match(torch.cat(iou_anchors), small, [len(a) for a in iou_anchors])
+    assert int((iou_labels == 2).sum()) < int((labels == 2).sum())
+    with pytest.raises(ValueError, match="assigner must be one of max_iou, atss, got 'atss2'"):
+        HEADS.build({"type": "RetinaNetHead", "num_classes": 3, "assigner": "atss2",
+                     "in_shapes": {f"p{i}": ShapeSpec(32, 2 ** i) for i in range(3, 8)}}, path="head")

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from segkit.ops import AnchorGenerator, BoxCoder, Matcher, ShapeSpec, octave_anchor_sizes, shared_channels
+from segkit.ops import (ATSSMatcher, AnchorGenerator, BoxCoder, Matcher, ShapeSpec, octave_anchor_sizes,
+                        shared_channels)
 from segkit.ops.conv import dense_head_tower
 from segkit.ops.labels import check_labels, check_num_classes
 from segkit.ops.losses import sigmoid_focal_loss_by_label, smooth_l1_loss
@@ -23,6 +24,7 @@ from segkit.registry import HEADS
 __all__ = ["RetinaNetHead"]
 
 _BOX_LOSSES = ("l1", "smooth_l1", "giou")
+_ASSIGNERS = ("max_iou", "atss")
 _DEFAULT_FEATURES = ("p3", "p4", "p5", "p6", "p7")
 
 
@@ -36,8 +38,13 @@ class RetinaNetHead(nn.Module):
     Anchors: at each level, every size of ``anchor_sizes`` with every aspect ratio (torchvision's
     RetinaNet: sizes 32..512 times ``2 ** (0, 1/3, 2/3)``, truncated to integers, ratios 0.5, 1, 2).
 
-    Training: anchors are matched to the ground truth by IoU (``>= fg_iou_threshold`` foreground, ``<
-    bg_iou_threshold`` background, in between ignored, plus each box's best anchors). ``loss_cls`` is
+    Training: with ``assigner="max_iou"`` anchors are matched to the ground truth by IoU (``>=
+    fg_iou_threshold`` foreground, ``< bg_iou_threshold`` background, in between ignored, plus each
+    box's best anchors), as in the paper and torchvision; with ``"atss"`` by adaptive training sample
+    selection (:class:`~segkit.ops.ATSSMatcher`: per box, the ``atss_topk`` anchors nearest its centre
+    on each level, foreground where their IoU reaches the mean plus the standard deviation of those
+    candidates' IoUs; it is meant for one anchor per position, ``aspect_ratios: [1.0]`` and one size
+    per level). ``loss_cls`` is
     the sigmoid focal loss over every class of every non-ignored anchor, ``loss_box_reg`` the box loss
     of the foreground anchors: ``"l1"`` on the deltas (torchvision's ``retinanet_resnet50_fpn``),
     ``"smooth_l1"`` with ``smooth_l1_beta``, or ``"giou"`` on the decoded boxes (``_v2``). Each is
@@ -53,7 +60,9 @@ class RetinaNetHead(nn.Module):
         num_convs: conv layers of each tower.
         norm: ``None`` or a norm name after each tower conv (``"GN"`` in torchvision's ``_v2``).
         prior_probability: the initial probability of every class.
-        fg_iou_threshold / bg_iou_threshold: matcher thresholds.
+        assigner: ``"max_iou"`` or ``"atss"``.
+        fg_iou_threshold / bg_iou_threshold: the ``"max_iou"`` thresholds.
+        atss_topk: the ``"atss"`` candidates per level and box.
         focal_alpha / focal_gamma: focal loss weighting.
         box_loss: ``"l1"``, ``"smooth_l1"`` or ``"giou"``.
         smooth_l1_beta: beta of the ``"smooth_l1"`` box loss.
@@ -78,8 +87,10 @@ class RetinaNetHead(nn.Module):
         num_convs: int = 4,
         norm: str | None = None,
         prior_probability: float = 0.01,
+        assigner: str = "max_iou",
         fg_iou_threshold: float = 0.5,
         bg_iou_threshold: float = 0.4,
+        atss_topk: int = 9,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         box_loss: str = "l1",
@@ -89,6 +100,8 @@ class RetinaNetHead(nn.Module):
         super().__init__()
         if box_loss not in _BOX_LOSSES:
             raise ValueError(f"RetinaNetHead box_loss must be one of {', '.join(_BOX_LOSSES)}, got {box_loss!r}")
+        if assigner not in _ASSIGNERS:
+            raise ValueError(f"RetinaNetHead assigner must be one of {', '.join(_ASSIGNERS)}, got {assigner!r}")
         if not 0.0 < prior_probability < 1.0:
             raise ValueError(f"prior_probability is a probability in (0, 1), got {prior_probability}")
         if len(anchor_sizes) != len(in_features):
@@ -111,8 +124,10 @@ class RetinaNetHead(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
         self.box_coder = BoxCoder(weights=box_coder_weights)
+        self.assigner = assigner
         self.matcher = Matcher(high_threshold=fg_iou_threshold, low_threshold=bg_iou_threshold,
                                allow_low_quality_matches=True)
+        self.atss = ATSSMatcher(topk=atss_topk)
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.box_loss = box_loss
@@ -155,7 +170,8 @@ class RetinaNetHead(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("the RetinaNet head needs targets in training mode")
-            return [], self.losses(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), targets)
+            return [], self.losses(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), targets,
+                                   level_sizes=[len(a) for a in anchors])
         levels = []
         for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
             n = level_logits.shape[0]
@@ -163,19 +179,20 @@ class RetinaNetHead(nn.Module):
             levels.append((torch.sigmoid(level_logits.float()), boxes.view(n, -1, 4)))
         return levels, {}
 
-    def losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor,
-               targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    def losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor, targets: Sequence[Mapping[str, Tensor]],
+               level_sizes: Sequence[int] | None = None) -> dict[str, Tensor]:
         """Focal and box losses.
 
         Args:
             anchors: Tensor[A, 4], xyxy, shared by all images.
             logits: Tensor[N, A, K]; deltas: Tensor[N, A, 4].
             targets: per image ``boxes`` Tensor[G_i, 4] and ``labels`` Tensor[G_i].
+            level_sizes: anchors per level (needed by the ``"atss"`` assigner; default: one level).
 
         Returns:
             ``{"loss_cls": scalar, "loss_box_reg": scalar}``.
         """
-        labels, matched_boxes = self._match(anchors, targets)
+        labels, matched_boxes = self._match(anchors, targets, [len(anchors)] if level_sizes is None else level_sizes)
         image_idx, anchor_idx = torch.nonzero(labels > 0, as_tuple=True)
         num_foreground = torch.bincount(image_idx, minlength=len(targets)).clamp(min=1).to(torch.float32)
         # Per anchor, over every class; anchors between the thresholds (label -1) are ignored.
@@ -186,14 +203,18 @@ class RetinaNetHead(nn.Module):
         loss_box = (per_image / num_foreground).mean() + deltas.sum() * 0.0  # keeps every delta in the graph
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 
-    def _match(self, anchors: Tensor, targets: Sequence[Mapping[str, Tensor]]) -> tuple[Tensor, Tensor]:
+    def _match(self, anchors: Tensor, targets: Sequence[Mapping[str, Tensor]],
+               level_sizes: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Per image and anchor, the class (1..K foreground, 0 background, -1 ignored) Tensor[N, A] and
         the matched ground-truth box Tensor[N, A, 4] (meaningful for foreground anchors)."""
         labels, boxes = [], []
         for target in targets:
             gt = target["boxes"].to(anchors.dtype)
             classes = check_labels(target["labels"], self.num_classes)
-            matched_idxs, match = self.matcher(box_iou(gt, anchors))
+            if self.assigner == "atss":
+                matched_idxs, match = self.atss(gt, anchors, level_sizes)
+            else:
+                matched_idxs, match = self.matcher(box_iou(gt, anchors))
             if len(gt):
                 labels.append(torch.where(match == 1, classes[matched_idxs], match.to(torch.int64)))
                 boxes.append(gt[matched_idxs])

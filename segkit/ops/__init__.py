@@ -5,7 +5,7 @@ from segkit.ops.box_coder import BoxCoder
 from segkit.ops.default_boxes import DefaultBoxGenerator, ssd_scales
 from segkit.ops.labels import check_labels, check_num_classes
 from segkit.ops.losses import sigmoid_focal_loss, sigmoid_focal_loss_by_label, smooth_l1_loss
-from segkit.ops.matcher import Matcher
+from segkit.ops.matcher import ATSSMatcher, Matcher
 from segkit.ops.conv import conv_norm_act
 from segkit.ops.norm import NORMS, check_norm, make_norm
 from segkit.ops.poolers import MultiLevelRoIAlign, assign_boxes_to_levels, boxes_to_rois
@@ -13,6 +13,7 @@ from segkit.ops.sampler import BalancedSampler
 from segkit.ops.shape_spec import ShapeSpec, shared_channels
 
 __all__ = [
+    "ATSSMatcher",
     "AnchorGenerator",
     "BalancedSampler",
     "BoxCoder",

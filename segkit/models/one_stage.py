@@ -141,21 +141,22 @@ class OneStageDetector(Detector):
         """
         if self.selection == "per_class":
             return self._select_per_class(levels, image_sizes)
-        candidates = []
-        for scores, boxes in levels:
-            num_classes = scores.shape[2]
-            flat = scores.flatten(1)
-            # The top k of all pairs, then the threshold: the same set as the top k of those above it.
-            top_scores, top_idx = flat.topk(min(self.topk_candidates, flat.shape[1]), dim=1)
-            anchor_idx = torch.div(top_idx, num_classes, rounding_mode="floor")
-            top_boxes = torch.gather(boxes, 1, anchor_idx[..., None].expand(-1, -1, 4))
-            candidates.append((top_scores, top_idx % num_classes + 1, top_boxes))
-        scores, labels, boxes = (torch.cat(parts, dim=1) for parts in zip(*candidates))
         results = []
-        for scores_i, labels_i, boxes_i, size in zip(scores, labels, boxes, image_sizes):
-            keep = scores_i > self.score_threshold
-            scores_i, labels_i = scores_i[keep], labels_i[keep]
-            boxes_i = clip_boxes_to_image(boxes_i[keep], size)
+        for i, size in enumerate(image_sizes):
+            candidates = []
+            for scores, boxes in levels:
+                num_classes = scores.shape[2]
+                # The threshold first, then the best k of the (anchor, class) pairs above it, as torchvision
+                # does: only the few pairs that pass are ordered, not every pair of the level. (A sort and
+                # a slice rather than topk: no size depends on the data, so a traced export stays exact.)
+                flat = scores[i].flatten()
+                pair_idx = torch.nonzero(flat > self.score_threshold).squeeze(1)
+                top_scores, order = flat[pair_idx].sort(descending=True)
+                top_scores, pair_idx = top_scores[: self.topk_candidates], pair_idx[order[: self.topk_candidates]]
+                anchor_idx = torch.div(pair_idx, num_classes, rounding_mode="floor")
+                candidates.append((top_scores, pair_idx % num_classes + 1, boxes[i, anchor_idx]))
+            scores_i, labels_i, boxes_i = (torch.cat(parts) for parts in zip(*candidates))
+            boxes_i = clip_boxes_to_image(boxes_i, size)
             keep = batched_nms(boxes_i, scores_i, labels_i, self.nms_threshold)[: self.detections_per_image]
             results.append({"boxes": boxes_i[keep], "labels": labels_i[keep], "scores": scores_i[keep]})
         return results

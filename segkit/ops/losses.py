@@ -99,30 +99,57 @@ def _focal_terms(logits: Tensor, labels: Tensor, alpha: float) -> tuple[Tensor, 
 class _FocalLossByLabel(torch.autograd.Function):
     """Forward: the focal loss per anchor. Backward: its gradient, recomputed from the saved inputs:
     with ``p_t = p t + (1 - p)(1 - t)`` and ``ce = -log p_t``, the derivative of ``w (1 - p_t)^gamma ce``
-    in ``x`` is ``w ((1 - p_t)^gamma (p - t) - gamma (1 - p_t)^(gamma - 1) (2t - 1) p (1 - p) ce)``."""
+    in ``x`` is ``w ((1 - p_t)^gamma (p - t) - gamma (1 - p_t)^(gamma - 1) (2t - 1) p (1 - p) ce)``.
+
+    Both passes run over chunks of at most :data:`_FOCAL_CHUNK` elements, so their [..., K]
+    temporaries stay a few MB however many anchors a batch has (the values are those of one pass over
+    everything: every operation is elementwise, or a sum over the classes of one anchor)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
         ctx.save_for_backward(logits, labels)
         ctx.alpha, ctx.gamma = alpha, gamma
-        x, t, p, weight = _focal_terms(logits, labels, alpha)
-        ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-        p_t = p * t + (1 - p) * (1 - t)
-        loss = weight * (ce * ((1 - p_t) ** gamma))
-        return loss.sum(-1) * (labels >= 0)
+        num_classes = logits.shape[-1]
+        flat_logits, flat_labels = logits.reshape(-1, num_classes), labels.reshape(-1)
+        dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+        out = torch.empty(flat_labels.shape, dtype=dtype, device=logits.device)
+        for rows in _chunks(len(flat_labels), num_classes):
+            x, t, p, weight = _focal_terms(flat_logits[rows], flat_labels[rows], alpha)
+            ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+            p_t = p * t + (1 - p) * (1 - t)
+            loss = weight * (ce * ((1 - p_t) ** gamma))
+            out[rows] = loss.sum(-1) * (flat_labels[rows] >= 0)
+        return out.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:
         logits, labels = ctx.saved_tensors
         gamma = ctx.gamma
-        x, t, p, weight = _focal_terms(logits, labels, ctx.alpha)
-        one_minus_pt = 1 - (p * t + (1 - p) * (1 - t))
-        grad = one_minus_pt**gamma * (p - t)
-        if gamma != 0:
-            ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-            # (1 - p_t)^(gamma - 1) is infinite at p_t = 1 for gamma < 1, where the term's limit is 0
-            power = torch.where(one_minus_pt > 0, one_minus_pt.clamp(min=torch.finfo(x.dtype).tiny) ** (gamma - 1),
-                                torch.zeros_like(one_minus_pt))
-            grad = grad - gamma * power * (2 * t - 1) * p * (1 - p) * ce
-        scale = (grad_output.to(x.dtype) * (labels >= 0)).unsqueeze(-1)
-        return (weight * grad * scale).to(logits.dtype), None, None, None
+        num_classes = logits.shape[-1]
+        flat_logits, flat_labels = logits.reshape(-1, num_classes), labels.reshape(-1)
+        flat_grad_output = grad_output.reshape(-1)
+        out = torch.empty_like(flat_logits)
+        for rows in _chunks(len(flat_labels), num_classes):
+            chunk_labels = flat_labels[rows]
+            x, t, p, weight = _focal_terms(flat_logits[rows], chunk_labels, ctx.alpha)
+            one_minus_pt = 1 - (p * t + (1 - p) * (1 - t))
+            grad = one_minus_pt**gamma * (p - t)
+            if gamma != 0:
+                ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+                # (1 - p_t)^(gamma - 1) is infinite at p_t = 1 for gamma < 1, where the term's limit is 0
+                power = torch.where(one_minus_pt > 0, one_minus_pt.clamp(min=torch.finfo(x.dtype).tiny) ** (gamma - 1),
+                                    torch.zeros_like(one_minus_pt))
+                grad = grad - gamma * power * (2 * t - 1) * p * (1 - p) * ce
+            scale = (flat_grad_output[rows].to(x.dtype) * (chunk_labels >= 0)).unsqueeze(-1)
+            out[rows] = (weight * grad * scale).to(logits.dtype)
+        return out.view(logits.shape), None, None, None
+
+
+#: Elements of [..., K] per chunk of the focal loss by label (1 Mi: 4 MB per float32 temporary).
+_FOCAL_CHUNK = 1 << 20
+
+
+def _chunks(num_rows: int, num_classes: int) -> list[slice]:
+    """Row slices of at most :data:`_FOCAL_CHUNK` elements (at least one row each)."""
+    step = max(1, _FOCAL_CHUNK // max(num_classes, 1))
+    return [slice(start, start + step) for start in range(0, num_rows, step)] or [slice(0, 0)]

@@ -248,10 +248,11 @@ def _torchvision_retinanet(name: str, cfg: Mapping[str, Any], size: tuple[int, i
 
     m = cfg["model"]
     det, neck, head = _settings(MODELS, m), _settings(NECKS, m["neck"]), _settings(HEADS, m["head"])
-    if head["norm"] not in (None, "GN") or head["box_loss"] not in ("l1", "giou") or neck["norm"] is not None:
+    if head["norm"] not in (None, "GN") or head["box_loss"] not in ("l1", "giou") or neck["norm"] is not None \
+            or head["assigner"] != "max_iou":
         raise UserError("--compare torchvision: torchvision's RetinaNet has towers without a norm or with GroupNorm, "
-                        "an l1 or giou box loss and an FPN without a norm; compare a config like "
-                        f"{REFERENCES[name].example_config}.")
+                        "an l1 or giou box loss, IoU-threshold matching (assigner: max_iou) and an FPN without a "
+                        f"norm; compare a config like {REFERENCES[name].example_config}.")
     channels = int(neck["out_channels"])
     backbone = _resnet_with_fpn(cfg, LastLevelP6P7(2048 if neck["extra_from"] == "input" else channels, channels),
                                 returned_layers=[2, 3, 4])

@@ -17,8 +17,8 @@ def add_parsers(sub: Any) -> None:
                                    "max): inference latency at batch 1, throughput at --batch-size, a training step "
                                    "(forward, backward, the config's optimizer), peak memory, images/s through the "
                                    "train DataLoader and the evaluator's time on validation batches. With --compare "
-                                   "torchvision the equivalent torchvision model (Faster / Mask R-CNN R50-FPN, FCOS "
-                                   "R50-FPN, FCN R50-D8; same weights) is timed alternately in the same process and the "
+                                   "torchvision the equivalent torchvision model (Faster / Mask R-CNN, RetinaNet and "
+                                   "FCOS R50-FPN, SSD300 VGG-16, FCN R50-D8; same weights) is timed alternately in the same process and the "
                                    "segkit/torchvision ratios are printed. See docs/benchmarks.md.")
     add_config_arguments(p)
     p.add_argument("--iters", type=int, default=10, metavar="N", help="timed iterations per phase (default 10)")

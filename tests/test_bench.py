@@ -215,6 +215,15 @@ def test_each_reference_is_found_for_its_example_config(name: str):
     assert reference_for(cfg) == name
 
 
+def test_an_atss_retinanet_is_refused_naming_the_assigner():
+    from segkit.bench import build_reference
+
+    cfg = segkit.load_config(CONFIGS / "retinanet_r50_fpn_coco.yaml", ["model.head.assigner=atss"])
+    assert reference_for(cfg) == "retinanet_resnet50_fpn"
+    with pytest.raises(segkit.errors.UserError, match=r"IoU-threshold matching \(assigner: max_iou\)"):
+        build_reference("retinanet_resnet50_fpn", cfg, None, (128, 128), seed=0)  # refused before any model is built
+
+
 def test_panet_is_not_mistaken_for_mask_rcnn():
     cfg = segkit.load_config(CONFIGS / "panet_r50_fpn_coco.yaml", ["model.backbone.pretrained=null"])
     with pytest.raises(segkit.errors.UserError, match="no torchvision equivalent"):

@@ -206,6 +206,9 @@ def api_page() -> str:
 ARCHITECTURE_CONFIGS = (
     ("PANet R50-FPN", "configs/panet_r50_fpn_coco.yaml"),
     ("RetinaNet R50-FPN", "configs/retinanet_r50_fpn_coco.yaml"),
+    ("FCOS R50-FPN", "configs/fcos_r50_fpn_coco.yaml"),
+    ("SSD300 VGG-16", "configs/ssd300_vgg16_coco.yaml"),
+    ("YOLO-style head on R50-PAFPN", "configs/yolo_r50_pafpn_coco.yaml"),
     ("EncNet R50-D8", "configs/encnet_r50_d8_voc.yaml"),
 )
 # Random weights are enough to describe a model; no weight file is read.

@@ -354,7 +354,7 @@ def _run_shell(block: Block, where: str, fixtures: Path, substitutes: dict[str, 
 # Pages whose commands the default suite runs elsewhere: the two-process DDP training of multi_gpu.md is
 # test_distributed.py's (which also compares its evaluation with one process); the COCO-format and
 # label-map walk-throughs train, evaluate and score as fine_tuning.md does, which stays in the default suite.
-SLOW_PAGES = {"tutorials/multi_gpu.md", "tutorials/custom_coco.md", "tutorials/custom_semseg.md"}
+SLOW_PAGES = {"tutorials/multi_gpu.md", "tutorials/custom_coco.md", "tutorials/custom_semseg.md", "tutorials/fine_tuning.md"}
 
 
 @pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p for p in RUN_PAGES])

@@ -85,6 +85,7 @@ def test_eval_with_a_bad_test_setting_names_the_key(seg_run: Path, capsys):
     assert "model.test_cfg.mode" in err and "Did you mean 'slide'" in err
 
 
+@pytest.mark.slow  # 30 s; tests/test_distributed.py runs DDP training and evaluation in the default suite
 def test_ddp_evaluation_equals_single_process(seg_run: Path):
     import math
     import subprocess

@@ -90,3 +90,22 @@ def one_stage_features(reference: torch.nn.Module, ours: torch.nn.Module, images
         batch, _, _ = ours.preprocess(images)
         features = ours.extract_features(batch)
     return tv_images, tv_features, batch, features
+
+
+def overfit(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict], *, steps: int,
+            lr: float) -> list[dict[str, float]]:
+    """``steps`` AdamW steps of a model in training mode on one fixed batch.
+
+    Returns:
+        Per step, the model's losses as floats (each loss checked to be a scalar).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        losses = model(images, targets)
+        assert all(v.dim() == 0 for v in losses.values()), {k: tuple(v.shape) for k, v in losses.items()}
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    return history

@@ -18,7 +18,7 @@ from segkit.registry import HEADS, MODELS
 from segkit_plugins.heads.fcos_head import centerness_targets, decode_distances, encode_distances
 from segkit_plugins.heads.fcos_weights import convert_torchvision_fcos, is_torchvision_fcos
 from segkit_plugins.heads.retinanet_weights import is_torchvision_retinanet
-from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load, one_stage_features
+from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load, one_stage_features, overfit
 from tests.test_detector import synthetic_batch
 
 SIZE = {"min_size": 256, "max_size": 320}
@@ -209,15 +209,9 @@ def test_training_returns_finite_losses_that_fall_on_fixed_images():
     torch.manual_seed(0)
     model = MODELS.build(tiny_config(), path="model").train()
     images, targets = synthetic_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(12):
-        losses = model(images, targets)
-        assert set(losses) == {"loss_cls", "loss_box_reg", "loss_centerness"}
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append(float(sum(losses.values()).detach()))
+    steps = overfit(model, images, targets, steps=12, lr=1e-3)
+    assert all(set(step) == {"loss_cls", "loss_box_reg", "loss_centerness"} for step in steps)
+    history = [sum(step.values()) for step in steps]
     assert all(math.isfinite(v) for v in history)
     assert sum(history[-3:]) < 0.7 * sum(history[:3]), history
 

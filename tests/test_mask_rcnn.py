@@ -14,7 +14,7 @@ from segkit.ops.masks import paste_masks_in_image, project_masks_on_boxes, resiz
 from segkit.errors import ConfigError
 from segkit.registry import MODELS
 
-from tests.reference import torchvision_head_losses
+from tests.reference import overfit, torchvision_head_losses
 from test_detector import synthetic_batch, tiny_config
 
 SIZE = {"min_size": 192, "max_size": 320}
@@ -176,14 +176,7 @@ def test_mask_loss_falls_and_masks_fit_the_objects():
     model = MODELS.build(mask_config(), path="model").train()
     images, targets = synthetic_batch()
     targets = masks_of(images, targets)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    history = []
-    for _ in range(40):
-        losses = model(images, targets)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append(float(losses["loss_mask"].detach()))
+    history = [step["loss_mask"] for step in overfit(model, images, targets, steps=40, lr=2e-3)]
     assert history[-1] < 0.5 * history[0], history
     # The ground-truth boxes as RoIs: the predicted masks must cover the rectangles.
     model.eval()

@@ -14,6 +14,7 @@ from segkit.models import describe
 from segkit.registry import MODELS
 from segkit_plugins.necks.pafpn import PAFPN
 
+from reference import overfit
 from test_detector import synthetic_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -40,14 +41,8 @@ def test_pafpn_config_trains_and_detects(name):
     model = MODELS.build(cfg["model"], path="model").train()
     assert isinstance(model.neck, PAFPN) and model.neck.bottom_up
     images, targets = synthetic_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATES.get(cfg["model"]["head"]["type"], 1e-3))
-    history = []
-    for _ in range(10):
-        losses = model(images, targets)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append(float(sum(losses.values()).detach()))
+    lr = LEARNING_RATES.get(cfg["model"]["head"]["type"], 1e-3)
+    history = [sum(step.values()) for step in overfit(model, images, targets, steps=10, lr=lr)]
     assert all(math.isfinite(v) for v in history)
     assert sum(history[-3:]) < 0.7 * sum(history[:3]), history
     model.eval()

@@ -25,7 +25,7 @@ from segkit.models import describe
 from segkit.ops import AnchorGenerator, ShapeSpec, octave_anchor_sizes
 from segkit.registry import HEADS, MODELS, NECKS
 from segkit_plugins.heads.retinanet_weights import convert_torchvision_retinanet
-from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load, one_stage_features
+from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load, one_stage_features, overfit
 from tests.test_detector import synthetic_batch
 
 SIZE = {"min_size": 256, "max_size": 320}
@@ -278,15 +278,9 @@ def test_training_returns_finite_losses_that_fall_on_fixed_images(head):
     config["head"].update(head)
     model = MODELS.build(config, path="model").train()
     images, targets = synthetic_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(12):
-        losses = model(images, targets)
-        assert set(losses) == {"loss_cls", "loss_box_reg"} and all(v.dim() == 0 for v in losses.values())
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append(float(sum(losses.values()).detach()))
+    steps = overfit(model, images, targets, steps=12, lr=1e-3)  # every loss a scalar
+    assert all(set(step) == {"loss_cls", "loss_box_reg"} for step in steps)
+    history = [sum(step.values()) for step in steps]
     assert all(math.isfinite(v) for v in history)
     assert sum(history[-3:]) < 0.6 * sum(history[:3]), history
 

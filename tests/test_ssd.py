@@ -19,7 +19,7 @@ from segkit.models import describe
 from segkit.ops import DefaultBoxGenerator
 from segkit.registry import BACKBONES, MODELS
 from segkit_plugins.heads.ssd_weights import convert_torchvision_ssd
-from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load
+from tests.reference import NO_TARGETS, assert_same_detections, convert_and_load, overfit
 from tests.test_detector import synthetic_batch
 
 TARGETS = [
@@ -257,15 +257,9 @@ def test_tiny_ssd_losses_fall_and_an_image_without_boxes_has_no_box_loss():
     torch.manual_seed(0)
     model = MODELS.build(tiny_config(), path="model").train()
     images, targets = synthetic_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(10):
-        losses = model(images, targets)
-        assert set(losses) == {"loss_cls", "loss_box_reg"}
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append(float(sum(losses.values()).detach()))
+    steps = overfit(model, images, targets, steps=10, lr=1e-3)
+    assert all(set(step) == {"loss_cls", "loss_box_reg"} for step in steps)
+    history = [sum(step.values()) for step in steps]
     assert all(math.isfinite(v) for v in history) and sum(history[-3:]) < 0.6 * sum(history[:3]), history
     empty = model(images[:1], [NO_TARGETS])
     assert float(empty["loss_box_reg"].detach()) == 0.0 and float(empty["loss_cls"].detach()) == 0.0  # no positives, no negatives

@@ -18,6 +18,7 @@ from segkit.ops import ShapeSpec
 from segkit.registry import HEADS, MODELS
 from segkit_plugins.heads.simota import candidate_cells, simota_assign
 from segkit_plugins.heads.yolo_head import YOLOHead
+from tests.reference import overfit
 from tests.test_detector import synthetic_batch
 
 SHAPES = {"p3": ShapeSpec(8, 8), "p4": ShapeSpec(8, 16), "p5": ShapeSpec(8, 32)}
@@ -212,14 +213,7 @@ def trained():
     torch.manual_seed(0)
     model = MODELS.build(DETECTOR, path="model").train()
     images, targets = synthetic_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    history = []
-    for _ in range(16):
-        losses = model(images, targets)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append({k: float(v) for k, v in losses.items()})
+    history = overfit(model, images, targets, steps=16, lr=1e-2)
     return model.eval(), history
 
 

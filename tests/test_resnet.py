@@ -99,6 +99,80 @@ def test_norm_eval_keeps_every_batchnorm_in_eval_mode():
     assert net.training
 
 
+# ------------------------------------------------------------------------------ fold_norm
+def _randomise_norms(net: torch.nn.Module, seed: int = 0) -> None:
+    """Statistics and affine away from the identity, so a fold that drops or misplaces a term shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "running_var") and m.running_var is not None:
+                n = m.running_var.numel()
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+
+
+def _with_fold(net: ResNet, fold: bool) -> ResNet:
+    for m in net.modules():
+        if hasattr(m, "fold_norm"):
+            m.fold_norm = fold
+    return net
+
+
+@pytest.mark.parametrize("norm,mode", [("FrozenBN", "train"), ("BN", "eval")])
+def test_fold_norm_is_as_accurate_as_the_unfolded_network(norm, mode):
+    torch.manual_seed(0)
+    net = ResNet(depth=50, base_channels=16, norm=norm, frozen_stages=1, fold_norm=True)
+    _randomise_norms(net)
+    net.train(mode == "train")
+    x = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        folded = net(x)
+        plain = _with_fold(net, False)(x)
+        exact = net.double()(x.double())
+    for name, value in folded.items():
+        # Both float32 orders of operations err from the float64 result by the same amount.
+        err_fold = (value.double() - exact[name]).abs().max().item()
+        err_plain = (plain[name].double() - exact[name]).abs().max().item()
+        assert err_fold <= 2 * err_plain + 1e-6, (name, err_fold, err_plain)
+        scale = exact[name].abs().max().item()
+        assert (value - plain[name]).abs().max().item() <= 5e-6 * scale, name
+        assert not torch.equal(value, plain[name])  # the fold took effect: another rounding
+
+
+def test_fold_norm_trains_a_batchnorm_kept_in_eval_mode_with_the_same_gradients():
+    torch.manual_seed(0)
+    grads = {}
+    for fold in (True, False):
+        torch.manual_seed(0)
+        net = ResNet(depth=18, base_channels=16, norm_eval=True, fold_norm=fold).train()
+        _randomise_norms(net)
+        net(torch.rand(2, 3, 64, 64))["c5"].square().mean().backward()
+        grads[fold] = {k: p.grad for k, p in net.named_parameters()}
+    assert grads[True]["layer2.0.bn1.weight"].abs().sum() > 0  # the norm's affine learns through the fold
+    for key, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][key], grad, rtol=1e-3, atol=1e-6, msg=key)
+
+
+def test_fold_norm_leaves_batchnorm_in_training_mode_alone():
+    outputs, stats = [], []
+    for fold in (True, False):
+        torch.manual_seed(0)
+        net = ResNet(depth=18, base_channels=16, fold_norm=fold).train()
+        outputs.append(net(torch.rand(2, 3, 64, 64))["c5"])
+        stats.append(net.layer3[0].bn2.running_var.clone())
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(stats[0], stats[1])
+
+
+def test_fold_norm_keeps_the_hooks_of_a_hooked_norm():
+    net = ResNet(depth=18, base_channels=16, norm="FrozenBN", fold_norm=True).eval()
+    seen = []
+    net.layer2[0].bn1.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    net(torch.rand(1, 3, 64, 64))
+    assert seen == [(1, 32, 8, 8)]
+
+
 @pytest.mark.parametrize("depth,out_indices", [(18, (0, 1, 2, 3)), (50, (1, 3))])
 def test_output_shape_matches_the_returned_maps(depth, out_indices):
     net = ResNet(depth=depth, base_channels=16, out_indices=out_indices).eval()

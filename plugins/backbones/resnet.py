@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
 from segkit.registry import BACKBONES
-from segkit.ops.norm import check_norm
+from segkit.ops.norm import check_norm, fold_conv_norm
 from segkit_plugins.backbones.resnet_blocks import BasicBlock, Bottleneck, make_norm
 from segkit_plugins.backbones.resnet_loading import load_pretrained
 
@@ -59,6 +59,11 @@ class ResNet(nn.Module):
             stages 1..i (no gradients, normalisation layers kept in eval mode).
         norm: ``"BN"``, ``"SyncBN"``, ``"GN"`` or ``"FrozenBN"`` (fixed affine and statistics).
         norm_eval: keep every BatchNorm in eval mode (running statistics fixed) during training.
+        fold_norm: compute each convolution and the norm after it as one convolution wherever the norm
+            is a fixed affine map (FrozenBN; a BatchNorm in eval mode: frozen stages, ``norm_eval``,
+            inference), saving a pass over each map forward and backward (:func:`segkit.ops.norm.fold_conv_norm`).
+            The result equals the unfolded one up to float rounding, and is as close to the exact (float64)
+            result; ``False`` keeps torchvision's order of operations, for bit-level parity.
         base_channels: stage ``i`` has base width ``base_channels * 2**i`` (64 = torchvision).
         zero_init_residual: start each residual branch's last norm at zero scale.
         drop_path_rate: stochastic depth; the drop probability grows linearly over the blocks from 0
@@ -95,6 +100,7 @@ class ResNet(nn.Module):
         frozen_stages: int = -1,
         norm: str = "BN",
         norm_eval: bool = False,
+        fold_norm: bool = False,
         base_channels: int = 64,
         zero_init_residual: bool = False,
         drop_path_rate: float = 0.0,
@@ -116,6 +122,7 @@ class ResNet(nn.Module):
         self.out_indices = tuple(sorted(out_indices))
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.fold_norm = bool(fold_norm)
         self._build_stem(stem, stem_channels, variant, lambda c: make_norm(norm, c))
 
         num_stages = max(self.out_indices) + 1
@@ -131,7 +138,8 @@ class ResNet(nn.Module):
                                    shortcut_kernel=3 if variant == "senet" and i > 0 else 1)
                 dilation = dilations[i] * (multi_grid[b % len(multi_grid)] if multi_grid and i == 3 else 1)
                 blk = block(in_channels=in_channels, width=base_channels * 2**i, stride=strides[i] if b == 0 else 1,
-                            norm=lambda c: make_norm(norm, c), dilation=dilation, **options)
+                            norm=lambda c: make_norm(norm, c), dilation=dilation, fold_norm=self.fold_norm,
+                            **options)
                 blocks.append(blk)
                 in_channels, k = base_channels * 2**i * block.expansion, k + 1
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
@@ -218,10 +226,10 @@ class ResNet(nn.Module):
             Ordered ``{"c2": Tensor[N, C2, H/4, W/4], ...}`` for the stages in ``out_indices``; each
             map's stride is given by :meth:`output_shape`.
         """
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(fold_conv_norm(self.conv1, self.bn1, x, self.fold_norm))
         if self.arch["stem"] == "deep":
-            x = self.relu(self.bn2(self.conv2(x)))
-            x = self.relu(self.bn3(self.conv3(x)))
+            x = self.relu(fold_conv_norm(self.conv2, self.bn2, x, self.fold_norm))
+            x = self.relu(fold_conv_norm(self.conv3, self.bn3, x, self.fold_norm))
         x = self.maxpool(x)
         outputs: OrderedDict[str, Tensor] = OrderedDict()
         for i in range(max(self.out_indices) + 1):

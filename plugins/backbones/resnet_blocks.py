@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
-from segkit.ops.norm import NORMS, make_norm
+from segkit.ops.norm import NORMS, fold_conv_norm, make_norm
 
 __all__ = ["NORMS", "make_norm", "SqueezeExcite", "BasicBlock", "Bottleneck"]
 
@@ -51,13 +51,16 @@ class _Residual(nn.Module):
     drop_path: StochasticDepth | None
     downsample: nn.Module | None
 
-    def _finish(self, out_channels: int, se_reduction: int | None, drop_path: float) -> None:
+    def _finish(self, out_channels: int, se_reduction: int | None, drop_path: float, fold_norm: bool) -> None:
+        self.fold_norm = fold_norm
         self.se = None if se_reduction is None else SqueezeExcite(channels=out_channels, reduction=se_reduction)
         self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else None
         self.relu = nn.ReLU(inplace=True)
 
     def _merge(self, branch: Tensor, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x
+        if self.downsample is not None:
+            identity = fold_conv_norm(self.downsample[0], self.downsample[1], x, self.fold_norm)
         if self.se is not None:
             branch = self.se(branch)
         if self.drop_path is not None:
@@ -77,27 +80,30 @@ class BasicBlock(_Residual):
         dilation: dilation (and padding) of both convolutions.
         se_reduction: add squeeze-and-excitation with this reduction; ``None`` for none.
         drop_path: probability of dropping the residual branch per sample in training.
+        fold_norm: compute each convolution and a fixed-affine norm after it as one convolution
+            (:func:`segkit.ops.norm.fold_conv_norm`).
     """
 
     expansion = 1
 
     def __init__(self, *, in_channels: int, width: int, stride: int, norm: Callable[[int], nn.Module],
-                 dilation: int = 1, se_reduction: int | None = None, drop_path: float = 0.0) -> None:
+                 dilation: int = 1, se_reduction: int | None = None, drop_path: float = 0.0,
+                 fold_norm: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
         self.bn1 = norm(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = norm(width)
         self.downsample = shortcut(in_channels, width, stride, norm)
-        self._finish(width, se_reduction, drop_path)
+        self._finish(width, se_reduction, drop_path, fold_norm)
 
     def last_norm(self) -> nn.Module:
         return self.bn2
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[N, C_in, H, W] -> Tensor[N, width, H / stride, W / stride]."""
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self._merge(self.bn2(self.conv2(out)), x)
+        out = self.relu(fold_conv_norm(self.conv1, self.bn1, x, self.fold_norm))
+        return self._merge(fold_conv_norm(self.conv2, self.bn2, out, self.fold_norm), x)
 
 
 class Bottleneck(_Residual):
@@ -116,13 +122,16 @@ class Bottleneck(_Residual):
         shortcut_kernel: kernel size of a projection shortcut (1, or 3 in SENet-154).
         se_reduction: add squeeze-and-excitation with this reduction; ``None`` for none.
         drop_path: probability of dropping the residual branch per sample in training.
+        fold_norm: compute each convolution and a fixed-affine norm after it as one convolution
+            (:func:`segkit.ops.norm.fold_conv_norm`).
     """
 
     expansion = 4
 
     def __init__(self, *, in_channels: int, width: int, stride: int, norm: Callable[[int], nn.Module],
                  groups: int = 1, width_per_group: int = 64, half_first: bool = False, dilation: int = 1,
-                 shortcut_kernel: int = 1, se_reduction: int | None = None, drop_path: float = 0.0) -> None:
+                 shortcut_kernel: int = 1, se_reduction: int | None = None, drop_path: float = 0.0,
+                 fold_norm: bool = False) -> None:
         super().__init__()
         inner = int(width * width_per_group / 64) * groups
         first = inner // 2 if half_first else inner
@@ -135,16 +144,16 @@ class Bottleneck(_Residual):
         self.conv3 = nn.Conv2d(inner, out_channels, 1, bias=False)
         self.bn3 = norm(out_channels)
         self.downsample = shortcut(in_channels, out_channels, stride, norm, kernel=shortcut_kernel)
-        self._finish(out_channels, se_reduction, drop_path)
+        self._finish(out_channels, se_reduction, drop_path, fold_norm)
 
     def last_norm(self) -> nn.Module:
         return self.bn3
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[N, C_in, H, W] -> Tensor[N, 4 * width, H / stride, W / stride]."""
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self._merge(self.bn3(self.conv3(out)), x)
+        out = self.relu(fold_conv_norm(self.conv1, self.bn1, x, self.fold_norm))
+        out = self.relu(fold_conv_norm(self.conv2, self.bn2, out, self.fold_norm))
+        return self._merge(fold_conv_norm(self.conv3, self.bn3, out, self.fold_norm), x)
 
 
 def shortcut(in_channels: int, out_channels: int, stride: int, norm: Callable[[int], nn.Module],

@@ -7,7 +7,7 @@ from segkit.ops.labels import check_labels, check_num_classes
 from segkit.ops.losses import sigmoid_focal_loss, sigmoid_focal_loss_by_label, smooth_l1_loss
 from segkit.ops.matcher import ATSSMatcher, Matcher
 from segkit.ops.conv import conv_norm_act
-from segkit.ops.norm import NORMS, check_norm, make_norm
+from segkit.ops.norm import NORMS, check_norm, fixed_affine, fold_conv_norm, make_norm
 from segkit.ops.poolers import MultiLevelRoIAlign, assign_boxes_to_levels, boxes_to_rois
 from segkit.ops.sampler import BalancedSampler
 from segkit.ops.shape_spec import ShapeSpec, shared_channels
@@ -31,6 +31,8 @@ __all__ = [
     "check_norm",
     "check_num_classes",
     "conv_norm_act",
+    "fixed_affine",
+    "fold_conv_norm",
     "make_norm",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_by_label",

@@ -306,6 +306,8 @@ def test_malformed_images_are_clear_errors(tiny_model, images, match):
         ({"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([1.0])}, "int64"),
         ({"boxes": torch.tensor([1.0, 1.0, 5.0, 5.0]), "labels": torch.tensor([1])}, r"\[N, 4\]"),
         ({"labels": torch.tensor([1])}, "'boxes' and 'labels'"),
+        ({"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]).repeat(10_001, 1), "labels": torch.ones(10_001, dtype=torch.int64)},
+         r"targets\[0\] has 10,001 boxes, more than the 10,000"),
     ],
 )
 def test_malformed_targets_are_clear_errors(tiny_model, target, match):

@@ -176,6 +176,16 @@ def test_unusable_box_is_dropped_with_one_counted_warning_naming_the_annotation(
     assert len(dataset[0][1]["boxes"]) == 0 and len(dataset[1][1]["boxes"]) == 1
 
 
+def test_image_with_more_boxes_than_training_can_match_is_refused_naming_file_and_image(tmp_path: Path):
+    from segkit.ops.labels import MAX_BOXES_PER_IMAGE
+
+    many = [{"id": k, "image_id": 2, "category_id": 1, "bbox": [k % 30, k % 20, 10, 10], "area": 100, "iscrowd": 0}
+            for k in range(1, MAX_BOXES_PER_IMAGE + 2)]
+    with pytest.raises(DatasetError, match=r"instances\.json: image_id 2 has 10,001 boxes, more than the 10,000"):
+        _dataset(tmp_path, annotations=many)
+    assert len(_dataset(tmp_path, annotations=many[:-1])) == 2  # at the limit: accepted
+
+
 def test_crowd_rle_is_kept_for_evaluation_but_not_trained_on(tmp_path: Path):
     crowd = {"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, 48, 40], "area": 1920, "iscrowd": 1,
              "segmentation": {"size": [H, W], "counts": [0, H * W]}}

@@ -26,6 +26,7 @@ from segkit.data.images import (
 )
 from segkit.data.transforms import apply_transforms, build_transforms, follow_torch_seed
 from segkit.errors import ConfigError, DatasetError
+from segkit.ops.labels import MAX_BOXES_PER_IMAGE, check_box_count
 from segkit.registry import DATASETS, check_arguments
 from segkit.textio import load_json
 
@@ -204,6 +205,13 @@ class CocoDataset(torch.utils.data.Dataset):
         size_ok = self._big_enough(boxes, ids_a)
         labels_a = np.asarray(labels, dtype=np.int64)
         rows_a, boxes, labels_a, ids_a = rows_a[size_ok], boxes[size_ok], labels_a[size_ok], ids_a[size_ok]
+        counts = np.bincount(rows_a, minlength=len(image_order))
+        if len(counts) and counts.max() > MAX_BOXES_PER_IMAGE:  # the image with the most, by name
+            row = int(counts.argmax())
+            try:
+                check_box_count(int(counts[row]), f"{self.ann_file}: image_id {list(self.coco.imgs)[row]}")
+            except ValueError as exc:
+                raise DatasetError(str(exc)) from None
         order = np.argsort(rows_a, kind="stable")
         splits = np.searchsorted(rows_a[order], np.arange(1, len(image_order)))
         groups = zip(np.split(boxes[order], splits), np.split(labels_a[order], splits),

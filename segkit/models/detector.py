@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from segkit.errors import ConfigError
 from segkit.models.base import SegkitModel
 from segkit.models.preprocess import ImagePreprocessor
+from segkit.ops.labels import check_box_count
 from segkit.registry import BACKBONES, HEADS, NECKS, check_arguments, join_key
 
 __all__ = ["Detector", "build_backbone_and_neck", "check_targets"]
@@ -168,8 +169,9 @@ def check_targets(targets: Any, images: Sequence[Tensor]) -> list[Mapping[str, T
     """``targets`` as a list of detection target dicts, one per image, checked.
 
     Raises:
-        ValueError: no targets, not one dict per image, or a malformed ``boxes`` / ``labels`` /
-            ``masks`` entry (naming the image and the expected shape and dtype).
+        ValueError: no targets, not one dict per image, a malformed ``boxes`` / ``labels`` /
+            ``masks`` entry (naming the image and the expected shape and dtype), or more boxes than
+            :data:`segkit.ops.labels.MAX_BOXES_PER_IMAGE`.
     """
     if targets is None:
         raise ValueError(
@@ -189,6 +191,7 @@ def check_targets(targets: Any, images: Sequence[Tensor]) -> list[Mapping[str, T
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
             desc = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(f"targets[{i}]['labels'] must be an int64 tensor [N] matching {len(boxes)} boxes, got {desc}")
+        check_box_count(len(boxes), f"targets[{i}]")
         _check_masks(target.get("masks"), i, len(boxes), tuple(images[i].shape[-2:]))
         bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if bad.any():

@@ -114,6 +114,22 @@ def test_output_stride_16_and_multi_grid_rates():
     with torch.no_grad():
         assert net.eval()(torch.rand(1, 3, 64, 64))["c5"].shape == (1, 256, 4, 4)
 
+def test_contract_dilation_gives_torchvision_replace_stride_with_dilation_rates():
+    """torchvision's dilated stages keep the previous rate in their first block (DeepLabV3, FCN)."""
+    with torch.device("meta"):
+        reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+        net = ResNet(depth=50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True)
+        every = ResNet(depth=50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        expected = [(b.conv2.dilation, b.conv2.stride, b.conv2.padding) for b in getattr(reference, stage)]
+        assert [(b.conv2.dilation, b.conv2.stride, b.conv2.padding) for b in getattr(net, stage)] == expected
+    assert [b.conv2.dilation[0] for b in net.layer4] == [2, 4, 4]
+    assert [b.conv2.dilation[0] for b in every.layer4] == [4, 4, 4]
+    with torch.device("meta"):
+        grid = ResNet(depth=50, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), multi_grid=(1, 2, 4), contract_dilation=True)
+    assert [b.conv2.dilation[0] for b in grid.layer4] == [2, 4, 8]  # multi-grid rates win in the last stage
+
+
 
 # Parameter counts without the classifier, from torchvision 0.29 / timm 1.0.
 _PARAMETERS = [

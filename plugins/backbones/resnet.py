@@ -54,6 +54,10 @@ class ResNet(nn.Module):
         dilations: dilation of each stage's 3x3 convolutions, e.g. ``(1, 1, 2, 4)`` for output stride 8.
         multi_grid: unit rates of the last stage, multiplied by its dilation (e.g. ``(1, 2, 4)``);
             repeated if the stage has more blocks.
+        contract_dilation: the first block of a dilated stage keeps the previous stage's rate (half
+            the stage's dilation), as torchvision's ``replace_stride_with_dilation`` builds it (the
+            backbone of its DeepLabV3 and FCN); the other blocks use the stage's dilation. Without it
+            every block of the stage is dilated. A stage with ``multi_grid`` follows its unit rates.
         out_indices: stages to return, 0..3, named ``c2``..``c5``.
         frozen_stages: ``-1`` trains everything; ``0`` freezes the stem; ``i`` freezes the stem and
             stages 1..i (no gradients, normalisation layers kept in eval mode).
@@ -96,6 +100,7 @@ class ResNet(nn.Module):
         strides: Sequence[int] = (1, 2, 2, 2),
         dilations: Sequence[int] = (1, 1, 1, 1),
         multi_grid: Sequence[int] | None = None,
+        contract_dilation: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = -1,
         norm: str = "BN",
@@ -136,7 +141,7 @@ class ResNet(nn.Module):
                 if block is Bottleneck:
                     options.update(groups=groups, width_per_group=width_per_group, half_first=variant == "senet",
                                    shortcut_kernel=3 if variant == "senet" and i > 0 else 1)
-                dilation = dilations[i] * (multi_grid[b % len(multi_grid)] if multi_grid and i == 3 else 1)
+                dilation = _block_dilation(dilations[i], b, multi_grid if i == 3 else None, contract_dilation)
                 blk = block(in_channels=in_channels, width=base_channels * 2**i, stride=strides[i] if b == 0 else 1,
                             norm=lambda c: make_norm(norm, c), dilation=dilation, fold_norm=self.fold_norm,
                             **options)
@@ -237,6 +242,15 @@ class ResNet(nn.Module):
             if i in self.out_indices:
                 outputs[f"c{i + 2}"] = x
         return outputs
+
+
+def _block_dilation(dilation: int, block: int, multi_grid: Sequence[int] | None, contract: bool) -> int:
+    """The dilation of block ``block`` of a stage of dilation ``dilation``."""
+    if multi_grid:
+        return dilation * int(multi_grid[block % len(multi_grid)])
+    if contract and block == 0 and dilation > 1:
+        return dilation // 2
+    return dilation
 
 
 def _four(name: str, values: Sequence[int]) -> tuple[int, int, int, int]:

@@ -18,9 +18,11 @@ ConvInit = Literal["kaiming_normal", "kaiming_uniform", "normal", "default"]
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, *, norm: str | None = None,
-                  activation: bool = False, stride: int = 1, init: ConvInit = "kaiming_normal",
-                  bias: bool | None = None, owner: str = "the layer") -> nn.Sequential:
-    """``Sequential(conv[, norm][, ReLU])``: a ``kernel_size`` conv with "same" padding, a bias only
+                  activation: bool = False, stride: int = 1, dilation: int = 1, groups: int = 1,
+                  init: ConvInit = "kaiming_normal", bias: bool | None = None,
+                  owner: str = "the layer") -> nn.Sequential:
+    """``Sequential(conv[, norm][, ReLU])``: a ``kernel_size`` conv with "same" padding (``dilation *
+    (kernel_size // 2)``), ``groups`` groups (``in_channels`` for a depthwise conv), a bias only
     without a norm (unless ``bias`` says otherwise), the norm by name (:data:`~segkit.ops.norm.NORMS`,
     ``None`` for none) and an in-place ReLU with ``activation``. The layout (conv at index 0, norm at 1)
     is the one checkpoints use.
@@ -29,8 +31,8 @@ def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, *, norm
         ValueError: an unknown norm (naming ``owner``) or init.
     """
     check_norm(norm, owner=owner)
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                     bias=norm is None if bias is None else bias)
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=dilation * (kernel_size // 2),
+                     dilation=dilation, groups=groups, bias=norm is None if bias is None else bias)
     if init == "normal":
         nn.init.normal_(conv.weight, std=0.01)
     elif init == "kaiming_normal":

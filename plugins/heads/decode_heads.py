@@ -20,7 +20,7 @@ from segkit.ops.norm import check_norm
 from segkit.ops.shape_spec import ShapeSpec
 from segkit.registry import HEADS
 
-__all__ = ["BaseDecodeHead", "EncHead", "FCNHead", "se_loss_targets"]
+__all__ = ["BaseDecodeHead", "EncHead", "FCNHead", "feature_names", "resize_map", "se_loss_targets"]
 
 
 def se_loss_targets(sem_seg: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
@@ -44,9 +44,14 @@ def se_loss_targets(sem_seg: Tensor, num_classes: int, ignore_index: int = 255) 
     return present.scatter_(1, index, 1.0)[:, :num_classes]
 
 
-def _feature_names(
+def feature_names(
     in_features: str | Sequence[str], in_shapes: Mapping[str, ShapeSpec], *, owner: str, key: str = "in_features"
 ) -> tuple[str, ...]:
+    """The map names ``in_features`` gives (one name or several), checked against ``in_shapes``.
+
+    Raises:
+        ValueError: no name, or a name that is not an input map (``owner`` and ``key`` say whose option).
+    """
     names = (in_features,) if isinstance(in_features, str) else tuple(in_features)
     if not names:
         raise ValueError(f"{owner} {key} is empty; name one of the input maps {list(in_shapes)}")
@@ -59,7 +64,9 @@ def _feature_names(
     return names
 
 
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+def resize_map(x: Tensor, size: Sequence[int]) -> Tensor:
+    """``x`` (Tensor[N, C, h, w]) resized bilinearly (``align_corners=False``) to ``size`` (H, W); ``x`` itself
+    when it has that size."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
@@ -112,7 +119,7 @@ class BaseDecodeHead(nn.Module):
         if loss_weight < 0:
             raise ValueError(f"{owner} loss_weight must be >= 0, got {loss_weight}")
         check_norm(norm, owner=owner)
-        self.in_features = _feature_names(in_features, in_shapes, owner=owner)
+        self.in_features = feature_names(in_features, in_shapes, owner=owner)
         self.in_channels = sum(in_shapes[name].channels for name in self.in_features)
         self.num_classes = int(num_classes)
         self.channels = int(channels)
@@ -128,7 +135,7 @@ class BaseDecodeHead(nn.Module):
         maps = [features[name] for name in self.in_features]
         if len(maps) == 1:
             return maps[0]
-        return torch.cat([maps[0], *(_resize(m, maps[0].shape[-2:]) for m in maps[1:])], dim=1)
+        return torch.cat([maps[0], *(resize_map(m, maps[0].shape[-2:]) for m in maps[1:])], dim=1)
 
     def classify(self, x: Tensor) -> Tensor:
         """Class logits Tensor[N, K, h, w] of a map Tensor[N, channels, h, w] (dropout + 1x1 conv)."""
@@ -145,7 +152,7 @@ class BaseDecodeHead(nn.Module):
                 f"sem_seg must be Tensor[N, H, W] with N={seg_logits.shape[0]} (the batch of the logits), "
                 f"got shape {tuple(sem_seg.shape)}"
             )
-        logits = _resize(seg_logits, sem_seg.shape[-2:])
+        logits = resize_map(seg_logits, sem_seg.shape[-2:])
         total = F.cross_entropy(logits, sem_seg.long(), ignore_index=self.ignore_index, reduction="sum")
         count = (sem_seg != self.ignore_index).sum().clamp_min(1)
         return total / count * self.loss_weight
@@ -194,7 +201,7 @@ class FCNHead(BaseDecodeHead):
         loss_weight: float = 1.0,
         norm: str | None = "BN",
     ) -> None:
-        names = _feature_names(in_features, in_shapes, owner="FCNHead")
+        names = feature_names(in_features, in_shapes, owner="FCNHead")
         in_channels = sum(in_shapes[name].channels for name in names)
         if num_convs < 0:
             raise ValueError(f"FCNHead num_convs must be >= 0, got {num_convs}")
@@ -297,7 +304,7 @@ class EncHead(BaseDecodeHead):
         self.reduce = conv_norm_act(self.in_channels, self.channels, 3, norm=norm, activation=True)
         self.lateral_features: tuple[str, ...] = ()
         if lateral:
-            self.lateral_features = _feature_names(lateral_features, in_shapes, owner="EncHead", key="lateral_features")
+            self.lateral_features = feature_names(lateral_features, in_shapes, owner="EncHead", key="lateral_features")
             self.lateral_convs = nn.ModuleList(
                 conv_norm_act(in_shapes[name].channels, self.channels, 1, norm=norm, activation=True)
                 for name in self.lateral_features
@@ -311,7 +318,7 @@ class EncHead(BaseDecodeHead):
         if extra_encoding:
             if not isinstance(extra_in_feature, str):
                 raise ValueError(f"EncHead extra_in_feature names one map, got {extra_in_feature!r}")
-            (self.extra_in_feature,) = _feature_names(
+            (self.extra_in_feature,) = feature_names(
                 extra_in_feature, in_shapes, owner="EncHead", key="extra_in_feature"
             )
             self.extra_encoding = ContextEncoding(
@@ -335,7 +342,7 @@ class EncHead(BaseDecodeHead):
         x = self.reduce(self.gather(features))
         if self.lateral_features:
             laterals = [
-                _resize(conv(features[name]), x.shape[-2:])
+                resize_map(conv(features[name]), x.shape[-2:])
                 for name, conv in zip(self.lateral_features, self.lateral_convs)
             ]
             x = self.fusion(torch.cat([x, *laterals], dim=1))

@@ -13,8 +13,13 @@ CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.y
 
 
 # The ResNet-101 / ResNeXt-101 models build as their R50 versions do, at twice the cost: in the slow suite.
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "101" in p.name else p for p in CONFIGS],
-                         ids=lambda p: p.name)
+# So is DeepLabV3 R50-D8 (9 s: a 480 px window through the ASPP): tests/test_deeplab.py checks its
+# parameters against torchvision's deeplabv3_resnet50 and runs that model converted.
+SLOW_CONFIGS = ("deeplabv3_r50_d8_voc.yaml",)
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "101" in p.name or p.name in SLOW_CONFIGS
+                                  else p for p in CONFIGS], ids=lambda p: p.name)
 def test_config_loads_and_model_builds(path: Path):
     cfg = segkit.load_config(path, ["model.backbone.pretrained=null"])
     # The forward checks the outputs, not the recipe's test-time cost: one scale, and the small image
@@ -40,6 +45,7 @@ def test_config_loads_and_model_builds(path: Path):
 # 28x28-output FC layer: more parameters, on the same small backbone.
 @pytest.mark.parametrize("name,limit", [("quickstart.yaml", 5e6), ("quickstart_mask.yaml", 5e6),
                                         ("quickstart_panet.yaml", 10e6), ("quickstart_seg.yaml", 2e6),
+                                        ("quickstart_deeplabv3.yaml", 2e6),
                                         ("quickstart_retinanet.yaml", 5e6), ("quickstart_fcos.yaml", 5e6),
                                         ("quickstart_yolo.yaml", 5e6), ("quickstart_ssd.yaml", 5e6)])
 def test_quickstart_is_cpu_sized(name, limit):

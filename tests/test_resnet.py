@@ -155,6 +155,31 @@ def test_fold_norm_trains_a_batchnorm_kept_in_eval_mode_with_the_same_gradients(
         torch.testing.assert_close(grads[True][key], grad, rtol=1e-3, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16_autocast"])
+def test_fold_conv_norm_gives_the_gradients_of_conv_then_norm(autocast):
+    from segkit.ops import fold_conv_norm
+
+    dtype = torch.float32 if autocast else torch.float64
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=True).to(dtype)
+    norm = torch.nn.BatchNorm2d(6).to(dtype).eval()
+    _randomise_norms(norm)
+    x = torch.rand(2, 4, 9, 11, dtype=dtype, requires_grad=True)
+    grads = []
+    for fold in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fold_conv_norm(conv, norm, x, fold)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        params = (x, conv.weight, conv.bias, norm.weight, norm.bias)
+        grads.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    tolerance = {"rtol": 3e-2, "atol": 3e-2} if autocast else {"rtol": 1e-10, "atol": 1e-12}
+    for folded, plain in zip(*grads):
+        assert folded.dtype == plain.dtype
+        torch.testing.assert_close(folded, plain, **tolerance)
+
+
 def test_fold_norm_leaves_batchnorm_in_training_mode_alone():
     outputs, stats = [], []
     for fold in (True, False):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -75,6 +77,42 @@ def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = Tru
     if affine is None:
         return norm(conv(x))
     scale, shift = affine
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = shift if conv.bias is None else conv.bias * scale + shift
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if conv.bias is not None:
+        shift = conv.bias * scale + shift
+    if torch.is_grad_enabled() and not isinstance(conv.padding, str):
+        if any(t.requires_grad for t in (x, conv.weight, scale, shift)):
+            return _FoldedConv.apply(x, conv.weight, scale, shift, conv.stride, conv.padding, conv.dilation,
+                                     conv.groups)
+    return F.conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
+class _FoldedConv(torch.autograd.Function):
+    """``conv2d(x, weight * scale, shift)`` that keeps ``weight`` and ``scale`` for the backward pass, not
+    their product: autograd would hold a scaled copy of every folded weight (the size of the backbone)
+    from the forward pass to the backward; here the product is formed again when it is needed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: Any, padding: Any,
+                dilation: Any, groups: int) -> Tensor:
+        ctx.save_for_backward(x, weight, scale)
+        ctx.options = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight * scale.reshape(-1, 1, 1, 1), shift, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.options
+        need_x, need_weight, need_scale, need_shift = ctx.needs_input_grad[:4]
+        folded = weight * scale.reshape(-1, 1, 1, 1)
+        # Under autocast the forward convolution ran in the gradient's dtype: so does its backward.
+        grad_x, grad_folded, _ = torch.ops.aten.convolution_backward(
+            grad, x.to(grad.dtype), folded.to(grad.dtype), None, list(stride), list(padding), list(dilation), False,
+            [0] * len(stride), groups, [need_x, need_weight or need_scale, False])
+        if grad_folded is not None:
+            grad_folded = grad_folded.to(weight.dtype)
+        return (grad_x.to(x.dtype) if need_x else None,
+                grad_folded * scale.reshape(-1, 1, 1, 1) if need_weight else None,
+                (grad_folded * weight).sum((1, 2, 3)) if need_scale else None,
+                grad.sum((0, 2, 3)).to(scale.dtype) if need_shift else None,
+                None, None, None, None)

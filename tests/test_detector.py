@@ -385,6 +385,9 @@ def test_every_head_builds_from_defaults(name):
         cfg["in_features"] = "p5"  # a decode head's default map (c5 of a backbone) is not in the tiny neck's
     elif default is not None and isinstance(default.default, (list, tuple)) and not set(default.default) <= set(TINY_SHAPES):
         cfg["in_features"] = list(TINY_SHAPES)[: len(default.default)]  # SSD's VGG maps: as many of the neck's
+    low_level = inspect.signature(HEADS.get(name)).parameters.get("low_level_feature")
+    if low_level is not None and low_level.default not in TINY_SHAPES:
+        cfg["low_level_feature"] = "p2"  # DeepLabV3+'s decoder input (c2 of a backbone): the neck's finest map
     head = HEADS.build(cfg, path="model.head")
     assert isinstance(head, torch.nn.Module)
 

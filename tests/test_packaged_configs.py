@@ -117,6 +117,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
     return proc
 
 
+# 85 s (a wheel build and an environment of its own): in the slow suite; the package's configs and
+# their use by name from any folder are checked by the tests above.
+@pytest.mark.slow
 def test_from_the_wheel_to_a_model_trained_on_your_coco_data(tmp_path):
     """`pip install segkit_cv-*.whl` (not editable) into an environment of its own, then, in an empty
     folder outside the repository: list the configs, copy the quickstart, point it at a COCO-format

@@ -43,6 +43,17 @@ work_dir: "{work_dir}"
 
 
 @pytest.fixture()
+def single_thread():
+    """One intra-op thread for tests of tiny tensors (more only add contention on a shared machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
 def tiny_config(tmp_path: Path) -> Path:
     """A config file for a tiny Faster R-CNN on 16 Shapes images of 64 px (trains in seconds)."""
     path = tmp_path / "tiny.yaml"

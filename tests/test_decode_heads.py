@@ -14,13 +14,7 @@ from segkit.ops.shape_spec import ShapeSpec
 from segkit.registry import HEADS
 from segkit_plugins.heads.decode_heads import EncHead, FCNHead, se_loss_targets
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 SHAPES = {"c3": ShapeSpec(24, 8), "c4": ShapeSpec(32, 8), "c5": ShapeSpec(48, 8)}

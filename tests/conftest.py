@@ -43,7 +43,7 @@ work_dir: "{work_dir}"
 
 
 @pytest.fixture()
-def single_thread():
+def one_thread():
     """One intra-op thread for tests of tiny tensors (more only add contention on a shared machine)."""
     import torch
 

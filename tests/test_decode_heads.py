@@ -14,7 +14,7 @@ from segkit.ops.shape_spec import ShapeSpec
 from segkit.registry import HEADS
 from segkit_plugins.heads.decode_heads import EncHead, FCNHead, se_loss_targets
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = {"c3": ShapeSpec(24, 8), "c4": ShapeSpec(32, 8), "c5": ShapeSpec(48, 8)}

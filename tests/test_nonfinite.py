@@ -7,7 +7,6 @@ import csv
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,7 @@ from segkit.models.two_stage import TwoStageDetector
 FAST = ["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=100"]  # 4 steps per epoch, no evaluation
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, *, loss_at: set[int] = frozenset(), grad_at: set[int] = frozenset(),

@@ -186,14 +186,6 @@ def test_a_run_killed_within_an_epoch_resumes_with_the_batches_it_had_not_traine
     assert _progress(last) == _progress(whole_last) == (MAX_EPOCHS - 1, 4 * MAX_EPOCHS)
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_auto_without_a_checkpoint_starts_a_new_run(tiny_config: Path, one_thread: None,
                                                            capsys: pytest.CaptureFixture[str]):
     args = ["trainer.max_epochs=1", "trainer.check_val_every_n_epoch=100", "--resume", "auto"]

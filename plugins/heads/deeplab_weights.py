@@ -38,7 +38,7 @@ from segkit.checkpoint import CheckpointError
 from segkit.registry import CONVERTERS
 from segkit.weights import ConvertedWeights, WeightConverter
 from segkit_plugins.backbones.resnet_weights import infer_resnet_arch
-from segkit_plugins.heads.detector_weights import layer_indices, resnet_body_name
+from segkit_plugins.heads.detector_weights import layer_indices, refuse_unknown_keys, rename_by_rules, resnet_body_name
 
 __all__ = ["is_torchvision_deeplabv3", "rename_torchvision_deeplabv3_key", "convert_torchvision_deeplabv3",
            "deeplab_class_names", "TorchvisionDeepLabV3"]
@@ -76,11 +76,7 @@ def is_torchvision_deeplabv3(state_dict: Mapping[str, Tensor]) -> bool:
 def rename_torchvision_deeplabv3_key(key: str) -> str | None:
     """The segkit name of a torchvision DeepLabV3 key (``classifier.0.project.0.weight`` ->
     ``decode_head.aspp.project.0.weight``), or ``None`` when no rule maps it."""
-    for regex, replacement in _RULES:
-        match = regex.match(key)
-        if match:
-            return match.expand(replacement)
-    return None
+    return rename_by_rules(key, _RULES)
 
 
 def convert_torchvision_deeplabv3(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -102,10 +98,7 @@ def convert_torchvision_deeplabv3(state_dict: Mapping[str, Tensor]) -> tuple[dic
     """
     arch = _arch(state_dict)
     renamed = {key: rename_torchvision_deeplabv3_key(key) for key in state_dict}
-    unknown = [key for key, new in renamed.items() if new is None]
-    if unknown:
-        raise CheckpointError(f"the torchvision DeepLabV3 state dict has {len(unknown)} key(s) that segkit cannot "
-                              f"map, e.g. {', '.join(unknown[:3])}; {_SUPPORTED}.")
+    refuse_unknown_keys([key for key, new in renamed.items() if new is None], "torchvision DeepLabV3", _SUPPORTED)
     return {renamed[key]: value for key, value in state_dict.items()}, _config(arch)
 
 

@@ -39,14 +39,19 @@ _BACKBONE_FPN_RULES = tuple((re.compile(pattern), replacement) for pattern, repl
 ))
 
 
-def rename_backbone_fpn_key(key: str) -> str | None:
-    """The segkit name (``ResNet`` backbone, ``FPN`` neck) of a torchvision ``backbone.body.*`` /
-    ``backbone.fpn.*`` key, or ``None`` for another key."""
-    for regex, replacement in _BACKBONE_FPN_RULES:
+def rename_by_rules(key: str, rules: Sequence[tuple[re.Pattern[str], str]]) -> str | None:
+    """``key`` renamed by the first ``(pattern, replacement)`` rule whose pattern matches it, or ``None``."""
+    for regex, replacement in rules:
         match = regex.match(key)
         if match:
             return match.expand(replacement)
     return None
+
+
+def rename_backbone_fpn_key(key: str) -> str | None:
+    """The segkit name (``ResNet`` backbone, ``FPN`` neck) of a torchvision ``backbone.body.*`` /
+    ``backbone.fpn.*`` key, or ``None`` for another key."""
+    return rename_by_rules(key, _BACKBONE_FPN_RULES)
 
 
 def refuse_unmapped_keys(state: Mapping[str, Tensor], head_keys: Sequence[re.Pattern[str]], what: str,
@@ -54,8 +59,14 @@ def refuse_unmapped_keys(state: Mapping[str, Tensor], head_keys: Sequence[re.Pat
     """Raise :class:`CheckpointError` naming the keys that are neither backbone / FPN keys nor matched
     by one of ``head_keys``; ``what`` names the detector (``"torchvision FCOS"``), ``supported`` says
     what converts."""
-    unknown = [key for key in state
-               if rename_backbone_fpn_key(key) is None and not any(p.match(key) for p in head_keys)]
+    refuse_unknown_keys([key for key in state
+                         if rename_backbone_fpn_key(key) is None and not any(p.match(key) for p in head_keys)],
+                        what, supported)
+
+
+def refuse_unknown_keys(unknown: Sequence[str], what: str, supported: str) -> None:
+    """Raise :class:`CheckpointError` naming the first of the ``unknown`` keys of the ``what`` state dict
+    (nothing when there are none)."""
     if unknown:
         raise CheckpointError(f"the {what} state dict has {len(unknown)} key(s) that segkit cannot map, "
                               f"e.g. {', '.join(unknown[:3])}; {supported}.")

@@ -13,6 +13,7 @@ import torch
 import segkit
 from segkit.bench import REFERENCES, comparison_ratios, reference_for
 from segkit.cli import main
+from segkit.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MEASURED = ("train_step_s", "infer_s", "throughput_batch_s")
@@ -159,6 +160,42 @@ def test_fcn_reference_gets_torchvision_architecture_and_weights():
     assert reference.eval()(images)[0]["sem_seg"].shape == (21, 32, 40)
     losses = reference.train()(images, [{"sem_seg": torch.randint(0, 21, (32, 40))}])
     assert set(losses) == {"loss_seg", "loss_aux"} and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_deeplabv3_reference_has_segkit_weights_and_segments_alike():
+    import copy
+
+    from segkit.bench import TorchvisionSegmentor, build_reference, match_reference
+
+    torch.set_num_threads(1)  # restored by the fixture
+    cfg = copy.deepcopy(segkit.load_config(CONFIGS / "deeplabv3_r50_d8_voc.yaml",
+                                           ["model.decode_head.channels=128", "model.decode_head.dilations=[6,12,18]"]))
+    notes = " ".join(match_reference("deeplabv3_resnet50", cfg))
+    assert "model.decode_head.channels 128 -> 256" in notes and "model.decode_head.dilations [6, 12, 18] -> [12, 24, 36]" \
+        in notes and "model.test_cfg -> {mode: whole}" in notes
+    ours = segkit.build_model(cfg)
+    reference = build_reference("deeplabv3_resnet50", cfg, ours, (64, 64), seed=0)
+    assert isinstance(reference, TorchvisionSegmentor)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+    images = [torch.rand(3, 48, 56)]
+    with torch.no_grad():
+        theirs = reference.eval()(images)[0]["sem_seg"]
+        mine = ours.eval()(images)[0]["sem_seg"]
+    assert theirs.shape == mine.shape == (21, 48, 56)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+    # two images: the image-pooling branch's BatchNorm needs more than one value per channel in training
+    losses = reference.train()(images * 2, [{"sem_seg": torch.randint(0, 21, (48, 56))}] * 2)
+    assert set(losses) == {"loss_seg", "loss_aux"} and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_deeplabv3_reference_refuses_an_undilated_backbone():
+    from segkit.bench import build_reference
+
+    cfg = segkit.load_config(CONFIGS / "deeplabv3_r50_d8_voc.yaml",
+                             ["model.backbone.pretrained=null", "model.backbone.strides=[1,2,2,2]",
+                              "model.backbone.dilations=[1,1,1,1]"])
+    with pytest.raises(UserError, match="contract_dilation=true"):
+        build_reference("deeplabv3_resnet50", cfg, None, (64, 64), seed=0)
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.head.norm=GN", "model.head.box_loss=giou",

@@ -45,6 +45,8 @@ REFERENCES: dict[str, Reference] = {
                                    "configs/fcos_r50_fpn_coco.yaml"),
     "fcn_resnet50": Reference("FCN R50-D8", "torchvision.models.segmentation.fcn_resnet50",
                               "configs/fcn_r50_d8_voc.yaml"),
+    "deeplabv3_resnet50": Reference("DeepLabV3 R50-D8", "torchvision.models.segmentation.deeplabv3_resnet50",
+                                    "configs/deeplabv3_r50_d8_voc.yaml"),
     "ssd300_vgg16": Reference("SSD300 VGG-16", "torchvision.models.detection.ssd300_vgg16",
                               "configs/ssd300_vgg16_coco.yaml"),
 }
@@ -75,9 +77,11 @@ def reference_for(cfg: Mapping[str, Any]) -> str:
         one_stage = {"RetinaNetHead": "retinanet_resnet50_fpn", "FCOSHead": "fcos_resnet50_fpn"}
         if head.get("type") in one_stage:
             return one_stage[head["type"]]
-    if model.get("type") == "EncoderDecoder" and resnet50 and not neck \
-            and (model.get("decode_head") or {}).get("type") == "FCNHead":
-        return "fcn_resnet50"
+    if model.get("type") == "EncoderDecoder" and resnet50 and not neck:
+        semantic = {"FCNHead": "fcn_resnet50", "ASPPHead": "deeplabv3_resnet50"}
+        decode_type = (model.get("decode_head") or {}).get("type")
+        if decode_type in semantic:
+            return semantic[decode_type]
     if model.get("type") == "OneStageDetector" and backbone.get("type") == "VGG" and backbone.get("depth", 16) == 16 \
             and neck.get("type") == "SSDExtraLayers" and head.get("type") == "SSDHead":
         return "ssd300_vgg16"
@@ -98,21 +102,29 @@ def match_reference(name: str, cfg: dict[str, Any]) -> list[str]:
     if pretrained is not None:  # replaced by the reference's weights anyway; the file need not exist
         model["backbone"]["pretrained"] = None
         notes.append(f"model.backbone.pretrained {pretrained} -> null (both models get torchvision's weights)")
-    if name != "fcn_resnet50":
+    if name not in ("fcn_resnet50", "deeplabv3_resnet50"):
         return notes
-    # torchvision: 7x7 stem; heads of one 3x3 conv to in_channels / 4 (c5: 512, c4: 256), then a 1x1 classifier.
-    wanted = {("backbone", "stem"): "default", ("decode_head", "in_features"): "c5",
-              ("decode_head", "num_convs"): 1, ("decode_head", "channels"): 512, ("decode_head", "kernel_size"): 3}
+    # torchvision: 7x7 stem; FCN heads of one 3x3 conv to in_channels / 4 (c5: 512, c4: 256), then a 1x1
+    # classifier; DeepLabV3's ASPP on c5 with 256 channels, rates 12, 24, 36 and no separable convs.
+    wanted: dict[tuple[str, str], Any] = {("backbone", "stem"): "default", ("decode_head", "in_features"): "c5"}
+    if name == "fcn_resnet50":
+        wanted.update({("decode_head", "num_convs"): 1, ("decode_head", "channels"): 512,
+                       ("decode_head", "kernel_size"): 3})
+    else:
+        wanted.update({("decode_head", "channels"): 256, ("decode_head", "dilations"): [12, 24, 36],
+                       ("decode_head", "norm"): "BN", ("decode_head", "pool_norm"): "same"})
     if isinstance(model.get("auxiliary_head"), Mapping):
         wanted.update({("auxiliary_head", "in_features"): "c4", ("auxiliary_head", "num_convs"): 1,
                        ("auxiliary_head", "channels"): 256, ("auxiliary_head", "kernel_size"): 3})
     defaults = {"stem": "default", "in_features": "c5", "num_convs": 1, "kernel_size": 3,
-                "channels": {"decode_head": 512, "auxiliary_head": 256}}
+                "channels": {"decode_head": 512 if name == "fcn_resnet50" else 256, "auxiliary_head": 256},
+                "dilations": [12, 24, 36], "norm": "BN", "pool_norm": "same"}
     changed = []
     for (section, key), value in wanted.items():
         default = defaults[key][section] if isinstance(defaults[key], dict) else defaults[key]
         current = model[section].get(key)
         current = default if current is None else current
+        current = list(current) if isinstance(current, tuple | list) else current
         if current != value:
             model[section][key] = value
             changed.append(f"model.{section}.{key} {current} -> {value}")
@@ -120,7 +132,7 @@ def match_reference(name: str, cfg: dict[str, Any]) -> list[str]:
     if test_cfg.get("mode", "whole") != "whole" or test_cfg.get("flip") or list(test_cfg.get("scales", [1.0])) != [1.0]:
         model["test_cfg"] = {"mode": "whole"}
         changed.append("model.test_cfg -> {mode: whole} (single scale, no flip)")
-    return notes + ([f"to match torchvision's fcn_resnet50: {', '.join(changed)}"] if changed else [])
+    return notes + ([f"to match torchvision's {name}: {', '.join(changed)}"] if changed else [])
 
 
 def build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tuple[int, int] | None,
@@ -129,6 +141,8 @@ def build_reference(name: str, cfg: Mapping[str, Any], ours: nn.Module, size: tu
     torch.manual_seed(seed)
     if name == "fcn_resnet50":
         return _torchvision_fcn(cfg, ours)
+    if name == "deeplabv3_resnet50":
+        return _torchvision_deeplabv3(cfg, ours)
     from segkit.weights import convert_weights
 
     builders = {"retinanet_resnet50_fpn": _torchvision_retinanet, "fcos_resnet50_fpn": _torchvision_fcos,
@@ -298,7 +312,7 @@ def _torchvision_fcos(name: str, cfg: Mapping[str, Any], size: tuple[int, int] |
                 topk_candidates=det["topk_candidates"])
 
 class TorchvisionSegmentor(nn.Module):
-    """torchvision's FCN behind segkit's segmentor interface, so both run the same calls.
+    """torchvision's FCN or DeepLabV3 behind segkit's segmentor interface, so both run the same calls.
 
     Images are normalised and zero-padded to multiples of ``size_divisor`` as segkit does; training
     returns the cross-entropy of the main output (``loss_seg``) and of the auxiliary one scaled by
@@ -337,6 +351,31 @@ class TorchvisionSegmentor(nn.Module):
             return losses
         logits = out["out"]
         return [{"sem_seg": logits[i, :, :img.shape[-2], :img.shape[-1]].softmax(0)} for i, img in enumerate(images)]
+
+
+def _torchvision_deeplabv3(cfg: Mapping[str, Any], ours: nn.Module) -> nn.Module:
+    """torchvision's deeplabv3_resnet50 (auxiliary head when segkit has one), its weights loaded into ``ours``
+    through the registered DeepLabV3 converter."""
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    from segkit_plugins.heads.deeplab_weights import convert_torchvision_deeplabv3
+
+    bb = cfg["model"]["backbone"]
+    if list(bb.get("strides", [])) != [1, 2, 1, 1] or list(bb.get("dilations", [])) != [1, 1, 2, 4] \
+            or not bb.get("contract_dilation", False):
+        raise UserError("--compare torchvision: deeplabv3_resnet50 is a dilated ResNet-50 of output stride 8 "
+                        "whose first block of each dilated stage keeps the previous rate; set "
+                        "model.backbone.strides=[1,2,1,1], model.backbone.dilations=[1,1,2,4] and "
+                        "model.backbone.contract_dilation=true.")
+    aux_heads = list(getattr(ours, "auxiliary_heads", []))
+    net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=ours.num_classes,
+                             aux_loss=bool(aux_heads))
+    state, _ = convert_torchvision_deeplabv3(net.state_dict())
+    _load_or_explain(ours, state, "deeplabv3_resnet50", cfg)
+    weight = float(getattr(aux_heads[0], "loss_weight", 0.5)) if aux_heads else 0.0
+    return TorchvisionSegmentor(net=net, pixel_mean=ours.pixel_mean.flatten().tolist(),
+                                pixel_std=ours.pixel_std.flatten().tolist(), size_divisor=ours.size_divisor,
+                                ignore_index=ours.ignore_index, aux_weight=weight)
 
 
 _FCN_HEAD_KEYS = {"convs.0.0.": "0.", "convs.0.1.": "1.", "classifier.": "4."}

@@ -153,6 +153,32 @@ def test_encnet_configs_follow_the_paper():
     assert fcn["decode_head"]["type"] == "FCNHead" and "num_codes" not in fcn["decode_head"]
 
 
+def test_deeplab_configs_follow_the_papers():
+    from segkit.models.segmentor import SegTestConfig
+
+    for name, head_type in (("deeplabv3_r101_voc_aug.yaml", "ASPPHead"), ("deeplabv3plus_r50_d16_voc.yaml",
+                                                                           "DeepLabV3PlusHead")):
+        cfg = segkit.load_config(CONFIGS[0].parent / name)
+        model, backbone = cfg["model"], cfg["model"]["backbone"]
+        # output stride 16 with the multi-grid (1, 2, 4) on stage 4, ASPP rates (6, 12, 18)
+        assert (backbone["strides"], backbone["dilations"], backbone["multi_grid"]) == ([1, 2, 2, 1], [1, 1, 1, 2],
+                                                                                        [1, 2, 4])
+        head = model["decode_head"]
+        assert (head["type"], head["dilations"], head["channels"]) == (head_type, [6, 12, 18], 256)
+        assert model.get("auxiliary_head") is None and cfg["data"]["train"]["split"] == "train_aug"
+        crop = next(t for t in cfg["data"]["train"]["transforms"] if t["type"] == "SegRandomCrop")
+        assert (crop["height"], crop["width"], cfg["data"]["batch_size"], cfg["optimizer"]["lr"]) == (513, 513, 16, 0.007)
+        assert cfg["trainer"]["max_epochs"] == pytest.approx(30_000 * 16 / 10_582, rel=0.01)  # 30k iterations
+    plus = segkit.load_config(CONFIGS[0].parent / "deeplabv3plus_r50_d16_voc.yaml")["model"]["decode_head"]
+    assert (plus["low_level_feature"], plus["low_level_channels"]) == ("c2", 48)
+    city = segkit.load_config(CONFIGS[0].parent / "deeplabv3_r101_d8_cityscapes.yaml")
+    assert city["model"]["decode_head"]["num_classes"] == city["model"]["auxiliary_head"]["num_classes"] == 19
+    assert city["data"]["train"]["type"] == "Cityscapes" and city["model"]["backbone"]["depth"] == 101
+    assert SegTestConfig.from_mapping(city["model"]["test_cfg"]).crop_size == (769, 769)
+    steps = city["trainer"]["max_epochs"] * 2975 / city["data"]["batch_size"]
+    assert steps == pytest.approx(80_000, rel=0.01)
+
+
 def test_voc0712_recipe():
     cfg = segkit.load_config(CONFIGS[0].parent / "faster_rcnn_r50_fpn_voc0712.yaml")
     assert cfg["model"]["roi_head"]["num_classes"] == 20

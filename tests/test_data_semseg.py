@@ -14,7 +14,8 @@ from pycocotools import mask as mask_utils
 from segkit.data.coco import DatasetError
 from segkit.data.semseg import SemSegFolder, default_palette
 from segkit.data.semseg_formats import (
-    ADE20K, ADE20K_CLASSES, CONTEXT_CLASSES, VOC_CLASSES, PascalContext, ShapesSegmentation, VOCSegmentation,
+    ADE20K, ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CONTEXT_CLASSES, VOC_CLASSES, Cityscapes,
+    PascalContext, ShapesSegmentation, VOCSegmentation,
 )
 from segkit.data.transforms import apply_seg_transforms, build_seg_transforms
 from segkit.errors import ConfigError
@@ -219,6 +220,43 @@ def test_ade20k_has_150_classes_and_reduces_zero(tmp_path: Path) -> None:
     assert ds[0][1]["sem_seg"].unique().tolist() == [0, 149, 255]
     with pytest.raises(ConfigError, match="Did you mean 'training'"):
         ADE20K(root=str(tmp_path), split="train")
+
+
+def _cityscapes(root: Path) -> Path:
+    """Two cities of val as the dataset ships them: label ids (7 road, 26 car, 0 unlabelled, 4 static,
+    30 trailer) and the train ids the dataset's scripts write beside them."""
+    for city, name, ids in (("frankfurt", "frankfurt_000000_000294", [7, 26, 0]),
+                            ("lindau", "lindau_000000_000019", [33, 4, 30])):
+        _image(root / "leftImg8bit" / "val" / city / f"{name}_leftImg8bit.png", seed=len(city))
+        _label(root / "gtFine" / "val" / city / f"{name}_gtFine_labelIds.png", _stripes(ids), mode="L")
+        train_ids = [{7: 0, 26: 13, 33: 18}.get(i, 255) for i in ids]
+        _label(root / "gtFine" / "val" / city / f"{name}_gtFine_labelTrainIds.png", _stripes(train_ids), mode="L")
+        (root / "gtFine" / "val" / city / f"{name}_gtFine_color.png").write_bytes(b"")  # not a label map
+    return root
+
+
+def test_cityscapes_maps_label_ids_to_the_19_train_ids(tmp_path: Path) -> None:
+    root = _cityscapes(tmp_path)
+    by_ids = Cityscapes(root=str(root), split="val")
+    by_train_ids = DATASETS.build({"type": "Cityscapes", "root": str(root), "split": "val",
+                                   "label_type": "labelTrainIds"}, path="data.val")
+    assert by_ids.num_classes == 19 and by_ids.classes == CITYSCAPES_CLASSES and by_ids.classes[13] == "car"
+    assert by_ids.palette.tolist()[0] == list(CITYSCAPES_PALETTE[0])
+    assert len(by_ids) == 2 and by_ids[0][1]["file_name"] == "frankfurt/frankfurt_000000_000294_leftImg8bit.png"
+    assert by_ids[0][1]["sem_seg"].unique().tolist() == [0, 13, 255]
+    assert by_ids[1][1]["sem_seg"].unique().tolist() == [18, 255]
+    for i in range(2):
+        assert torch.equal(by_ids[i][1]["sem_seg"], by_train_ids[i][1]["sem_seg"])
+    # predictions written as raw values compare with the label-id files
+    assert by_ids.raw_label_values()[[0, 13, 18]].tolist() == [7, 26, 33]
+
+
+def test_cityscapes_names_a_bad_label_type_and_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'labelTrainIds'") as info:
+        Cityscapes(root=str(tmp_path), label_type="labelTrainId")
+    assert info.value.key == "label_type"
+    with pytest.raises(DatasetError, match="leftImg8bit/train' does not exist"):
+        Cityscapes(root=str(tmp_path))
 
 
 def test_shapes_label_maps_agree_with_its_instance_masks(tmp_path: Path) -> None:

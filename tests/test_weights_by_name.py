@@ -195,7 +195,7 @@ def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, nam
 def test_every_paper_config_names_its_weights():
     assert set(NAMED) == {"torchvision://resnet50.IMAGENET1K_V1", "torchvision://resnext101_64x4d.IMAGENET1K_V1",
                           "timm://resnet50c.gluon_in1k", "timm://resnet101c.gluon_in1k",
-                          "torchvision://vgg16.IMAGENET1K_FEATURES"}
+                          "torchvision://vgg16.IMAGENET1K_FEATURES", "torchvision://resnet101.IMAGENET1K_V1"}
 
 
 def test_detector_name_as_load_from_starts_a_training_run(caches: Path, detector_state,

@@ -210,6 +210,8 @@ ARCHITECTURE_CONFIGS = (
     ("SSD300 VGG-16", "configs/ssd300_vgg16_coco.yaml"),
     ("YOLO-style head on R50-PAFPN", "configs/yolo_r50_pafpn_coco.yaml"),
     ("EncNet R50-D8", "configs/encnet_r50_d8_voc.yaml"),
+    ("DeepLabV3 R50-D8", "configs/deeplabv3_r50_d8_voc.yaml"),
+    ("DeepLabV3+ R50 (output stride 16)", "configs/deeplabv3plus_r50_d16_voc.yaml"),
 )
 # Random weights are enough to describe a model; no weight file is read.
 _ARCHITECTURE_OVERRIDES = ["model.backbone.pretrained=null"]

@@ -32,6 +32,7 @@ _EXPORTS = {
     "VOCSegmentation": "segkit.data.semseg_formats",
     "PascalContext": "segkit.data.semseg_formats",
     "ADE20K": "segkit.data.semseg_formats",
+    "Cityscapes": "segkit.data.semseg_formats",
     "ShapesSegmentation": "segkit.data.semseg_formats",
     "VOCDetection": "segkit.data.voc",
     "VOC_DETECTION_CLASSES": "segkit.data.voc",

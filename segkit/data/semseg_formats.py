@@ -1,5 +1,5 @@
 """Semantic segmentation datasets in known layouts: Pascal VOC 2012 (+ SBD), Pascal-Context, ADE20K,
-and the synthetic Shapes.
+Cityscapes, and the synthetic Shapes.
 
 Each is a :class:`~segkit.data.semseg.SemSegFolder` over the dataset's usual folder layout, with
 its class names in label order; the target contract is described in :mod:`segkit.data.semseg`.
@@ -20,8 +20,8 @@ from segkit.errors import ConfigError, did_you_mean
 from segkit.registry import DATASETS
 
 __all__ = [
-    "VOCSegmentation", "PascalContext", "ADE20K", "ShapesSegmentation", "VOC_CLASSES", "CONTEXT_CLASSES",
-    "ADE20K_CLASSES",
+    "VOCSegmentation", "PascalContext", "ADE20K", "Cityscapes", "ShapesSegmentation", "VOC_CLASSES",
+    "CONTEXT_CLASSES", "ADE20K_CLASSES", "CITYSCAPES_CLASSES", "CITYSCAPES_LABEL_IDS", "CITYSCAPES_PALETTE",
 ]
 
 VOC_CLASSES = (
@@ -58,6 +58,21 @@ ADE20K_CLASSES = (
     "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
     "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
+
+# The 19 classes Cityscapes evaluates, in train-id order, with the label id (gtFine_labelIds.png value)
+# of each and the dataset's colours; every other label id (void, and the rarely labelled classes such
+# as caravan or trailer) is ignored.
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
+    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+_CITYSCAPES_LABELS = {"labelIds": "_gtFine_labelIds.png", "labelTrainIds": "_gtFine_labelTrainIds.png"}
 
 _Transforms = Sequence[Mapping[str, Any]] | A.Compose | None
 
@@ -194,6 +209,44 @@ class ADE20K(SemSegFolder):
         super().__init__(img_dir=os.path.join(root, "images", split),
                          ann_dir=os.path.join(root, "annotations", split),
                          classes=ADE20K_CLASSES, reduce_zero_label=True, transforms=transforms)
+
+
+@DATASETS.register()
+class Cityscapes(SemSegFolder):
+    """Cityscapes fine annotations: the 19 evaluated classes (:data:`CITYSCAPES_CLASSES`).
+
+    Layout: ``root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` and
+    ``root/gtFine/<split>/<city>/<name>_gtFine_labelIds.png``, as the dataset is distributed. Label ids
+    become train ids 0..18 (:data:`CITYSCAPES_LABEL_IDS`); every other id is ignored. With
+    ``label_type: labelTrainIds`` the ``*_gtFine_labelTrainIds.png`` files written by the dataset's
+    own scripts are read instead (values 0..18 and 255).
+
+    Args:
+        root: the folder holding ``leftImg8bit`` and ``gtFine``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (test labels are all void), or any subfolder name.
+        label_type: ``"labelIds"`` or ``"labelTrainIds"``.
+        transforms: label-map pipeline, as in :class:`~segkit.data.semseg.SemSegFolder`.
+
+    Example:
+        >>> ds = Cityscapes(root="data/cityscapes", split="val")
+        >>> len(ds), ds.num_classes
+        (500, 19)
+    """
+
+    def __init__(self, *, root: str, split: str = "train", label_type: str = "labelIds",
+                 transforms: _Transforms = None) -> None:
+        if label_type not in _CITYSCAPES_LABELS:
+            raise ConfigError(f"Cityscapes label_type must be one of {', '.join(map(repr, _CITYSCAPES_LABELS))}, "
+                              f"got {label_type!r}." + did_you_mean(str(label_type), list(_CITYSCAPES_LABELS)),
+                              key="label_type")
+        root = os.fspath(root)
+        self.root, self.split, self.label_type = root, split, label_type
+        ids = dict(zip(CITYSCAPES_LABEL_IDS, range(len(CITYSCAPES_CLASSES)), strict=True))
+        super().__init__(img_dir=os.path.join(root, "leftImg8bit", split), ann_dir=os.path.join(root, "gtFine", split),
+                         classes=CITYSCAPES_CLASSES, img_suffix="_leftImg8bit.png",
+                         seg_suffix=_CITYSCAPES_LABELS[label_type],
+                         label_map=ids if label_type == "labelIds" else None, palette=CITYSCAPES_PALETTE,
+                         transforms=transforms)
 
 
 @DATASETS.register()

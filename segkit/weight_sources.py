@@ -34,10 +34,10 @@ from segkit.weight_names import (
     torch_checkpoints_dir,
 )
 
-__all__ = ["TorchvisionWeights", "TimmWeights"]
+__all__ = ["TorchvisionWeights", "TimmWeights", "read_weights_file"]
 
 
-def _read_file(path: str) -> dict[str, Tensor]:
+def read_weights_file(path: str) -> dict[str, Tensor]:
     """A state dict from a ``.safetensors`` file or a PyTorch file (read with ``weights_only=True``)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -90,7 +90,7 @@ class TorchvisionWeights(WeightSource):
         file = os.path.basename(urlparse(weights.url).path)
         path = os.path.join(folder, file)
         if os.path.isfile(path):
-            state = _read_file(path)
+            state = read_weights_file(path)
         else:
             try:
                 state = weights.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
@@ -161,7 +161,7 @@ class TimmWeights(WeightSource):
         for file in (f"{full}.safetensors", f"{full}.pth", f"{full}.bin", legacy):
             if file and os.path.isfile(os.path.join(folder, file)):
                 path = os.path.join(folder, file)
-                return NamedWeights(f"timm://{name}", self.source, _read_file(path), path)
+                return NamedWeights(f"timm://{name}", self.source, read_weights_file(path), path)
         if config.hf_hub_id:
             filenames = [config.hf_hub_filename] if config.hf_hub_filename else ["model.safetensors",
                                                                                  "pytorch_model.bin"]
@@ -172,7 +172,7 @@ class TimmWeights(WeightSource):
         if path is None:
             raise not_available_error(f"timm://{name} ({full})", file=f"{full}{os.path.splitext(url)[1]}", url=url,
                                       folder=folder, reason=error or "no source", alternative=_hf_alternative(config))
-        return NamedWeights(f"timm://{name}", self.source, _read_file(path), path)
+        return NamedWeights(f"timm://{name}", self.source, read_weights_file(path), path)
 
     @staticmethod
     def _url_download(url: str | None, folder: str) -> tuple[str | None, BaseException | None, str]:

@@ -250,12 +250,12 @@ class TimmBackbone(nn.Module):
         if str(path).endswith(".safetensors"):
             return read_weights_file(str(path)), source
         ckpt = read_checkpoint(path)
-        state = extract_state_dict(ckpt)
         backbone = ckpt.get(BACKBONE_INFO_KEY)
         if backbone is None and isinstance(ckpt.get(CONFIG_KEY), Mapping):
             backbone = (ckpt[CONFIG_KEY].get("model") or {}).get("backbone")
         if isinstance(backbone, Mapping):
             self._check_arch(backbone, path)
+        state = extract_state_dict(ckpt)
         if any(k.startswith("backbone.body.") for k in state):  # a whole segkit model
             state = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
         elif all(k.startswith("body.") for k in state):  # a TimmBackbone's own state dict

@@ -168,11 +168,14 @@ def _named_configs() -> dict[str, list[str]]:
 NAMED = _named_configs()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "101" in n or "vgg" in n else [])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "101" in n or "vgg" in n or "convnext" in n
+                                                else [])
                                   for n in sorted(NAMED)])
 def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, name: str):
     """The EncNet / FCN configs' deep-stem ResNet-50 takes timm's resnet50c (its stem included), the
-    detectors' FrozenBN ResNet-50 torchvision's resnet50; ResNet-101 and ResNeXt-101 are slow."""
+    detectors' FrozenBN ResNet-50 torchvision's resnet50, the Mask R-CNN ConvNeXt-T timm's convnext_tiny;
+    ResNet-101, ResNeXt-101 and ConvNeXt-T are slow (tests/test_timm_backbone.py loads a timm:// name into a
+    TimmBackbone in the default suite)."""
     state = plant_standin(name)
     built: list[dict] = []
     for config in NAMED[name]:
@@ -181,6 +184,10 @@ def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, nam
             continue
         built.append(backbone_cfg)
         net = BACKBONES.build(backbone_cfg, path="model.backbone")
+        if backbone_cfg["type"] == "TimmBackbone":  # timm's ConvNeXt-T, stages flattened by features_only
+            torch.testing.assert_close(net.body.stages_3.blocks[2].conv_dw.weight,
+                                       state["stages.3.blocks.2.conv_dw.weight"], msg=config)
+            continue
         if backbone_cfg["type"] == "VGG":  # SSD's VGG-16 (tests/test_ssd.py loads it by name in the default suite)
             torch.testing.assert_close(net.stages[3][4].weight, state["features.21.weight"], msg=config)
             continue
@@ -195,7 +202,8 @@ def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, nam
 def test_every_paper_config_names_its_weights():
     assert set(NAMED) == {"torchvision://resnet50.IMAGENET1K_V1", "torchvision://resnext101_64x4d.IMAGENET1K_V1",
                           "timm://resnet50c.gluon_in1k", "timm://resnet101c.gluon_in1k",
-                          "torchvision://vgg16.IMAGENET1K_FEATURES", "torchvision://resnet101.IMAGENET1K_V1"}
+                          "torchvision://vgg16.IMAGENET1K_FEATURES", "torchvision://resnet101.IMAGENET1K_V1",
+                          "timm://convnext_tiny.fb_in1k"}
 
 
 def test_detector_name_as_load_from_starts_a_training_run(caches: Path, detector_state,

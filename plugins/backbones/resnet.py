@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from segkit.ops import ShapeSpec
 from segkit.registry import BACKBONES
-from segkit.ops.norm import check_norm, fold_conv_norm
+from segkit.ops.norm import check_norm, fold_conv_norm, hold_in_eval
 from segkit_plugins.backbones.resnet_blocks import BasicBlock, Bottleneck, make_norm
 from segkit_plugins.backbones.resnet_loading import load_pretrained
 
@@ -209,12 +209,7 @@ class ResNet(nn.Module):
         """Set training mode, keeping frozen stages (and all BatchNorms with ``norm_eval``) in eval mode."""
         super().train(mode)
         if mode:
-            for module in self._frozen_modules():
-                module.eval()
-            if self.norm_eval:
-                for m in self.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
+            hold_in_eval(self._frozen_modules(), self, norm_eval=self.norm_eval)
         return self
 
     def output_shape(self) -> dict[str, ShapeSpec]:

@@ -26,6 +26,7 @@ from segkit.checkpoint import (BACKBONE_INFO_KEY, CONFIG_KEY, CheckpointError, e
                                load_state_dict_checked, read_checkpoint)
 from segkit.errors import UserError, did_you_mean
 from segkit.ops import ShapeSpec
+from segkit.ops.norm import hold_in_eval
 from segkit.registry import BACKBONES
 from segkit.weight_names import is_weight_name, resolve_weights, split_weight_name
 from segkit.weight_sources import read_weights_file
@@ -352,12 +353,7 @@ class TimmBackbone(nn.Module):
         """Set training mode, keeping frozen modules (and all BatchNorms with ``norm_eval``) in eval mode."""
         super().train(mode)
         if mode:
-            for module in self._frozen:
-                module.eval()
-            if self.norm_eval:
-                for m in self.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
+            hold_in_eval(self._frozen, self, norm_eval=self.norm_eval)
         return self
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["NORMS", "check_norm", "fixed_affine", "fold_conv_norm", "make_norm"]
+__all__ = ["NORMS", "check_norm", "fixed_affine", "fold_conv_norm", "hold_in_eval", "make_norm"]
 
 #: Names :func:`make_norm` accepts.
 NORMS = ("BN", "SyncBN", "GN", "FrozenBN")
@@ -39,6 +40,17 @@ def check_norm(norm: str | None, *, owner: str = "the layer", optional: bool = T
         return
     allowed = ("null or " if optional else "") + f"one of {', '.join(NORMS)}"
     raise ValueError(f"{owner} norm must be {allowed}, got {norm!r}")
+
+
+def hold_in_eval(frozen: Iterable[nn.Module], root: nn.Module, *, norm_eval: bool) -> None:
+    """Put the ``frozen`` modules back in eval mode after ``root.train()``, and with ``norm_eval`` every
+    BatchNorm under ``root`` (their statistics stay fixed while the rest trains)."""
+    for module in frozen:
+        module.eval()
+    if norm_eval:
+        for m in root.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def fixed_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | None:

@@ -17,6 +17,7 @@ def _segkit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           timeout=600)
 
 
+@pytest.mark.slow  # 50-65 s; DDP training stays in the default suite through tests/test_nonfinite.py
 def test_ddp_training_and_evaluation_match_single_process(tmp_path: Path):
     # 7 validation images over 2 processes: the sampler pads with a duplicate that must not count twice.
     cfg = tmp_path / "tiny.yaml"

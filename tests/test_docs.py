@@ -79,6 +79,7 @@ def test_images_of_the_pages_exist():
     assert not missing, "missing pictures:\n  " + "\n  ".join(missing)
 
 
+@pytest.mark.slow  # 14 s; `make docs` runs the same strict build
 def test_site_builds_strictly(tmp_path: Path):
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")

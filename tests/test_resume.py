@@ -165,6 +165,7 @@ def test_killed_run_resumed_with_auto_ends_with_the_weights_of_an_uninterrupted_
         assert "segkit_ema" not in b
 
 
+@pytest.mark.slow  # 20 s; the killed-run resume at an epoch end stays in the default suite
 def test_a_run_killed_within_an_epoch_resumes_with_the_batches_it_had_not_trained(tmp_path: Path):
     num_train = 16  # 4 steps per epoch, a checkpoint after each
     _make_data(tmp_path / "data", num_train)

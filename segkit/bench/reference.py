@@ -105,7 +105,7 @@ def match_reference(name: str, cfg: dict[str, Any]) -> list[str]:
     if name not in ("fcn_resnet50", "deeplabv3_resnet50"):
         return notes
     # torchvision: 7x7 stem; FCN heads of one 3x3 conv to in_channels / 4 (c5: 512, c4: 256), then a 1x1
-    # classifier; DeepLabV3's ASPP on c5 with 256 channels, rates 12, 24, 36 and no separable convs.
+    # classifier; DeepLabV3's ASPP on c5 with 256 channels, rates 12, 24, 36, BatchNorm throughout.
     wanted: dict[tuple[str, str], Any] = {("backbone", "stem"): "default", ("decode_head", "in_features"): "c5"}
     if name == "fcn_resnet50":
         wanted.update({("decode_head", "num_convs"): 1, ("decode_head", "channels"): 512,
@@ -372,7 +372,14 @@ def _torchvision_deeplabv3(cfg: Mapping[str, Any], ours: nn.Module) -> nn.Module
                              aux_loss=bool(aux_heads))
     state, _ = convert_torchvision_deeplabv3(net.state_dict())
     _load_or_explain(ours, state, "deeplabv3_resnet50", cfg)
-    weight = float(getattr(aux_heads[0], "loss_weight", 0.5)) if aux_heads else 0.0
+    return _as_segmentor(net, ours, default_aux_weight=0.5)
+
+
+def _as_segmentor(net: nn.Module, ours: nn.Module, *, default_aux_weight: float) -> TorchvisionSegmentor:
+    """``net`` behind segkit's segmentor interface with ``ours``'s normalisation, padding, ignore index and
+    auxiliary loss weight (``default_aux_weight`` when its head does not say)."""
+    aux_heads = list(getattr(ours, "auxiliary_heads", []))
+    weight = float(getattr(aux_heads[0], "loss_weight", default_aux_weight)) if aux_heads else 0.0
     return TorchvisionSegmentor(net=net, pixel_mean=ours.pixel_mean.flatten().tolist(),
                                 pixel_std=ours.pixel_std.flatten().tolist(), size_divisor=ours.size_divisor,
                                 ignore_index=ours.ignore_index, aux_weight=weight)
@@ -400,7 +407,4 @@ def _torchvision_fcn(cfg: Mapping[str, Any], ours: nn.Module) -> nn.Module:
             state.update({prefix + ours_key + k[len(their_key):]: v for k, v in theirs.items()
                           if k.startswith(their_key)})
     _load_or_explain(ours, state, "fcn_resnet50", cfg)
-    weight = float(getattr(aux_heads[0], "loss_weight", 0.2)) if aux_heads else 0.0
-    return TorchvisionSegmentor(net=net, pixel_mean=ours.pixel_mean.flatten().tolist(),
-                                pixel_std=ours.pixel_std.flatten().tolist(), size_divisor=ours.size_divisor,
-                                ignore_index=ours.ignore_index, aux_weight=weight)
+    return _as_segmentor(net, ours, default_aux_weight=0.2)

@@ -85,12 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         _fail(str(exc))
-    except RuntimeError as exc:
-        from segkit.engine.workdir import is_worker_death
+    except Exception as exc:
+        # The worker's death may surface wrapped in whatever the main process was doing at that moment.
+        from segkit.engine.workdir import worker_death
 
-        if args.debug or not is_worker_death(exc):
+        death = worker_death(exc)
+        if args.debug or death is None:
             raise
-        _fail(f"a data-loading worker process died ({exc}). The operating system ends a worker that runs out of "
+        _fail(f"a data-loading worker process died ({death}). The operating system ends a worker that runs out of "
               f"memory, and a crash in a dataset's or transform's native code ends it too. Rerun with "
               f"data.num_workers=0 to see the error in the main process, or with fewer workers or a smaller "
               f"data.batch_size if memory is short; a training run continues with --resume auto.")

@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import TINY_CONFIG
@@ -137,6 +138,32 @@ class DyingShapes(Shapes):
             os._exit(9)
         return super().__getitem__(index)
 '''
+
+
+class _DiesInItsWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            os._exit(9)
+        return index
+
+
+def test_a_worker_s_death_is_recognised_inside_the_error_that_wraps_it():
+    # The main process notices a dead worker wherever it happens to be: when TensorBoard's logger was
+    # writing a scalar, Lightning re-raises PyTorch's report as a ValueError. The CLI must still see it.
+    from segkit.engine.workdir import is_worker_death, worker_death
+
+    loader = torch.utils.data.DataLoader(_DiesInItsWorker(), num_workers=1)
+    with pytest.raises(ValueError) as raised:
+        try:
+            list(loader)
+        except Exception as exc:
+            raise ValueError("you tried to log 0.003 which is currently not supported") from exc
+    death = worker_death(raised.value)
+    assert isinstance(death, RuntimeError) and "DataLoader worker" in str(death)
+    assert is_worker_death(raised.value) and not is_worker_death(ValueError("unrelated"))
 
 
 def test_a_data_worker_that_dies_ends_the_run_with_one_message(tmp_path: Path):

@@ -40,7 +40,7 @@ from segkit.errors import UserError
 from segkit.fileio import WRITE_ERRNOS, FileWriteError, atomic_open, why_not_writable, write_error
 
 __all__ = ["WorkDirBusy", "lock_work_dir", "prepare_work_dir", "SaveOnInterrupt", "is_termination", "is_worker_death",
-           "ended_by_sigterm", "RunCSVLogger",
+           "worker_death", "ended_by_sigterm", "RunCSVLogger",
            "writes_reported_once", "LOCK_NAME", "INTERRUPTED_NAME"]
 
 LOCK_NAME = ".segkit.lock"
@@ -177,15 +177,24 @@ def is_termination(exception: BaseException) -> bool:
     return isinstance(exception, SIGTERMException)
 
 
-def is_worker_death(exception: BaseException | None) -> bool:
-    """Whether ``exception`` (or what caused it) is PyTorch's report of a DataLoader worker that ended."""
+def worker_death(exception: BaseException | None) -> RuntimeError | None:
+    """PyTorch's report of a DataLoader worker that ended, where ``exception`` is it or was caused by it.
+
+    The report is raised wherever the main process happens to be when the worker's end is noticed, so it
+    may arrive wrapped: a logger that was writing a scalar re-raises it as a ``ValueError``, for one.
+    """
     while exception is not None:
         text = str(exception)
         if isinstance(exception, RuntimeError) and "DataLoader worker" in text and (
                 "exited unexpectedly" in text or "killed by signal" in text):
-            return True
+            return exception
         exception = exception.__cause__ or exception.__context__
-    return False
+    return None
+
+
+def is_worker_death(exception: BaseException | None) -> bool:
+    """Whether ``exception`` (or what caused it) is PyTorch's report of a DataLoader worker that ended."""
+    return worker_death(exception) is not None
 
 
 def ended_by_sigterm(trainer: pl.Trainer, exception: BaseException, *, wait: float = 1.0) -> bool:

@@ -9,6 +9,7 @@ returns scalar ``loss_*`` values against the padded batch label map.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from segkit.ops.encoding import ContextEncoding
 from segkit.ops.conv import conv_norm_act
 from segkit.ops.norm import check_norm
+from segkit.ops.seg_losses import SegLoss
 from segkit.ops.shape_spec import ShapeSpec
 from segkit.registry import HEADS
 
@@ -77,10 +79,11 @@ class BaseDecodeHead(nn.Module):
 
     The ``in_features`` maps are resized (bilinear) to the first one's size and concatenated, so
     ``in_channels`` is the sum of their channels. The classifier is dropout (``Dropout2d``) + a
-    1x1 conv from ``channels`` to K. ``loss_seg`` upsamples ``seg_logits`` bilinearly
-    (``align_corners=False``) to the label map, takes the cross-entropy averaged over the pixels
-    that are not ``ignore_index`` (0, still in the graph, when there are none) times
-    ``loss_weight``.
+    1x1 conv from ``channels`` to K. The losses upsample ``seg_logits`` bilinearly
+    (``align_corners=False``) to the label map; by default ``loss_seg`` is the cross-entropy averaged
+    over the pixels that are not ``ignore_index`` (0, still in the graph, when there are none), and
+    ``loss:`` chooses other terms (class-weighted cross-entropy, Dice: :class:`~segkit.ops.seg_losses.SegLoss`).
+    Every term is multiplied by ``loss_weight``.
 
     Args:
         in_shapes: the backbone's or neck's ``output_shape()``.
@@ -89,11 +92,12 @@ class BaseDecodeHead(nn.Module):
         channels: width of the map fed to the classifier.
         dropout: drop probability before the classifier, in [0, 1).
         ignore_index: label of pixels that do not count.
-        loss_weight: factor of ``loss_seg``.
+        loss_weight: factor of the losses.
         norm: ``None``, ``"BN"``, ``"SyncBN"``, ``"GN"`` or ``"FrozenBN"`` after inner convs.
+        loss: the loss terms (:class:`~segkit.ops.seg_losses.SegLoss`); ``None`` is the cross-entropy.
 
     Raises:
-        ValueError: a value out of range, an unknown norm, or ``in_features`` not in ``in_shapes``.
+        ValueError: a value out of range, an unknown norm or loss, or ``in_features`` not in ``in_shapes``.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class BaseDecodeHead(nn.Module):
         ignore_index: int = 255,
         loss_weight: float = 1.0,
         norm: str | None = "BN",
+        loss: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -125,6 +130,7 @@ class BaseDecodeHead(nn.Module):
         self.channels = int(channels)
         self.ignore_index = int(ignore_index)
         self.loss_weight = float(loss_weight)
+        self.loss = SegLoss(loss, num_classes=self.num_classes, ignore_index=self.ignore_index, owner=owner)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(self.channels, self.num_classes, 1)
         nn.init.normal_(self.classifier.weight, std=0.01)
@@ -141,8 +147,9 @@ class BaseDecodeHead(nn.Module):
         """Class logits Tensor[N, K, h, w] of a map Tensor[N, channels, h, w] (dropout + 1x1 conv)."""
         return self.classifier(self.dropout(x))
 
-    def seg_loss(self, seg_logits: Tensor, sem_seg: Tensor) -> Tensor:
-        """Cross-entropy of Tensor[N, K, h, w] logits against Tensor[N, H, W] labels, times ``loss_weight``.
+    def seg_losses(self, seg_logits: Tensor, sem_seg: Tensor) -> dict[str, Tensor]:
+        """The ``loss:`` terms (``loss_seg`` by default) of Tensor[N, K, h, w] logits against Tensor[N, H, W]
+        labels, each times ``loss_weight``.
 
         Raises:
             ValueError: ``sem_seg`` is not Tensor[N, H, W] with the logits' batch size.
@@ -153,13 +160,12 @@ class BaseDecodeHead(nn.Module):
                 f"got shape {tuple(sem_seg.shape)}"
             )
         logits = resize_map(seg_logits, sem_seg.shape[-2:])
-        total = F.cross_entropy(logits, sem_seg.long(), ignore_index=self.ignore_index, reduction="sum")
-        count = (sem_seg != self.ignore_index).sum().clamp_min(1)
-        return total / count * self.loss_weight
+        return {name: value * self.loss_weight for name, value in self.loss(logits, sem_seg).items()}
 
     def losses(self, outputs: Mapping[str, Tensor], sem_seg: Tensor) -> dict[str, Tensor]:
-        """``{"loss_seg"}`` of :meth:`forward`'s outputs against the batch labels Tensor[N, H, W] (int64)."""
-        return {"loss_seg": self.seg_loss(outputs["seg_logits"], sem_seg)}
+        """The ``loss:`` terms (``{"loss_seg"}`` by default) of :meth:`forward`'s outputs against the batch
+        labels Tensor[N, H, W] (int64)."""
+        return self.seg_losses(outputs["seg_logits"], sem_seg)
 
 
 @HEADS.register()
@@ -170,7 +176,7 @@ class FCNHead(BaseDecodeHead):
     channels); the FCN baseline uses e.g. ``num_convs: 2, channels: 512``.
 
     Args:
-        in_shapes, num_classes, in_features, dropout, ignore_index, loss_weight, norm: see
+        in_shapes, num_classes, in_features, dropout, ignore_index, loss_weight, norm, loss: see
             :class:`BaseDecodeHead` (``in_features`` defaults to ``"c5"``).
         channels: width of the convs (default ``in_channels // 4``); with ``num_convs: 0`` the
             classifier reads the input directly and ``channels`` must be unset or ``in_channels``.
@@ -200,6 +206,7 @@ class FCNHead(BaseDecodeHead):
         ignore_index: int = 255,
         loss_weight: float = 1.0,
         norm: str | None = "BN",
+        loss: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         names = feature_names(in_features, in_shapes, owner="FCNHead")
         in_channels = sum(in_shapes[name].channels for name in names)
@@ -216,7 +223,7 @@ class FCNHead(BaseDecodeHead):
             channels = in_channels if num_convs == 0 else max(in_channels // 4, 1)
         super().__init__(
             in_shapes=in_shapes, num_classes=num_classes, in_features=names, channels=channels,
-            dropout=dropout, ignore_index=ignore_index, loss_weight=loss_weight, norm=norm,
+            dropout=dropout, ignore_index=ignore_index, loss_weight=loss_weight, norm=norm, loss=loss,
         )
         widths = [in_channels] + [self.channels] * num_convs
         self.convs = nn.Sequential(
@@ -248,7 +255,7 @@ class EncHead(BaseDecodeHead):
        c4) predicts ``se_logits_aux`` with its own SE-loss ``loss_se_aux`` (same weight).
 
     Args:
-        in_shapes, num_classes, in_features, dropout, ignore_index, loss_weight, norm: see
+        in_shapes, num_classes, in_features, dropout, ignore_index, loss_weight, norm, loss: see
             :class:`BaseDecodeHead` (``in_features`` defaults to ``"c5"``).
         channels: width after the reduction, of the encoding and of the attention (512).
         num_codes: codewords K of the encoding (32).
@@ -290,10 +297,11 @@ class EncHead(BaseDecodeHead):
         ignore_index: int = 255,
         loss_weight: float = 1.0,
         norm: str | None = "BN",
+        loss: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(
             in_shapes=in_shapes, num_classes=num_classes, in_features=in_features, channels=channels,
-            dropout=dropout, ignore_index=ignore_index, loss_weight=loss_weight, norm=norm,
+            dropout=dropout, ignore_index=ignore_index, loss_weight=loss_weight, norm=norm, loss=loss,
         )
         if se_loss_weight < 0:
             raise ValueError(f"EncHead se_loss_weight must be >= 0, got {se_loss_weight}")

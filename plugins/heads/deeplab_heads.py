@@ -18,6 +18,7 @@ BatchNorm kept in eval mode, work with one image; so does SyncBatchNorm over sev
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,7 @@ class ASPPHead(BaseDecodeHead):
     classifier. ``seg_logits`` have the input map's resolution.
 
     Args:
-        in_shapes, num_classes, ignore_index, loss_weight, norm: see :class:`BaseDecodeHead`.
+        in_shapes, num_classes, ignore_index, loss_weight, norm, loss: see :class:`BaseDecodeHead`.
         in_features: the map the ASPP reads (``"c5"``).
         channels: width of the ASPP and of the 3x3 conv (256).
         dilations: rates of the ASPP's 3x3 branches: (12, 24, 36) at output stride 8, (6, 12, 18) at 16.
@@ -176,10 +177,11 @@ class ASPPHead(BaseDecodeHead):
         ignore_index: int = 255,
         loss_weight: float = 1.0,
         norm: str | None = "BN",
+        loss: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(
             in_shapes=in_shapes, num_classes=num_classes, in_features=in_features, channels=channels,
-            dropout=dropout, ignore_index=ignore_index, loss_weight=loss_weight, norm=norm,
+            dropout=dropout, ignore_index=ignore_index, loss_weight=loss_weight, norm=norm, loss=loss,
         )
         self.aspp = ASPP(in_channels=self.in_channels, channels=self.channels, dilations=dilations, norm=norm,
                          pool_norm=_pool_norm(pool_norm, norm), dropout=aspp_dropout)
@@ -202,7 +204,7 @@ class DeepLabV3PlusHead(BaseDecodeHead):
        the 1x1 classifier give ``seg_logits`` at the low-level map's resolution.
 
     Args:
-        in_shapes, num_classes, ignore_index, loss_weight, norm: see :class:`BaseDecodeHead`.
+        in_shapes, num_classes, ignore_index, loss_weight, norm, loss: see :class:`BaseDecodeHead`.
         in_features: the map the ASPP reads (``"c5"``).
         low_level_feature: the decoder's low-level map (``"c2"``).
         low_level_channels: width of its 1x1 reduction (48 in the paper).
@@ -241,10 +243,11 @@ class DeepLabV3PlusHead(BaseDecodeHead):
         ignore_index: int = 255,
         loss_weight: float = 1.0,
         norm: str | None = "BN",
+        loss: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(
             in_shapes=in_shapes, num_classes=num_classes, in_features=in_features, channels=channels,
-            dropout=dropout, ignore_index=ignore_index, loss_weight=loss_weight, norm=norm,
+            dropout=dropout, ignore_index=ignore_index, loss_weight=loss_weight, norm=norm, loss=loss,
         )
         (self.low_level_feature,) = feature_names(low_level_feature, in_shapes, owner="DeepLabV3PlusHead",
                                                   key="low_level_feature")

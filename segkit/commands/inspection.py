@@ -84,6 +84,10 @@ def _add_data_parser(sub: Any) -> None:
     q.add_argument("--split", choices=("train", "val", "test", "all"), default="all",
                    help="the split to check (default: every split the config defines)")
     q.add_argument("--max-images", type=int, metavar="N", help="check only the first N images of each split")
+    q.add_argument("--class-weights", action="store_true",
+                   help="also print the median-frequency class weights of the train split's label maps, as a "
+                        "class_weight: list for a segmentation loss (`loss: {type: CrossEntropy, class_weight: "
+                        "...}`)")
     q = data.add_parser("show", help="draw samples after the transforms",
                         description="Draw N random samples of a split after its transforms: boxes with class names "
                                     "and masks, or the label map coloured by class with a legend. Writes "
@@ -231,7 +235,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
             reports = check_config(cfg, splits=None if args.split == "all" else [args.split],
                                    max_images=args.max_images)
         print(format_report(reports))
-        return 1 if any(report.errors for report in reports) else 0
+        failed = any(report.errors for report in reports)
+        if args.class_weights:
+            if failed:
+                print("class weights not computed: fix the errors above first")
+            else:
+                with config_errors(cfg):
+                    print(_class_weights_text(cfg))
+        return 1 if failed else 0
     from segkit.data.show import show_samples
 
     if args.n < 1:
@@ -242,6 +253,26 @@ def _cmd_data(args: argparse.Namespace) -> int:
     print(f"drew {len(rendered)} {args.split} sample(s) after the transforms into {args.out}"
           + (" (all of them in grid.png)" if args.grid else ""))
     return 0
+
+
+def _class_weights_text(cfg: Any) -> str:
+    """The train split's median-frequency class weights, one line per class and as a YAML list."""
+    from segkit.data.class_weights import class_pixel_counts, median_frequency_weights
+    from segkit.registry import DATASETS
+
+    train = (cfg.get("data") or {}).get("train")
+    if train is None:
+        raise ConfigError("--class-weights reads the train split, and the config defines none", key="data.train")
+    dataset = DATASETS.build(train, path="data.train")
+    class_pixels, image_pixels = class_pixel_counts(dataset)
+    weights = median_frequency_weights(class_pixels, image_pixels)
+    names = list(getattr(dataset, "classes", None) or range(len(weights)))
+    total = max(int(class_pixels.sum()), 1)
+    lines = [f"median-frequency class weights of the train split ({len(dataset)} images):"]
+    lines += [f"  {str(name):<20} {100 * pixels / total:6.2f}% of pixels  weight {weight:.4f}"
+              for name, pixels, weight in zip(names, class_pixels, weights)]
+    lines.append("class_weight: [" + ", ".join(f"{w:.4f}" for w in weights) + "]")
+    return "\n".join(lines)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:

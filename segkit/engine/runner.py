@@ -33,6 +33,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from segkit.api import build_model
 from segkit.checkpoint import DIVERGED_FIX, check_resumable, load_checkpoint, nonfinite_tensors
 from segkit.config import COMMAND_LINE, Config, config_errors, dump_config
+from segkit.data.class_weights import resolve_class_weights, uses_median_frequency
 from segkit.engine.config_check import check_run_config
 from segkit.engine.callbacks import EngineOptions, EpochSeeding, engine_options
 from segkit.engine.datamodule import build_datamodule
@@ -317,6 +318,9 @@ def train(cfg: Config, *, resume: str | None = None) -> dict[str, float]:
         pl.seed_everything(seed, workers=True, verbose=False)
         datamodule = build_datamodule(cfg)
         datamodule.seed = seed
+        if uses_median_frequency(cfg.get("model")):  # class_weight: median_frequency, from the training labels
+            with config_errors(cfg):
+                cfg = resolve_class_weights(cfg, datamodule.build_dataset("train"))
         model = build_model(cfg, pretrained=resume is None)  # resuming replaces every weight
         if options.load_from is not None and resume is None:
             _init_from(model, options.load_from)

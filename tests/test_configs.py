@@ -45,7 +45,7 @@ def test_config_loads_and_model_builds(path: Path):
 # 28x28-output FC layer: more parameters, on the same small backbone.
 @pytest.mark.parametrize("name,limit", [("quickstart.yaml", 5e6), ("quickstart_mask.yaml", 5e6),
                                         ("quickstart_panet.yaml", 10e6), ("quickstart_seg.yaml", 2e6),
-                                        ("quickstart_deeplabv3.yaml", 2e6),
+                                        ("quickstart_deeplabv3.yaml", 2e6), ("quickstart_unet.yaml", 2e6),
                                         ("quickstart_retinanet.yaml", 5e6), ("quickstart_fcos.yaml", 5e6),
                                         ("quickstart_yolo.yaml", 5e6), ("quickstart_ssd.yaml", 5e6)])
 def test_quickstart_is_cpu_sized(name, limit):

@@ -212,6 +212,7 @@ ARCHITECTURE_CONFIGS = (
     ("EncNet R50-D8", "configs/encnet_r50_d8_voc.yaml"),
     ("DeepLabV3 R50-D8", "configs/deeplabv3_r50_d8_voc.yaml"),
     ("DeepLabV3+ R50 (output stride 16)", "configs/deeplabv3plus_r50_d16_voc.yaml"),
+    ("U-Net", "configs/unet_camvid.yaml"),
 )
 # Random weights are enough to describe a model; no weight file is read.
 _ARCHITECTURE_OVERRIDES = ["model.backbone.pretrained=null"]

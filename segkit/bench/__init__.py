@@ -219,8 +219,12 @@ def _build_subjects(cfg: Mapping[str, Any], reference_name: str | None, size: tu
     """segkit's model (and the reference) with optimizers and batches, and the inference images."""
     from segkit.api import build_model
     from segkit.config import config_errors
+    from segkit.data.class_weights import resolve_class_weights, uses_median_frequency, without_median_frequency
 
     seed = int(cfg.get("seed") or 0)
+    if uses_median_frequency(cfg.get("model")):  # the weights' values do not change the timings
+        train = data.get("train") if size is None else None
+        cfg = resolve_class_weights(cfg, train, progress=False) if train is not None else without_median_frequency(cfg)
     torch.manual_seed(seed)
     ours = build_model(cfg).to(device)
     models = {"segkit": ours}

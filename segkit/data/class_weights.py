@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from segkit.errors import DatasetError
 from segkit.ops.seg_losses import MEDIAN_FREQUENCY
 
-__all__ = ["class_pixel_counts", "median_frequency_weights", "resolve_class_weights", "uses_median_frequency"]
+__all__ = ["class_pixel_counts", "median_frequency_weights", "resolve_class_weights", "uses_median_frequency",
+           "without_median_frequency"]
 
 
 def class_pixel_counts(dataset: Any, *, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +86,17 @@ def resolve_class_weights(cfg: Mapping[str, Any], dataset: Any, *, progress: boo
     weights = median_frequency_weights(*class_pixel_counts(dataset, progress=progress))
     for term in _median_frequency_terms(resolved.get("model")):
         term["class_weight"] = list(weights)
+    return resolved
+
+
+def without_median_frequency(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``cfg`` (a copy) with every ``class_weight: median_frequency`` removed (the terms unweighted): for timing
+    a model when its training labels cannot be read; ``cfg`` itself when none asks for them."""
+    if not uses_median_frequency(cfg.get("model")):
+        return cfg
+    resolved = copy.deepcopy(cfg)
+    for term in _median_frequency_terms(resolved.get("model")):
+        del term["class_weight"]
     return resolved
 
 

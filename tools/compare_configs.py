@@ -1,9 +1,9 @@
-"""Side-by-side training-step timing of two configs on the same batches of their training data.
+"""Side-by-side training-step timing of two or more configs on the same batches of their training data.
 
-Both models are built in one process (same seed) and their training steps (forward, backward,
+The models are built in one process (same seed) and their training steps (forward, backward,
 optimizer step with the config's optimizer) are timed alternately on the
-same fixed batches, so background load affects both alike. Reports the median, min and max per
-config and the median ratio B / A; with ``--profile`` also prints the operators that take the most
+same fixed batches, so background load affects all alike. Reports the median, min and max per
+config and the median ratio of each to the first; with ``--profile`` also prints the operators that take the most
 time in one step of each.
 
 With ``--synthetic HxW`` the batches are random images of that size with random boxes (and
@@ -98,8 +98,7 @@ def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config_a")
-    parser.add_argument("config_b")
+    parser.add_argument("configs", nargs="+", metavar="CONFIG", help="two or more configs; ratios are to the first")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batches", type=int, default=4)
@@ -113,9 +112,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    if len(args.configs) < 2:
+        parser.error("give at least two configs to compare")
     runs = {}
-    for name in ("a", "b"):
-        config = getattr(args, f"config_{name}")
+    for index, config in enumerate(args.configs):
+        name = "ab"[index] if index < 2 else f"c{index}"
         model, optimizer, cfg = build(config, args.seed, args.set)
         batch_size = args.batch_size or cfg["data"].get("batch_size", 2)
         if args.synthetic and "decode_head" in cfg["model"]:
@@ -142,7 +143,10 @@ def main() -> None:
                         "min_s": min(times), "max_s": max(times), "params_m": params}
         print(f"{run['config']:<45} {statistics.median(times):9.3f} {min(times):8.3f} {max(times):8.3f} {params:9.2f}")
     result["ratio_train_step"] = result["b"]["train_step_s"] / result["a"]["train_step_s"]
-    print(f"ratio B / A (median step time): {result['ratio_train_step']:.3f}")
+    for name in list(runs)[1:]:
+        ratio = result[name]["train_step_s"] / result["a"]["train_step_s"]
+        result[f"ratio_train_step_{name}"] = ratio
+        print(f"ratio {result[name]['config']} / {args.configs[0]} (median step time): {ratio:.3f}")
 
     if args.profile:
         for run in runs.values():

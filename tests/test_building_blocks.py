@@ -32,15 +32,15 @@ def test_the_block_initialises_as_the_necks_and_heads_need(init: str, std: float
 
 
 def test_one_norm_table_for_every_neck_and_head():
-    assert NORMS == ("BN", "SyncBN", "GN", "FrozenBN")
+    assert NORMS == ("BN", "SyncBN", "GN", "FrozenBN", "LN")
     fpn = NECKS.build({"type": "FPN", "out_channels": 8, "norm": "FrozenBN"}, in_shapes=SHAPES)
     assert isinstance(fpn.lateral_convs[0][1], FrozenBatchNorm2d)
     NECKS.build({"type": "PAFPN", "out_channels": 8, "norm": "FrozenBN"}, in_shapes=SHAPES)
     for kind, cfg in ((NECKS, {"type": "PAFPN", "out_channels": 8}), (HEADS, {"type": "FCNHead", "num_classes": 2})):
-        with pytest.raises(ValueError, match=r"norm must be null or one of BN, SyncBN, GN, FrozenBN, got 'LN'"):
-            kind.build({**cfg, "norm": "LN"}, in_shapes=SHAPES)
-    with pytest.raises(ValueError, match=r"ResNet norm must be one of BN, SyncBN, GN, FrozenBN, got 'LN'"):
-        BACKBONES.build({"type": "ResNet", "depth": 18, "norm": "LN"})
+        with pytest.raises(ValueError, match=r"norm must be null or one of BN, SyncBN, GN, FrozenBN, LN, got 'IN'"):
+            kind.build({**cfg, "norm": "IN"}, in_shapes=SHAPES)
+    with pytest.raises(ValueError, match=r"ResNet norm must be one of BN, SyncBN, GN, FrozenBN, LN, got 'IN'"):
+        BACKBONES.build({"type": "ResNet", "depth": 18, "norm": "IN"})
 
 
 def test_a_variant_is_its_base_with_other_defaults_and_the_same_options():

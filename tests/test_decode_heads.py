@@ -263,7 +263,7 @@ def test_unknown_in_features_names_the_available_maps():
         ({"num_codes": 0}, "num_codes must be >= 1"),
         ({"dropout": 1.0}, r"dropout is a probability in \[0, 1\)"),
         ({"se_loss_weight": -1.0}, "se_loss_weight must be >= 0"),
-        ({"norm": "LN"}, "norm must be null or one of"),
+        ({"norm": "IN"}, "norm must be null or one of"),
         ({"num_classes": 0}, "num_classes must be >= 1"),
     ],
 )

@@ -221,7 +221,7 @@ def test_bad_head_options_are_refused():
     shapes = {"c5": ShapeSpec(16, 8)}
     for options, message in (({"dilations": []}, "dilations must be one or more rates"),
                              ({"aspp_dropout": 1.0}, r"dropout is a probability in \[0, 1\)"),
-                             ({"pool_norm": "LN"}, "pool_norm.*got 'LN'")):
+                             ({"pool_norm": "IN"}, "pool_norm.*got 'IN'")):
         with pytest.raises(ValueError, match=message):
             HEADS.build({"type": "ASPPHead", "num_classes": 3, **options}, path="model.decode_head", in_shapes=shapes)
 

@@ -248,7 +248,7 @@ def test_eval_outputs_are_in_input_image_coordinates():
     ({"size_ranges": [[0, 64], [64, 128], [128, 256], [256, 512], [600, 512]]}, "low < high"),
     ({"level_sizes": [8, 16, 32]}, "level_sizes must be one positive size per level"),
     ({"center_sampling_radius": 0}, "center_sampling_radius must be > 0"),
-    ({"norm": "LN"}, "FCOSHead norm must be"),
+    ({"norm": "IN"}, "FCOSHead norm must be"),
     ({"in_features": ["p3", "p8"]}, r"in_features \['p8'\]"),
 ])
 def test_bad_head_settings_are_config_errors_at_the_head(head, match):

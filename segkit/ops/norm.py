@@ -11,14 +11,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["NORMS", "check_norm", "fixed_affine", "fold_conv_norm", "hold_in_eval", "make_norm"]
+__all__ = ["NORMS", "LayerNorm2d", "check_norm", "fixed_affine", "fold_conv_norm", "hold_in_eval", "make_norm"]
 
 #: Names :func:`make_norm` accepts.
-NORMS = ("BN", "SyncBN", "GN", "FrozenBN")
+NORMS = ("BN", "SyncBN", "GN", "FrozenBN", "LN")
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a Tensor[N, C, H, W] (the norm of ViTDet's simple
+    feature pyramid and of ConvNeXt's downsampling layers): ``nn.LayerNorm(C)`` applied to the channels-last
+    map, so that its ``weight`` and ``bias`` are per channel and it counts as a LayerNorm for weight decay."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
-    """A normalisation layer by name: ``"BN"``, ``"SyncBN"``, ``"FrozenBN"`` or ``"GN"`` (32 groups, fewer if needed)."""
+    """A normalisation layer by name: ``"BN"``, ``"SyncBN"``, ``"FrozenBN"``, ``"GN"`` (32 groups, fewer if
+    needed) or ``"LN"`` (:class:`LayerNorm2d`, eps 1e-6 as ViTDet and ConvNeXt)."""
     if norm == "BN":
         return nn.BatchNorm2d(channels)
     if norm == "SyncBN":
@@ -27,6 +38,8 @@ def make_norm(norm: str, channels: int) -> nn.Module:
         return FrozenBatchNorm2d(channels)
     if norm == "GN":
         return nn.GroupNorm(math.gcd(32, channels), channels)
+    if norm == "LN":
+        return LayerNorm2d(channels, eps=1e-6)
     raise ValueError(f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
 
 

@@ -328,8 +328,8 @@ class VisionTransformer(nn.Module):
             problems = [f"{len(keys)} {kind} key(s) {_few(keys)}" for kind, keys in
                         (("unknown", unknown), ("missing", missing)) if keys]
             raise CheckpointError(f"{source} do not fit the VisionTransformer: " + " and ".join(problems) + ". It "
-                                  f"reads torchvision's and timm's plain ViTs (no layer scale, register tokens, conv "
-                                  f"stem or q/k norm) and segkit's.")
+                                  "reads torchvision's and timm's plain ViTs (no layer scale, register tokens, conv "
+                                  "stem or q/k norm) and segkit's.")
         return state
 
     # ----------------------------------------------------------------------------------- freezing

@@ -46,6 +46,7 @@ def test_config_loads_and_model_builds(path: Path):
 @pytest.mark.parametrize("name,limit", [("quickstart.yaml", 5e6), ("quickstart_mask.yaml", 5e6),
                                         ("quickstart_panet.yaml", 10e6), ("quickstart_seg.yaml", 2e6),
                                         ("quickstart_deeplabv3.yaml", 2e6), ("quickstart_unet.yaml", 2e6),
+                                        ("quickstart_vit.yaml", 2e6),
                                         ("quickstart_retinanet.yaml", 5e6), ("quickstart_fcos.yaml", 5e6),
                                         ("quickstart_yolo.yaml", 5e6), ("quickstart_ssd.yaml", 5e6)])
 def test_quickstart_is_cpu_sized(name, limit):
@@ -177,6 +178,27 @@ def test_deeplab_configs_follow_the_papers():
     assert SegTestConfig.from_mapping(city["model"]["test_cfg"]).crop_size == (769, 769)
     steps = city["trainer"]["max_epochs"] * 2975 / city["data"]["batch_size"]
     assert steps == pytest.approx(80_000, rel=0.01)
+
+
+def test_vitdet_config_follows_the_recipe():
+    """ViTDet's Mask R-CNN ViT-B: MAE weights without the class token, the simple pyramid with LayerNorm,
+    large-scale jitter at 1024, 64 images per step, AdamW 1e-4 with weight decay 0.1, 100 epochs."""
+    cfg = segkit.load_config(CONFIGS[0].parent / "mask_rcnn_vit_b_simple_fpn_coco.yaml")
+    model, backbone, neck = cfg["model"], cfg["model"]["backbone"], cfg["model"]["neck"]
+    assert (backbone["type"], backbone["arch"], backbone["img_size"], backbone["drop_path_rate"]) == (
+        "VisionTransformer", "vit_b_16", 224, 0.1)
+    assert backbone["pretrained"] == "timm://vit_base_patch16_224.mae" and not backbone["with_cls_token"]
+    assert (neck["type"], neck["scale_factors"], neck["norm"], neck["extra_block"]) == (
+        "SimpleFeaturePyramid", [4.0, 2.0, 1.0, 0.5], "LN", "maxpool")
+    assert model["roi_head"]["box_head"]["norm"] == model["roi_head"]["mask_head"]["norm"] == "LN"
+    assert model["roi_head"]["box_head"]["num_convs"] == 4 and model["rpn_head"]["conv_depth"] == 2
+    assert (model["min_size"], model["max_size"]) == (1024, 1024)
+    types = [t["type"] for t in cfg["data"]["train"]["transforms"]]
+    assert types == ["LongestMaxSize", "RandomScale", "RandomCrop", "HorizontalFlip"]
+    assert cfg["data"]["train"]["transforms"][1]["scale_limit"] == [-0.9, 1.0]  # factors 0.1 .. 2.0
+    assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 64 and cfg["trainer"]["max_epochs"] == 100
+    optimizer = cfg["optimizer"]
+    assert (optimizer["type"], optimizer["lr"], optimizer["weight_decay"]) == ("AdamW", 1e-4, 0.1)
 
 
 def test_voc0712_recipe():

@@ -169,13 +169,14 @@ NAMED = _named_configs()
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "101" in n or "vgg" in n or "convnext" in n
-                                                else [])
+                                                or "vit_base" in n else [])
                                   for n in sorted(NAMED)])
 def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, name: str):
     """The EncNet / FCN configs' deep-stem ResNet-50 takes timm's resnet50c (its stem included), the
-    detectors' FrozenBN ResNet-50 torchvision's resnet50, the Mask R-CNN ConvNeXt-T timm's convnext_tiny;
-    ResNet-101, ResNeXt-101 and ConvNeXt-T are slow (tests/test_timm_backbone.py loads a timm:// name into a
-    TimmBackbone in the default suite)."""
+    detectors' FrozenBN ResNet-50 torchvision's resnet50, the Mask R-CNN ConvNeXt-T timm's convnext_tiny, the
+    Mask R-CNN ViT-B timm's MAE-pretrained vit_base_patch16_224; ResNet-101, ResNeXt-101, ConvNeXt-T and ViT-B
+    are slow (tests/test_timm_backbone.py loads a timm:// name into a TimmBackbone, tests/test_vit.py torchvision://
+    and timm:// names into a VisionTransformer, in the default suite)."""
     state = plant_standin(name)
     built: list[dict] = []
     for config in NAMED[name]:
@@ -187,6 +188,10 @@ def test_every_shipped_config_backbone_loads_its_named_weights(caches: Path, nam
         if backbone_cfg["type"] == "TimmBackbone":  # timm's ConvNeXt-T, stages flattened by features_only
             torch.testing.assert_close(net.body.stages_3.blocks[2].conv_dw.weight,
                                        state["stages.3.blocks.2.conv_dw.weight"], msg=config)
+            continue
+        if backbone_cfg["type"] == "VisionTransformer":  # MAE's ViT-B without its class token and final norm
+            torch.testing.assert_close(net.blocks[11].attn.qkv.weight, state["blocks.11.attn.qkv.weight"], msg=config)
+            torch.testing.assert_close(net.pos_embed, state["pos_embed"][:, 1:], msg=config)
             continue
         if backbone_cfg["type"] == "VGG":  # SSD's VGG-16 (tests/test_ssd.py loads it by name in the default suite)
             torch.testing.assert_close(net.stages[3][4].weight, state["features.21.weight"], msg=config)
@@ -203,7 +208,7 @@ def test_every_paper_config_names_its_weights():
     assert set(NAMED) == {"torchvision://resnet50.IMAGENET1K_V1", "torchvision://resnext101_64x4d.IMAGENET1K_V1",
                           "timm://resnet50c.gluon_in1k", "timm://resnet101c.gluon_in1k",
                           "torchvision://vgg16.IMAGENET1K_FEATURES", "torchvision://resnet101.IMAGENET1K_V1",
-                          "timm://convnext_tiny.fb_in1k"}
+                          "timm://convnext_tiny.fb_in1k", "timm://vit_base_patch16_224.mae"}
 
 
 def test_detector_name_as_load_from_starts_a_training_run(caches: Path, detector_state,

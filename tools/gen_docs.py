@@ -209,6 +209,7 @@ ARCHITECTURE_CONFIGS = (
     ("FCOS R50-FPN", "configs/fcos_r50_fpn_coco.yaml"),
     ("SSD300 VGG-16", "configs/ssd300_vgg16_coco.yaml"),
     ("YOLO-style head on R50-PAFPN", "configs/yolo_r50_pafpn_coco.yaml"),
+    ("Mask R-CNN ViT-B/16 + simple feature pyramid (ViTDet)", "configs/mask_rcnn_vit_b_simple_fpn_coco.yaml"),
     ("EncNet R50-D8", "configs/encnet_r50_d8_voc.yaml"),
     ("DeepLabV3 R50-D8", "configs/deeplabv3_r50_d8_voc.yaml"),
     ("DeepLabV3+ R50 (output stride 16)", "configs/deeplabv3plus_r50_d16_voc.yaml"),

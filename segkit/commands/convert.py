@@ -16,7 +16,7 @@ def add_parsers(sub: Any) -> None:
                                    "that recognises it (`segkit list converters`). A ResNet-family backbone "
                                    "(resnet*, resnext*, seresnet*, seresnext*, legacy_senet154) is written with its "
                                    "architecture, {'state_dict': ..., 'segkit_backbone': {...}}, for use as "
-                                   "model.backbone.pretrained. A torchvision Faster / Mask R-CNN ResNet-FPN detector "
+                                   "model.backbone.pretrained; so is a Vision Transformer (torchvision vit_*, timm vit_*). A torchvision Faster / Mask R-CNN ResNet-FPN detector "
                                    "(fasterrcnn_resnet50_fpn[_v2], maskrcnn_resnet50_fpn[_v2]; --from torchvision) "
                                    "is written with a complete config and its class names, {'state_dict', "
                                    "'segkit_config', 'segkit_classes'}, so `segkit eval OUT` and "

@@ -128,7 +128,8 @@ class VisionTransformer(nn.Module):
         qkv_bias: biases in the query, key and value projections.
         drop_path_rate: stochastic depth; the drop probability grows linearly over the blocks from 0 to this.
         out_indices: the blocks (0-based) whose patch tokens are returned; ``None``: the last block.
-            Blocks after the last of them are not run.
+            Blocks after the last of them are not run (their parameters get no gradients: freeze them, or
+            give multi-process training ``find_unused_parameters``).
         final_norm: apply the final LayerNorm to the last block's tokens (torchvision's and timm's encoder
             output); ``False`` drops that norm (ViTDet's pyramid reads the last block's tokens as they
             are), and its weights in a file are ignored.

@@ -243,3 +243,28 @@ def test_a_segmentor_and_a_mask_rcnn_on_vit_and_the_pyramid_train_a_step(one_thr
     detector.eval()
     with torch.no_grad():
         assert set(detector(images)[1]) >= {"boxes", "labels", "scores", "masks"}
+
+
+def test_a_conv_stem_gives_the_same_maps_and_round_trips_through_a_file(tmp_path):
+    # The paper's hybrid input: tokens from a small CNN's stride-8 map instead of 8-pixel patches.
+    from segkit.checkpoint import CheckpointError
+    from segkit_plugins.backbones.vit import VisionTransformer
+
+    net = VisionTransformer(arch=None, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, img_size=32,
+                            stem="conv")
+    assert [m.stride for m in net.patch_embed if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3 + [(1, 1)]
+    assert [m.out_channels for m in net.patch_embed if isinstance(m, torch.nn.Conv2d)] == [4, 8, 16, 32]
+    out = net(torch.rand(2, 3, 32, 48))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"c3": (2, 32, 4, 6)}
+    assert net.output_shape()["c3"].stride == 8
+    path = tmp_path / "vit.pt"
+    torch.save(net.state_dict(), path)
+    again = VisionTransformer(arch=None, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                              img_size=32, stem="conv", pretrained=str(path)).eval()
+    net.eval()
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(again(x)["c3"], net(x)["c3"])
+    with pytest.raises(CheckpointError, match="patch stem"):
+        VisionTransformer(arch="vit_t_16", stem="conv", pretrained="torchvision://vit_b_16")
+    with pytest.raises(ValueError, match="power of 2"):
+        VisionTransformer(arch="vit_t_16", patch_size=14, stem="conv")

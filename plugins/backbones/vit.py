@@ -54,6 +54,32 @@ VIT_ARCHS: dict[str, dict[str, Any]] = {
 _NORM_EPS = 1e-6  # torchvision's and timm's ViTs
 
 
+def _patch_embedding(stem: str, patch_size: int, embed_dim: int,
+                     stem_channels: Sequence[int] | None) -> nn.Module:
+    """The module turning a batch into a ``patch_size``-stride map of ``embed_dim`` channels (see ``stem``)."""
+    if stem == "patch":
+        if stem_channels is not None:
+            raise ValueError("stem_channels sets the widths of stem: conv; the patch stem has none")
+        return nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+    if stem != "conv":
+        raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+    convs = patch_size.bit_length() - 1
+    if patch_size < 2 or 2 ** convs != patch_size:
+        raise ValueError(f"stem: conv halves the resolution per conv, so patch_size must be a power of 2 >= 2, "
+                         f"got {patch_size}")
+    widths = (list(stem_channels) if stem_channels is not None
+              else [max(embed_dim // 2 ** (convs - i), 1) for i in range(convs)])
+    if len(widths) != convs or min(widths) < 1:
+        raise ValueError(f"stem_channels lists {convs} widths >= 1 for patch_size {patch_size} (one per stride-2 "
+                         f"conv), got {list(widths)}")
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip([3, *widths[:-1]], widths):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                   nn.ReLU(inplace=True)]
+    layers.append(nn.Conv2d(widths[-1], embed_dim, 1))
+    return nn.Sequential(*layers)
+
+
 def resize_pos_embed(grid_embed: Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> Tensor:
     """Position embeddings of a ``old_grid`` patch grid, Tensor[1, gh * gw, D] (row-major), interpolated
     bicubically in 2-D (``align_corners=False``) to ``new_grid``: Tensor[1, new_h * new_w, D]."""
@@ -135,6 +161,13 @@ class VisionTransformer(nn.Module):
             are), and its weights in a file are ignored.
         frozen_stages: ``-1`` trains everything; ``0`` freezes the patch embedding, the class token and the
             position embeddings; ``k`` also the first ``k`` blocks.
+        stem: ``"patch"`` (the paper's ViT: one ``patch_size`` conv of that stride) or ``"conv"``: the
+            paper's hybrid input, tokens from a small CNN's map - ``log2(patch_size)`` 3x3 stride-2 convs
+            with BatchNorm and ReLU, then a 1x1 conv to ``embed_dim`` (Xiao et al. 2021, "Early Convolutions
+            Help Transformers See Better"), which trains from scratch far more readily. Published ViT
+            weights are for the patch stem.
+        stem_channels: the conv stem's widths, one per stride-2 conv (default: doubling up to
+            ``embed_dim / 2`` at the last).
         pretrained: a file of weights (torchvision's ``vit_*`` or timm's ``vit_*`` state dict, classifier
             ignored; a file written by ``segkit convert``; a segkit checkpoint of this backbone or of a model
             whose backbone it is) or a weight name (``torchvision://vit_b_16.IMAGENET1K_V1``,
@@ -165,6 +198,8 @@ class VisionTransformer(nn.Module):
         out_indices: Sequence[int] | None = None,
         final_norm: bool = True,
         frozen_stages: int = -1,
+        stem: str = "patch",
+        stem_channels: Sequence[int] | None = None,
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
@@ -190,7 +225,8 @@ class VisionTransformer(nn.Module):
         self.with_cls_token, self.final_norm = bool(with_cls_token), bool(final_norm)
         self.frozen_stages = int(frozen_stages)
 
-        self.patch_embed = nn.Conv2d(3, self.embed_dim, self.patch_size, stride=self.patch_size)
+        self.stem = stem
+        self.patch_embed = _patch_embedding(stem, self.patch_size, self.embed_dim, stem_channels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if self.with_cls_token else None
         prefix = int(self.with_cls_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, prefix + self.grid[0] * self.grid[1], self.embed_dim))
@@ -208,8 +244,9 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         # torchvision's: the patch projection from N(0, 1 / fan_in), the position embeddings N(0, 0.02), the
         # class token zero; the linear layers as timm's (truncated N(0, 0.02), zero bias).
-        nn.init.trunc_normal_(self.patch_embed.weight, std=(1.0 / self.patch_embed.weight[0].numel()) ** 0.5)
-        nn.init.zeros_(self.patch_embed.bias)
+        if self.stem == "patch":
+            nn.init.trunc_normal_(self.patch_embed.weight, std=(1.0 / self.patch_embed.weight[0].numel()) ** 0.5)
+            nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
         for module in self.blocks.modules():
             if isinstance(module, nn.Linear):
@@ -284,6 +321,9 @@ class VisionTransformer(nn.Module):
             CheckpointError: the file or name cannot be read, holds another network or another ViT (naming
                 the options that differ), or has unknown or missing keys (naming the file and the keys).
         """
+        if is_weight_name(path) and self.stem != "patch":
+            raise CheckpointError(f"pretrained '{path}': published ViT weights are for the patch stem; set stem: "
+                                  f"patch, or give a file of a {self.stem}-stem ViT that segkit trained")
         if is_weight_name(path):
             converted = named_backbone_weights(path)
             state, info = converted.state_dict, converted.config
@@ -293,8 +333,9 @@ class VisionTransformer(nn.Module):
             raise CheckpointError(f"pretrained weights '{path}' are a {info['type']} backbone's, not a "
                                   f"VisionTransformer's; choose ViT weights.")
         source = f"pretrained weights '{path}'"
+        arch = infer_vit_arch(state) if "patch_embed.weight" in state else {}  # a conv stem: the load checks
         differ = [f"{k}={v!r} in the weights but {self.arch[k]!r} in the model"
-                  for k, v in infer_vit_arch(state).items() if k in self.arch and v != self.arch[k]]
+                  for k, v in arch.items() if k in self.arch and v != self.arch[k]]
         if differ:
             raise CheckpointError(f"{source} were made for another ViT: " + "; ".join(differ) + ". Set these backbone "
                                   "options (or arch) to the weights' values, or choose weights made for this backbone.")
@@ -395,7 +436,7 @@ def _read_state(path: str) -> tuple[dict[str, Tensor], Any]:
         return convert_torchvision_vit(state), info
     if is_timm_vit(state):
         return convert_timm_vit(state), info
-    if "patch_embed.weight" not in state:
+    if not any(key.startswith("patch_embed.") for key in state):
         raise CheckpointError(f"pretrained weights '{path}' are not a Vision Transformer's (first keys: "
                               f"{', '.join(list(state)[:3])}); the VisionTransformer reads torchvision's vit_* and "
                               f"timm's vit_* state dicts and segkit's.")

@@ -216,6 +216,24 @@ def check_resumable(path: str | os.PathLike[str], config: Mapping[str, Any]) -> 
     return f"resuming from {path} (written after epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})"
 
 
+def _with_saved_class_weights(current: Any, saved: Any, depth: int = 0) -> Any:
+    """``current`` with each ``class_weight: median_frequency`` replaced by the list ``saved`` holds at the same
+    place (what ``segkit train`` computed and stored for it); everything else as it is."""
+    if depth > 64:
+        return current
+    if isinstance(current, Mapping) and isinstance(saved, Mapping):
+        out = {}
+        for key, value in current.items():
+            if key == "class_weight" and value == "median_frequency" and isinstance(saved.get(key), list):
+                out[key] = saved[key]
+            else:
+                out[key] = _with_saved_class_weights(value, saved.get(key), depth + 1)
+        return out
+    if isinstance(current, list) and isinstance(saved, list) and len(current) == len(saved):
+        return [_with_saved_class_weights(c, s, depth + 1) for c, s in zip(current, saved)]
+    return current
+
+
 def _check_same_run(path: str, saved: Any, current: Mapping[str, Any]) -> None:
     """Refuse to resume with a model, optimizer or schedule other than the one the checkpoint was trained with.
 
@@ -228,6 +246,8 @@ def _check_same_run(path: str, saved: Any, current: Mapping[str, Any]) -> None:
         check_bounds(saved)  # shared references in the file would expand while the configs are compared
     except YamlBoundsError as exc:
         raise CheckpointError(f"the config stored in checkpoint '{path}' cannot be used: {exc}.") from None
+    # class_weight: median_frequency was replaced by the numbers the run computed from the same training labels.
+    current = _with_saved_class_weights(current, saved)
     differences = config_differences(saved, current, sections=RESUME_SECTIONS, ignore=_RESUME_FREE_KEYS)
     if not differences:
         return

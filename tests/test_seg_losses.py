@@ -183,3 +183,7 @@ def test_training_computes_median_frequency_weights_and_logs_every_term(tmp_path
     printed = capsys.readouterr().out
     line = next(row for row in printed.splitlines() if row.startswith("class_weight: ["))
     assert [float(w) for w in line.split("[")[1].rstrip("]").split(",")] == pytest.approx(weights, abs=1e-4)
+
+    # The run resumes from its checkpoint with the same config: the stored numbers stand for median_frequency.
+    last = tmp_path / "work" / "checkpoints" / "last.ckpt"
+    assert main(["train", str(cfg), "--resume", str(last)]) == 0

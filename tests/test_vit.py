@@ -1,9 +1,11 @@
-"""VisionTransformer and SimpleFeaturePyramid: token parity with torchvision's and timm's ViTs given the same
-weights, position embeddings interpolated to other input sizes, declared strides equal to the maps', the
-weights it reads and refuses, and one training step of a segmentor and of a Mask R-CNN on ViT + pyramid."""
+"""VisionTransformer and SimpleFeaturePyramid: token parity with torchvision's and timm's ViTs (plain and SAM, with
+window attention and relative positions) given the same weights, position embeddings interpolated to other input
+sizes, windows that see only themselves, declared strides equal to the maps', the weights it reads and refuses,
+and one training step of a segmentor and of a Mask R-CNN on ViT + pyramid."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,140 @@ def test_a_224_model_at_320_uses_the_bicubic_interpolation_of_its_14x14_grid(one
     with torch.no_grad():
         assert torch.equal(net.position_embeddings((14, 14)), net.pos_embed)  # its own grid: as learned
         assert net(torch.rand(1, 3, 320, 480))["c4"].shape == (1, 192, 20, 30)
+
+
+# timm's SAM ViT (ViTDet's backbone): 14x14-like windows scaled down to 4x4 on an 8x8 grid, blocks 1 and 3 global.
+SAM_SMALL = {"img_size": 128, "patch_size": 16, "embed_dim": 96, "depth": 4, "num_heads": 3, "window_size": 4,
+             "global_attn_indexes": (1, 3), "use_rel_pos": True, "use_abs_pos": True, "neck_chans": None,
+             "num_classes": 0}
+OURS_SAM = {"arch": None, "patch_size": 16, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4.0,
+            "img_size": 128, "with_cls_token": False, "final_norm": False, "window_size": 4,
+            "global_attn_indexes": [1, 3], "use_rel_pos": True}
+
+
+def _timm_sam(**options) -> torch.nn.Module:
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    torch.manual_seed(0)  # ViTDet's and SAM's LayerNorm eps, which timm's SAM entry points pass
+    return _randomised(VisionTransformerSAM(**{**SAM_SMALL, **options},
+                                            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)))
+
+
+@pytest.mark.parametrize("size", [(128, 128), (160, 96)], ids=["trained_size", "padded_and_interpolated"])
+def test_timm_sam_weights_give_timm_s_last_block_tokens(size: tuple[int, int], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, one_thread):
+    """Window attention, padding to whole windows and decomposed relative positions as timm's SAM ViT computes
+    them: at 160x96 the 10x6 grid is padded to 12x8 for the 4x4 windows and the global blocks' 15-row tables are
+    interpolated to 19 and 11 rows. timm's resize of the absolute position embeddings antialiases; ViTDet's (and
+    segkit's) does not, so timm's is run without it: the one documented difference."""
+    import timm.models.vision_transformer_sam as timm_sam
+
+    reference = _timm_sam()
+    torch.save(reference.state_dict(), tmp_path / "samvit.pth")
+    ours = _build(**OURS_SAM, pretrained=str(tmp_path / "samvit.pth")).eval()
+    monkeypatch.setattr(timm_sam, "resample_abs_pos_embed_nhwc",
+                        functools.partial(timm.layers.resample_abs_pos_embed_nhwc, antialias=False))
+    x = torch.rand(2, 3, *size)
+    with torch.no_grad():
+        expected = reference.forward_intermediates(x, indices=[3], intermediates_only=True)[0]  # before the neck
+        got = ours(x)["c4"]
+    assert got.shape == expected.shape == (2, 96, size[0] // 16, size[1] // 16)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_a_window_covering_the_grid_without_rel_pos_is_global_attention(one_thread):
+    options = {**OURS_SAM, "use_rel_pos": False, "global_attn_indexes": []}
+    windowed = _randomised(_build(**{**options, "window_size": 8}))  # the 128 px grid is 8x8: one window
+    plain = _build(**{**options, "window_size": 0}).eval()
+    plain.load_state_dict(windowed.state_dict())
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(windowed(x)["c4"], plain(x)["c4"])
+
+
+def test_a_windowed_token_sees_only_its_window(one_thread):
+    net = _randomised(_build(**{**OURS_SAM, "global_attn_indexes": []}))  # every block within 4x4 windows
+    x = torch.rand(1, 3, 160, 96)  # a 10x6 grid: windows rows 0-3 / 4-7 / 8-9 (padded), columns 0-3 / 4-5 (padded)
+    changed = x.clone()
+    changed[..., 5 * 16:6 * 16, 5 * 16:6 * 16] += 1.0  # patch (5, 5), in the window of rows 4-7, columns 4-5
+    with torch.no_grad():
+        before, after = net(x)["c4"], net(changed)["c4"]
+    differs = (before - after).abs().amax(dim=1)[0] > 0
+    inside = torch.zeros(10, 6, dtype=torch.bool)
+    inside[4:8, 4:6] = True
+    assert torch.equal(differs, inside)
+
+
+def test_class_token_with_windows_or_relative_positions_is_refused():
+    for options in ({"window_size": 4}, {"use_rel_pos": True}):
+        with pytest.raises(ConfigError, match="with_cls_token: true does not combine with window_size > 0 or "
+                                              "use_rel_pos: true.*set with_cls_token: false"):
+            BACKBONES.build_child({"type": "VisionTransformer", "arch": "vit_t_16", "depth": 2, **options},
+                                  path="model.backbone")
+    with pytest.raises(ConfigError, match=r"global_attn_indexes must be blocks 0\.\.1, got \[2\]"):
+        BACKBONES.build_child({"type": "VisionTransformer", "arch": "vit_t_16", "depth": 2, "with_cls_token": False,
+                               "window_size": 4, "global_attn_indexes": [2]}, path="model.backbone")
+
+
+def test_weights_without_relative_positions_load_with_zero_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  one_thread):
+    """ViTDet starts from MAE's ViT, which has no relative positions: its tables start at zero, and nothing else
+    may be missing."""
+    offline_caches(tmp_path, monkeypatch)
+    mae = _randomised(timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=96, depth=2,
+                                        num_heads=3)).state_dict()  # vit_base's layout, a small width
+    plant_hf(timm.models.get_pretrained_cfg("vit_base_patch16_224.mae").hf_hub_id, mae)
+    options = {**OURS_SAM, "depth": 2, "img_size": 224, "window_size": 7, "global_attn_indexes": [1]}
+    net = _build(**options, pretrained="timm://vit_base_patch16_224.mae")
+    tables = {k: v for k, v in net.state_dict().items() if ".attn.rel_pos_" in k}
+    assert [tuple(v.shape) for v in tables.values()] == [(13, 32), (13, 32), (27, 32), (27, 32)]
+    assert all(not v.any() for v in tables.values())
+    assert torch.equal(net.pos_embed, mae["pos_embed"][:, 1:]) and torch.equal(net.blocks[1].mlp.fc2.weight,
+                                                                               mae["blocks.1.mlp.fc2.weight"])
+    torch.save({k: v for k, v in mae.items() if k != "blocks.1.norm2.bias"}, tmp_path / "short.pth")
+    with pytest.raises(CheckpointError, match=r"short\.pth.*1 missing key\(s\) \[blocks\.1\.norm2\.bias\]"):
+        _build(**options, pretrained=str(tmp_path / "short.pth"))
+
+
+def test_relative_position_weights_are_refused_where_the_model_differs(tmp_path: Path, one_thread):
+    state = _timm_sam().state_dict()
+    torch.save(state, tmp_path / "samvit.pth")
+    torch.save({k: v for k, v in state.items() if k != "blocks.2.attn.rel_pos_w"}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"use_rel_pos=True in the weights but False in the model"):
+        _build(**{**OURS_SAM, "use_rel_pos": False}, pretrained=str(tmp_path / "samvit.pth"))
+    with pytest.raises(CheckpointError, match=r"window_size=4 in the weights but 2 in the model"):
+        _build(**{**OURS_SAM, "window_size": 2}, pretrained=str(tmp_path / "samvit.pth"))
+    with pytest.raises(CheckpointError, match=r"global_attn_indexes=\[1, 3\] in the weights but \[3\] in the model"):
+        _build(**{**OURS_SAM, "global_attn_indexes": [3]}, pretrained=str(tmp_path / "samvit.pth"))
+    with pytest.raises(CheckpointError, match=r"partial\.pth.*1 missing key\(s\) \[blocks\.2\.attn\.rel_pos_w\]"):
+        _build(**OURS_SAM, pretrained=str(tmp_path / "partial.pth"))
+
+
+def test_segkit_convert_reads_a_timm_sam_vit_with_its_window_layout(tmp_path: Path, one_thread):
+    state = _timm_sam().state_dict()
+    torch.save(state, tmp_path / "samvit.pth")
+    assert main(["convert", "--from", "timm", str(tmp_path / "samvit.pth"), str(tmp_path / "converted.pth")]) == 0
+    info = torch.load(tmp_path / "converted.pth", weights_only=True)["segkit_backbone"]
+    assert {k: info[k] for k in ("window_size", "global_attn_indexes", "use_rel_pos", "with_cls_token")} == {
+        "window_size": 4, "global_attn_indexes": [1, 3], "use_rel_pos": True, "with_cls_token": False}
+    net = _build(**OURS_SAM, pretrained=str(tmp_path / "converted.pth"))
+    assert torch.equal(net.blocks[3].attn.rel_pos_h, state["blocks.3.attn.rel_pos_h"])
+    assert torch.equal(net.pos_embed, state["pos_embed"].reshape(1, 64, 96))
+    # the global blocks' tables, made for 128 px, fit another rel_pos_img_size by linear interpolation
+    with pytest.warns(UserWarning, match=r"4 relative position table\(s\) of global blocks .* 16x16 grid"):
+        wider = _build(**OURS_SAM, rel_pos_img_size=256, pretrained=str(tmp_path / "converted.pth"))
+    assert wider.blocks[1].attn.rel_pos_w.shape == (31, 32) and wider.blocks[0].attn.rel_pos_w.shape == (7, 32)
+
+
+def test_layer_ids_number_the_embeddings_the_blocks_and_the_final_norm():
+    net = _build(arch="vit_t_16", depth=3)
+    layers = {name: net.layer_id(name) for name, _ in net.named_parameters()}
+    assert net.num_layers == 3
+    assert {k for k, v in layers.items() if v == 0} == {"cls_token", "pos_embed", "patch_embed.weight",
+                                                        "patch_embed.bias"}
+    assert layers["blocks.0.attn.qkv.weight"] == 1 and layers["blocks.2.mlp.fc2.bias"] == 3
+    assert layers["norm.weight"] == layers["norm.bias"] == 4
+    assert isinstance(net, segkit.models.LayeredBackbone)
 
 
 # ----------------------------------------------------------------------------------------- shapes

@@ -13,33 +13,30 @@ pretraining grid (``img_size / patch_size``) are interpolated in 2-D to the inpu
 token's embedding kept apart, as the paper fine-tunes at higher resolution (bicubic, ``align_corners=False``
 without antialiasing, as ViTDet; torchvision's ``interpolate_embeddings`` uses ``align_corners=True`` and
 timm antialiases when it shrinks the grid).
+
+ViTDet's attention is an option (:mod:`segkit_plugins.backbones.vit_blocks`): ``window_size`` makes the blocks
+attend within windows of the patch grid (padded to whole windows), except ``global_attn_indexes``, and
+``use_rel_pos`` adds decomposed relative position biases. The default, ``window_size: 0`` without relative
+positions, is the paper's ViT: every block attends globally, and published weights load as they are.
 Parameter names are timm's (``blocks.N.attn.qkv``), but ``patch_embed`` for timm's ``patch_embed.proj``;
 :mod:`segkit_plugins.backbones.vit_weights` maps torchvision's and timm's weights onto them.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import StochasticDepth
 
-from segkit.checkpoint import (BACKBONE_INFO_KEY, CONFIG_KEY, CheckpointError, extract_state_dict,
-                               load_state_dict_checked, read_checkpoint)
 from segkit.ops import ShapeSpec
 from segkit.ops.norm import hold_in_eval
 from segkit.registry import BACKBONES
-from segkit.weight_names import is_weight_name
-from segkit.weight_sources import read_weights_file
-from segkit.weights import named_backbone_weights
 from segkit_plugins.backbones.timm_backbone import level_names
-from segkit_plugins.backbones.vit_weights import (convert_timm_vit, convert_torchvision_vit, infer_vit_arch,
-                                                  is_timm_vit, is_torchvision_vit)
+from segkit_plugins.backbones.vit_blocks import NORM_EPS, EncoderBlock, resize_pos_embed
+from segkit_plugins.backbones.vit_loading import load_pretrained
 
 __all__ = ["VisionTransformer", "EncoderBlock", "VIT_ARCHS", "resize_pos_embed"]
 
@@ -51,7 +48,6 @@ VIT_ARCHS: dict[str, dict[str, Any]] = {
     "vit_b_16": {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
     "vit_l_16": {"patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0},
 }
-_NORM_EPS = 1e-6  # torchvision's and timm's ViTs
 
 
 def _patch_embedding(stem: str, patch_size: int, embed_dim: int,
@@ -80,61 +76,6 @@ def _patch_embedding(stem: str, patch_size: int, embed_dim: int,
     return nn.Sequential(*layers)
 
 
-def resize_pos_embed(grid_embed: Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> Tensor:
-    """Position embeddings of a ``old_grid`` patch grid, Tensor[1, gh * gw, D] (row-major), interpolated
-    bicubically in 2-D (``align_corners=False``) to ``new_grid``: Tensor[1, new_h * new_w, D]."""
-    old_h, old_w = (int(v) for v in old_grid)
-    new_h, new_w = (int(v) for v in new_grid)
-    if (old_h, old_w) == (new_h, new_w):
-        return grid_embed
-    dim = grid_embed.shape[-1]
-    grid = grid_embed.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(new_h, new_w), mode="bicubic", align_corners=False)
-    return grid.to(grid_embed.dtype).permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim)
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class _MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class EncoderBlock(nn.Module):
-    """``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` on tokens Tensor[N, L, dim]; each branch dropped
-    per sample with probability ``drop_path`` in training (stochastic depth)."""
-
-    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=_NORM_EPS)
-        self.attn = _Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=_NORM_EPS)
-        self.mlp = _MLP(dim, int(round(dim * mlp_ratio)))
-        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
 @BACKBONES.register()
 class VisionTransformer(nn.Module):
     """Vision Transformer returning the patch tokens of chosen blocks as maps of stride ``patch_size``.
@@ -152,6 +93,19 @@ class VisionTransformer(nn.Module):
             own, not interpolated). Weights with a class token load into a model without one (ViTDet):
             the token and its embedding are dropped.
         qkv_bias: biases in the query, key and value projections.
+        window_size: ``0`` (default): every block attends over all tokens. ``k > 0``: the blocks attend within
+            ``k x k`` windows of the patch grid (ViTDet: 14), the grid zero-padded at the bottom and right to whole
+            windows and cut back after, except the blocks of ``global_attn_indexes``. Needs ``with_cls_token: false``.
+        global_attn_indexes: the blocks (0-based) that attend globally when ``window_size > 0`` (ViTDet's ViT-B:
+            ``[2, 5, 8, 11]``); ignored when ``window_size`` is 0.
+        use_rel_pos: add decomposed relative position biases to every block's attention (ViTDet, MViTv2): tables
+            ``rel_pos_h`` / ``rel_pos_w`` of ``2 * size - 1`` rows per block, ``size`` the window side in a windowed
+            block and the ``rel_pos_img_size`` grid in a global one, interpolated linearly on another grid. They
+            start at zero, and weights without them (MAE's, ImageNet's) load with zero tables. Needs
+            ``with_cls_token: false``.
+        rel_pos_img_size: the input size (an int or ``[h, w]``, multiples of ``patch_size``) the global blocks'
+            relative position tables are made for (ViTDet: 1024, its training crop, while the position
+            embeddings keep the pretraining 224); ``None``: ``img_size``. Ignored without ``use_rel_pos``.
         drop_path_rate: stochastic depth; the drop probability grows linearly over the blocks from 0 to this.
         out_indices: the blocks (0-based) whose patch tokens are returned; ``None``: the last block.
             Blocks after the last of them are not run (their parameters get no gradients: freeze them, or
@@ -168,8 +122,8 @@ class VisionTransformer(nn.Module):
             weights are for the patch stem.
         stem_channels: the conv stem's widths, one per stride-2 conv (default: doubling up to
             ``embed_dim / 2`` at the last).
-        pretrained: a file of weights (torchvision's ``vit_*`` or timm's ``vit_*`` state dict, classifier
-            ignored; a file written by ``segkit convert``; a segkit checkpoint of this backbone or of a model
+        pretrained: a file of weights (torchvision's ``vit_*``, timm's ``vit_*`` or timm's SAM ``samvit_*`` state
+            dict, classifier and SAM's neck ignored; a file written by ``segkit convert``; a segkit checkpoint of this backbone or of a model
             whose backbone it is) or a weight name (``torchvision://vit_b_16.IMAGENET1K_V1``,
             ``timm://vit_base_patch16_224.mae``). Position embeddings of another grid than ``img_size``'s are
             interpolated to it; unknown and missing keys are refused naming the file.
@@ -194,6 +148,10 @@ class VisionTransformer(nn.Module):
         img_size: int | Sequence[int] = 224,
         with_cls_token: bool = True,
         qkv_bias: bool = True,
+        window_size: int = 0,
+        global_attn_indexes: Sequence[int] = (),
+        use_rel_pos: bool = False,
+        rel_pos_img_size: int | Sequence[int] | None = None,
         drop_path_rate: float = 0.0,
         out_indices: Sequence[int] | None = None,
         final_norm: bool = True,
@@ -210,6 +168,14 @@ class VisionTransformer(nn.Module):
         self.depth, self.num_heads = int(options["depth"]), int(options["num_heads"])
         self.mlp_ratio = float(options["mlp_ratio"])
         self.grid = _grid(img_size, self.patch_size)
+        self.rel_pos_grid = _grid(img_size if rel_pos_img_size is None else rel_pos_img_size, self.patch_size,
+                                  name="rel_pos_img_size")
+        self.windows = _windows(window_size, global_attn_indexes, self.depth)
+        self.use_rel_pos = bool(use_rel_pos)
+        if with_cls_token and (any(self.windows) or self.use_rel_pos):
+            raise ValueError("with_cls_token: true does not combine with window_size > 0 or use_rel_pos: true (windows "
+                             "and relative positions are laid over the patch grid, which the class token is not on); "
+                             "set with_cls_token: false, as ViTDet does")
         chosen = [int(i) for i in (out_indices if out_indices is not None else [-1])]
         blocks = sorted({i + self.depth if i < 0 else i for i in chosen})
         if not blocks or blocks[0] < 0 or blocks[-1] >= self.depth:
@@ -221,7 +187,8 @@ class VisionTransformer(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.arch = {"patch_size": self.patch_size, "embed_dim": self.embed_dim, "depth": self.depth,
-                     "mlp_ratio": self.mlp_ratio}
+                     "mlp_ratio": self.mlp_ratio, "use_rel_pos": self.use_rel_pos, "window_size": max(self.windows),
+                     "global_attn_indexes": [i for i, window in enumerate(self.windows) if not window]}
         self.with_cls_token, self.final_norm = bool(with_cls_token), bool(final_norm)
         self.frozen_stages = int(frozen_stages)
 
@@ -231,9 +198,11 @@ class VisionTransformer(nn.Module):
         prefix = int(self.with_cls_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, prefix + self.grid[0] * self.grid[1], self.embed_dim))
         rates = [drop_path_rate * k / max(self.depth - 1, 1) for k in range(self.depth)]
-        self.blocks = nn.ModuleList(EncoderBlock(dim=self.embed_dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                                                 qkv_bias=qkv_bias, drop_path=rate) for rate in rates)
-        self.norm = nn.LayerNorm(self.embed_dim, eps=_NORM_EPS) if self.final_norm else None
+        self.blocks = nn.ModuleList(
+            EncoderBlock(dim=self.embed_dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=qkv_bias,
+                         drop_path=rate, window_size=window, rel_pos_size=self._rel_pos_size(window))
+            for rate, window in zip(rates, self.windows))
+        self.norm = nn.LayerNorm(self.embed_dim, eps=NORM_EPS) if self.final_norm else None
         names = level_names([self.patch_size] * len(blocks), blocks)
         self._outputs = dict(zip(blocks, names))
         self._init_weights()
@@ -241,9 +210,15 @@ class VisionTransformer(nn.Module):
             self.load_pretrained(pretrained)
         self._freeze()
 
+    def _rel_pos_size(self, window: int) -> tuple[int, int] | None:
+        if not self.use_rel_pos:
+            return None
+        return (window, window) if window else self.rel_pos_grid
+
     def _init_weights(self) -> None:
         # torchvision's: the patch projection from N(0, 1 / fan_in), the position embeddings N(0, 0.02), the
-        # class token zero; the linear layers as timm's (truncated N(0, 0.02), zero bias).
+        # class token zero; the linear layers as timm's (truncated N(0, 0.02), zero bias); the relative position
+        # tables zero, as ViTDet's.
         if self.stem == "patch":
             nn.init.trunc_normal_(self.patch_embed.weight, std=(1.0 / self.patch_embed.weight[0].numel()) ** 0.5)
             nn.init.zeros_(self.patch_embed.bias)
@@ -256,7 +231,8 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------- shapes
     def output_shape(self) -> dict[str, ShapeSpec]:
-        """``{name: ShapeSpec(embed_dim, patch_size)}`` of the returned maps."""
+        """``{name: ShapeSpec(embed_dim, patch_size)}`` of the returned maps (windows change no map: their
+        padding is cut off in each block)."""
         return {name: ShapeSpec(self.embed_dim, self.patch_size) for name in self._outputs.values()}
 
     def block_outputs(self) -> dict[str, int]:
@@ -294,9 +270,10 @@ class VisionTransformer(nn.Module):
         """The encoder's output of every token, Tensor[N, P + h * w, embed_dim] (the class token first): all
         blocks, then the final norm (with ``final_norm``) - torchvision's ``encoder`` output and timm's
         ``forward_features``."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.embed(x)
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = block(tokens, grid)
         return self.norm(tokens) if self.norm is not None else tokens
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
@@ -307,72 +284,44 @@ class VisionTransformer(nn.Module):
         prefix, last = int(self.with_cls_token), max(self._outputs)
         outputs: OrderedDict[str, Tensor] = OrderedDict()
         for index, block in enumerate(self.blocks[: last + 1]):
-            tokens = block(tokens)
+            tokens = block(tokens, grid)
             if index in self._outputs:
                 out = self.norm(tokens) if index == self.depth - 1 and self.norm is not None else tokens
                 outputs[self._outputs[index]] = out[:, prefix:].transpose(1, 2).reshape(batch, -1, *grid)
         return outputs
 
+    # ---------------------------------------------------------------------------- layer-wise decay
+    @property
+    def num_layers(self) -> int:
+        """The layers that :meth:`layer_id` counts: the blocks."""
+        return self.depth
+
+    def layer_id(self, name: str) -> int:
+        """The layer of the parameter ``name`` (as :meth:`named_parameters` names it), for layer-wise
+        learning-rate decay: ``0`` for the patch embedding, the class token and the position embeddings, ``i + 1``
+        for block ``i``, ``num_layers + 1`` for the final norm (ViTDet's numbering).
+
+        Raises:
+            ValueError: ``name`` is not one of the backbone's parameters.
+        """
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+            return 0
+        if name.startswith("blocks.") and name.split(".")[1].isdigit() and int(name.split(".")[1]) < self.depth:
+            return int(name.split(".")[1]) + 1
+        if name in ("norm.weight", "norm.bias") and self.norm is not None:
+            return self.depth + 1
+        raise ValueError(f"'{name}' is not a parameter of the VisionTransformer")
+
     # ------------------------------------------------------------------------------------ weights
     def load_pretrained(self, path: str) -> None:
-        """Load a file or a weight name (see the class docstring).
+        """Load a file or a weight name (see the class docstring and
+        :func:`~segkit_plugins.backbones.vit_loading.load_pretrained`).
 
         Raises:
             CheckpointError: the file or name cannot be read, holds another network or another ViT (naming
                 the options that differ), or has unknown or missing keys (naming the file and the keys).
         """
-        if is_weight_name(path) and self.stem != "patch":
-            raise CheckpointError(f"pretrained '{path}': published ViT weights are for the patch stem; set stem: "
-                                  f"patch, or give a file of a {self.stem}-stem ViT that segkit trained")
-        if is_weight_name(path):
-            converted = named_backbone_weights(path)
-            state, info = converted.state_dict, converted.config
-        else:
-            state, info = _read_state(path)
-        if isinstance(info, Mapping) and info.get("type") not in (None, "VisionTransformer"):
-            raise CheckpointError(f"pretrained weights '{path}' are a {info['type']} backbone's, not a "
-                                  f"VisionTransformer's; choose ViT weights.")
-        source = f"pretrained weights '{path}'"
-        arch = infer_vit_arch(state) if "patch_embed.weight" in state else {}  # a conv stem: the load checks
-        differ = [f"{k}={v!r} in the weights but {self.arch[k]!r} in the model"
-                  for k, v in arch.items() if k in self.arch and v != self.arch[k]]
-        if differ:
-            raise CheckpointError(f"{source} were made for another ViT: " + "; ".join(differ) + ". Set these backbone "
-                                  "options (or arch) to the weights' values, or choose weights made for this backbone.")
-        state = self._fit(state, source)
-        load_state_dict_checked(self, state, source=source, strict=True, hint="check the ViT's options")
-
-    def _fit(self, state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
-        """``state`` adapted to this model: the class token dropped where the model has none, the final norm
-        dropped without ``final_norm``, the position embeddings interpolated to ``img_size``'s grid."""
-        state = dict(state)
-        has_cls = "cls_token" in state
-        if has_cls and not self.with_cls_token:
-            del state["cls_token"]
-            state["pos_embed"] = state["pos_embed"][:, 1:]
-        elif self.with_cls_token and not has_cls:
-            raise CheckpointError(f"{source} have no class token; set the backbone's with_cls_token: false.")
-        if not self.final_norm:
-            for key in ("norm.weight", "norm.bias"):
-                state.pop(key, None)
-        prefix = int(self.with_cls_token)
-        pos = state["pos_embed"]
-        side = round((pos.shape[1] - prefix) ** 0.5)
-        if pos.shape[1] - prefix != self.grid[0] * self.grid[1] and side * side == pos.shape[1] - prefix:
-            patches = resize_pos_embed(pos[:, prefix:], (side, side), self.grid)
-            state["pos_embed"] = torch.cat([pos[:, :prefix], patches], dim=1)
-            warnings.warn(f"{source}: position embeddings of a {side}x{side} grid interpolated to the backbone's "
-                          f"{self.grid[0]}x{self.grid[1]} (img_size); set img_size: {side * self.patch_size} to keep "
-                          f"them as trained.", stacklevel=4)
-        own = self.state_dict()
-        unknown, missing = [k for k in state if k not in own], [k for k in own if k not in state]
-        if unknown or missing:
-            problems = [f"{len(keys)} {kind} key(s) {_few(keys)}" for kind, keys in
-                        (("unknown", unknown), ("missing", missing)) if keys]
-            raise CheckpointError(f"{source} do not fit the VisionTransformer: " + " and ".join(problems) + ". It "
-                                  "reads torchvision's and timm's plain ViTs (no layer scale, register tokens, conv "
-                                  "stem or q/k norm) and segkit's.")
-        return state
+        load_pretrained(self, path)
 
     # ----------------------------------------------------------------------------------- freezing
     def _frozen_parts(self) -> tuple[list[nn.Module], list[nn.Parameter]]:
@@ -414,34 +363,19 @@ def _architecture(arch: str | None, given: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _grid(img_size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
+def _grid(img_size: int | Sequence[int], patch_size: int, *, name: str = "img_size") -> tuple[int, int]:
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if len(size) != 2 or any(not isinstance(s, int) or s < patch_size or s % patch_size for s in size):
-        raise ValueError(f"img_size must be an integer or [height, width], multiples of patch_size {patch_size}, "
+        raise ValueError(f"{name} must be an integer or [height, width], multiples of patch_size {patch_size}, "
                          f"got {img_size}")
     return size[0] // patch_size, size[1] // patch_size
 
 
-def _read_state(path: str) -> tuple[dict[str, Tensor], Any]:
-    """The segkit-named state dict in the file ``path`` and the backbone config it records (or ``None``)."""
-    if str(path).endswith(".safetensors"):
-        ckpt: Mapping[str, Any] = {"state_dict": read_weights_file(str(path))}
-    else:
-        ckpt = read_checkpoint(path)
-    state, info = extract_state_dict(ckpt), ckpt.get(BACKBONE_INFO_KEY)
-    if info is None and isinstance(ckpt.get(CONFIG_KEY), Mapping):
-        info = (ckpt[CONFIG_KEY].get("model") or {}).get("backbone")
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if is_torchvision_vit(state):
-        return convert_torchvision_vit(state), info
-    if is_timm_vit(state):
-        return convert_timm_vit(state), info
-    if not any(key.startswith("patch_embed.") for key in state):
-        raise CheckpointError(f"pretrained weights '{path}' are not a Vision Transformer's (first keys: "
-                              f"{', '.join(list(state)[:3])}); the VisionTransformer reads torchvision's vit_* and "
-                              f"timm's vit_* state dicts and segkit's.")
-    return state, info
-
-
-def _few(keys: list[str], n: int = 5) -> str:
-    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
+def _windows(window_size: int, global_attn_indexes: Sequence[int], depth: int) -> list[int]:
+    """Each block's window side, ``0`` for a block attending globally."""
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
+        raise ValueError(f"window_size must be an integer >= 0 (0: every block attends globally), got {window_size!r}")
+    indexes = list(global_attn_indexes)
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth for i in indexes):
+        raise ValueError(f"global_attn_indexes must be blocks 0..{depth - 1}, got {indexes}")
+    return [0 if i in indexes else window_size for i in range(depth)]

@@ -1,8 +1,8 @@
-"""Weights of other libraries for the Vision Transformer: torchvision's ``vit_*`` and timm's
-``vit_*`` state dicts renamed for segkit's :class:`~segkit_plugins.backbones.vit.VisionTransformer`, the
-architecture a state dict was made for, and the ``TorchvisionViT`` / ``TimmViT`` converters of
-``segkit convert`` and of ``pretrained: torchvision://vit_b_16.IMAGENET1K_V1`` /
-``timm://vit_base_patch16_224.mae``.
+"""Weights of other libraries for the Vision Transformer: torchvision's ``vit_*``, timm's ``vit_*`` and timm's
+SAM ViT (``samvit_*``, ``VisionTransformerSAM``) state dicts renamed for segkit's
+:class:`~segkit_plugins.backbones.vit.VisionTransformer`, the architecture a state dict was made for, and the
+``TorchvisionViT`` / ``TimmViT`` / ``TimmSamViT`` converters of ``segkit convert`` and of
+``pretrained: torchvision://vit_b_16.IMAGENET1K_V1`` / ``timm://vit_base_patch16_224.mae``.
 
 ==================================================== ================================
 torchvision                                          segkit (timm's names, but ``patch_embed``)
@@ -22,6 +22,12 @@ query, key and value projections in one ``[3 * D, D]`` matrix in that order, so 
 taken as they are. The classifier (torchvision's ``heads``, timm's ``head``, ``fc_norm``, ``attn_pool``)
 is dropped; any other key (a conv stem, layer scale, register tokens, a q/k norm) is left under its name,
 so that loading refuses it naming the file.
+
+timm's SAM ViT (ViTDet's and SAM's image encoder: window attention and decomposed relative positions, no class
+token) has the same block names, ``blocks.N.attn.rel_pos_h`` / ``rel_pos_w`` included; its position embeddings
+are a ``[1, H, W, D]`` grid, flattened row-major to segkit's ``[1, H * W, D]``, and its ``neck`` (SAM's convs, or
+the LayerNorm of a model without them) and ``head`` are dropped. The window layout is read from the relative
+position tables where they tell it (windowed blocks' tables are shorter than the global blocks').
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from segkit.checkpoint import CheckpointError
 from segkit.registry import CONVERTERS
 from segkit.weights import ConvertedWeights, WeightConverter
 
-__all__ = ["convert_torchvision_vit", "convert_timm_vit", "infer_vit_arch", "is_torchvision_vit", "is_timm_vit",
-           "TorchvisionViT", "TimmViT", "VIT_CLASSIFIER_PREFIXES", "HEADS_BY_WIDTH"]
+__all__ = ["convert_torchvision_vit", "convert_timm_vit", "convert_timm_sam_vit", "infer_vit_arch",
+           "is_torchvision_vit", "is_timm_vit", "is_timm_sam_vit", "TorchvisionViT", "TimmViT", "TimmSamViT",
+           "VIT_CLASSIFIER_PREFIXES", "HEADS_BY_WIDTH"]
 
 #: Keys of the classifiers (torchvision, timm), which the backbone does not have.
 VIT_CLASSIFIER_PREFIXES = ("heads.", "head.", "fc_norm.", "attn_pool.")
@@ -64,8 +71,18 @@ def is_torchvision_vit(state_dict: Mapping[str, Tensor]) -> bool:
 
 
 def is_timm_vit(state_dict: Mapping[str, Tensor]) -> bool:
-    """Whether the keys are those of a timm ``VisionTransformer`` (``patch_embed.proj`` and ``blocks.0.attn.qkv``)."""
-    return "patch_embed.proj.weight" in state_dict and "blocks.0.attn.qkv.weight" in state_dict
+    """Whether the keys are those of a timm ``VisionTransformer`` (``patch_embed.proj`` and ``blocks.0.attn.qkv``,
+    not a SAM ViT's)."""
+    return ("patch_embed.proj.weight" in state_dict and "blocks.0.attn.qkv.weight" in state_dict
+            and not is_timm_sam_vit(state_dict))
+
+
+def is_timm_sam_vit(state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether the keys are those of a timm ``VisionTransformerSAM`` (a ``patch_embed.proj`` and position embeddings
+    as a ``[1, H, W, D]`` grid or relative position tables)."""
+    pos = state_dict.get("pos_embed")
+    return "patch_embed.proj.weight" in state_dict and (
+        (pos is not None and pos.ndim == 4) or any(k.endswith(".attn.rel_pos_h") for k in state_dict))
 
 
 def convert_torchvision_vit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -93,16 +110,62 @@ def convert_timm_vit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
             if not key.startswith(VIT_CLASSIFIER_PREFIXES)}
 
 
+def convert_timm_sam_vit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a timm ``VisionTransformerSAM`` state dict for segkit's ``VisionTransformer`` (``with_cls_token:
+    false``): ``patch_embed.proj`` becomes ``patch_embed``, the ``[1, H, W, D]`` position embeddings are flattened
+    row-major, and the ``neck`` and ``head`` are dropped.
+
+    Example:
+        >>> sam = timm.models.vision_transformer_sam.VisionTransformerSAM(img_size=128, window_size=4, use_rel_pos=True)
+        >>> convert_timm_sam_vit(sam.state_dict())["pos_embed"].shape
+        torch.Size([1, 64, 768])
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith(("neck.", "head.")):
+            continue
+        if key == "pos_embed" and value.ndim == 4:
+            value = value.reshape(value.shape[0], -1, value.shape[-1])
+        converted[re.sub(r"^patch_embed\.proj\.", "patch_embed.", key)] = value
+    return converted
+
+
+def _window_layout(state_dict: Mapping[str, Tensor], depth: int, grid: int | None,
+                   patch_size: int) -> dict[str, Any]:
+    """``use_rel_pos`` and, where the tables tell them apart, ``window_size`` and ``global_attn_indexes`` (and
+    ``rel_pos_img_size`` where it is not the position embeddings' size): windowed blocks hold square tables
+    shorter than the global blocks'. Empty for weights without relative positions."""
+    sides = []
+    for block in range(depth):
+        h, w = (state_dict.get(f"blocks.{block}.attn.rel_pos_{axis}") for axis in "hw")
+        if h is None or w is None:
+            return {}
+        sides.append(((h.shape[0] + 1) // 2, (w.shape[0] + 1) // 2))
+    layout: dict[str, Any] = {"use_rel_pos": True}
+    distinct = sorted(set(sides))
+    if len(distinct) == 2 and distinct[0][0] == distinct[0][1] and distinct[0] < distinct[1]:
+        window, global_side = distinct[0][0], distinct[1]
+        layout.update(window_size=window, global_attn_indexes=[i for i, s in enumerate(sides) if s == global_side])
+        if grid is None or global_side != (grid, grid):
+            layout["rel_pos_img_size"] = [global_side[0] * patch_size, global_side[1] * patch_size]
+    return layout
+
+
 def infer_vit_arch(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     """The ``VisionTransformer`` options that a segkit-named state dict was made for.
 
-    ``num_heads`` is not in the weights: it is that of the published model of the same width
-    (:data:`HEADS_BY_WIDTH`), else one head per 64 channels. ``img_size`` is the side of the square
-    patch grid the position embeddings hold (``None`` where the grid is not square).
+    ``num_heads`` is in the weights only through relative position tables (one column per channel of a head);
+    without them it is that of the published model of the same width (:data:`HEADS_BY_WIDTH`), else one head
+    per 64 channels. ``img_size`` is the side of the square
+    patch grid the position embeddings hold (``None`` where the grid is not square). Weights with relative
+    position tables add ``use_rel_pos: true`` and, where the tables' lengths tell them (two lengths, the windows'
+    the shorter), ``window_size``, ``global_attn_indexes`` and ``rel_pos_img_size`` (where it is not
+    ``img_size``); without tables the window layout is not in the weights.
 
     Returns:
         ``{"patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "img_size", "with_cls_token",
-        "qkv_bias"}``.
+        "qkv_bias"}``, ``"final_norm": False`` for weights without a final norm (a SAM ViT's) and the window
+        layout above.
 
     Raises:
         CheckpointError: the keys are not those of a ViT (naming the key looked for).
@@ -119,11 +182,15 @@ def infer_vit_arch(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     with_cls = "cls_token" in state_dict
     tokens = int(state_dict["pos_embed"].shape[1]) - int(with_cls)
     grid = round(tokens ** 0.5)
+    square = grid * grid == tokens
     return {
         "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
-        "num_heads": HEADS_BY_WIDTH.get(embed_dim, max(embed_dim // 64, 1)),
+        "num_heads": embed_dim // int(table.shape[1]) if (table := state_dict.get("blocks.0.attn.rel_pos_h")) is not None
+        else HEADS_BY_WIDTH.get(embed_dim, max(embed_dim // 64, 1)),
         "mlp_ratio": int(state_dict["blocks.0.mlp.fc1.weight"].shape[0]) / embed_dim,
-        "img_size": grid * patch_size if grid * grid == tokens else None, "with_cls_token": with_cls, "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
+        "img_size": grid * patch_size if square else None, "with_cls_token": with_cls,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict, **({} if "norm.weight" in state_dict else {"final_norm": False}),
+        **_window_layout(state_dict, depth, grid if square else None, patch_size),
     }
 
 
@@ -170,3 +237,18 @@ class TimmViT(_ViTConverter):
 
     def rename(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return convert_timm_vit(state_dict)
+
+
+@CONVERTERS.register()
+class TimmSamViT(_ViTConverter):
+    """timm ``samvit_*`` / ``VisionTransformerSAM`` state dicts (ViTDet's and SAM's image encoder: window attention,
+    relative positions) to a ``VisionTransformer`` backbone without class token (:func:`convert_timm_sam_vit`)."""
+
+    source = "timm"
+    accepts = "timm samvit_* models (VisionTransformerSAM; neck and classifier dropped)"
+
+    def matches(self, state_dict: Mapping[str, Tensor]) -> bool:
+        return is_timm_sam_vit(state_dict)
+
+    def rename(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return convert_timm_sam_vit(state_dict)

@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TASKS", "Task", "ModelInfo", "SegkitModel", "check_model_class", "describe", "DETECTION_KEYS", "detection_index",
-           "detection_result", "class_objective"]
+__all__ = ["TASKS", "Task", "ModelInfo", "SegkitModel", "LayeredBackbone", "check_model_class", "describe", "DETECTION_KEYS",
+           "detection_index", "detection_result", "class_objective"]
 
 Task = Literal["detection", "instance_segmentation", "semantic_segmentation"]
 TASKS: tuple[str, ...] = ("detection", "instance_segmentation", "semantic_segmentation")
@@ -130,7 +130,8 @@ class SegkitModel(nn.Module):
 
     def backbone_module(self) -> nn.Module | None:
         """The part initialised from pretrained weights, whose learning rate ``backbone_lr_mult``
-        scales (default: the ``backbone`` submodule, ``None`` without one)."""
+        scales and, where it is a :class:`LayeredBackbone`, ``layer_decay`` decays (default: the ``backbone``
+        submodule, ``None`` without one)."""
         backbone = getattr(self, "backbone", None)
         return backbone if isinstance(backbone, nn.Module) else None
 
@@ -162,6 +163,28 @@ class SegkitModel(nn.Module):
             chosen = detection_index(output, target)
             return output["scores"][chosen], detection_result(output, chosen)
         return class_objective(output["sem_seg"], target)
+
+
+@runtime_checkable
+class LayeredBackbone(Protocol):
+    """What a backbone declares to have its learning rate decayed layer by layer (``optimizer.layer_decay``).
+
+    Layers are numbered from the input: ``0`` for what comes before the first layer (a stem, patch and position
+    embeddings), ``i + 1`` for layer ``i`` (a ViT's block ``i``) and ``num_layers + 1`` for what follows the last
+    (a final norm), which keeps the full learning rate. The optimizer multiplies the rate of a parameter of
+    layer ``k`` by ``rate ** (num_layers + 1 - k)``; it asks this and nothing else of the backbone. The built-in
+    ``VisionTransformer`` declares it (``num_layers`` its depth, ``layer_id("blocks.3.attn.qkv.weight") == 4``).
+    """
+
+    @property
+    def num_layers(self) -> int:
+        """The number of layers (a ViT's blocks)."""
+        ...
+
+    def layer_id(self, name: str) -> int:
+        """The layer, ``0..num_layers + 1``, of the parameter ``name`` as the backbone's own
+        ``named_parameters()`` names it."""
+        ...
 
 
 def check_model_class(model_class: Any, *, key: str = "model.type") -> type[SegkitModel]:

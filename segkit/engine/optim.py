@@ -1,17 +1,20 @@
 """Optimizers and learning-rate schedules built from the ``optimizer:`` and ``scheduler:`` sections.
 
 ``optimizer: {type: SGD, lr: 0.02, momentum: 0.9, weight_decay: 1.0e-4}`` builds any
-``torch.optim`` optimizer by name (arguments checked against its signature). Two extra keys shape
-parameter groups: ``norm_weight_decay`` and ``bias_weight_decay`` (weight decay for normalisation
-layers' parameters and for biases; unset means the optimizer's own ``weight_decay``). Optimizers
+``torch.optim`` optimizer by name (arguments checked against its signature). Extra keys shape the
+parameter groups (:mod:`segkit.engine.param_groups`): ``norm_weight_decay`` and ``bias_weight_decay``
+(weight decay for normalisation layers' parameters and for biases; unset means the optimizer's own
+``weight_decay``), ``backbone_lr_mult``, ``layer_decay: {rate: 0.7}`` (layer-wise learning-rate decay
+over a backbone that numbers its layers) and ``param_overrides: {pos_embed: {weight_decay: 0.0}}``
+(learning-rate factor and weight decay by parameter name). Optimizers
 that have a fused implementation (SGD, Adam, AdamW, Adagrad) use it when every parameter is a
 float tensor on the CPU or a CUDA device (several times faster on the CPU than the per-tensor
 loop), except with gradient clipping under mixed precision, which Lightning cannot do for an
 optimizer that unscales its own gradients; ``fused: false`` or an explicit ``foreach`` turns it off.
 
 ``backbone_lr_mult: 0.1`` trains the parameters of ``model.backbone`` at ``lr × 0.1`` (combined
-with the weight-decay groups above: a backbone BatchNorm weight gets both the reduced rate and
-``norm_weight_decay``). ``auto_scale_lr: {base_batch_size: 16}`` applies the linear scaling rule:
+with the other keys: a backbone BatchNorm weight gets both the reduced rate and ``norm_weight_decay``,
+a ViT block's rate is ``lr × 0.1 × rate ** (depth - block)`` with ``layer_decay``). ``auto_scale_lr: {base_batch_size: 16}`` applies the linear scaling rule:
 ``lr`` is multiplied by the images one optimizer step sees (``data.batch_size`` per process × the
 number of processes over all nodes × ``trainer.accumulate_grad_batches``) divided by
 ``base_batch_size``, the batch the configured ``lr`` was tuned for. It is off unless given
@@ -24,28 +27,30 @@ number of processes over all nodes × ``trainer.accumulate_grad_batches``) divid
   otherwise in iterations;
 * ``warmup``: ``linear``, ``constant`` or ``null`` for ``warmup_iters`` iterations starting at
   ``warmup_ratio`` × the base rate.
+
+The factor applies to each parameter group's own rate (``LambdaLR`` keeps every group's ``initial_lr``),
+so the per-group factors above hold at every step of the schedule.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from segkit.config_types import Bound, check_bounds_of
+from segkit.engine.param_groups import GROUP_KEYS, param_groups, take_group_options
 from segkit.errors import ConfigError, did_you_mean
-from segkit.models.base import SegkitModel
 from segkit.registry import check_arguments
 
 __all__ = ["build_optimizer", "BatchSize", "scale_lr", "fused_allowed", "LRSchedule", "build_scheduler",
            "SCHEDULE_TYPES", "OPTIMIZER_BOUNDS", "SCHEDULER_BOUNDS", "check_optimizer_config", "check_scheduler_config"]
 
 SCHEDULE_TYPES = ("MultiStep", "Cosine", "Poly", "Constant")
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def _optimizer_classes() -> dict[str, type]:
@@ -100,32 +105,33 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], *, path: str = "op
     """Build the optimizer named by ``cfg["type"]`` over the trainable parameters of ``model``.
 
     Args:
-        model: the model; with ``backbone_lr_mult`` it must have a ``backbone`` submodule.
+        model: the model; with ``backbone_lr_mult`` or ``layer_decay`` it must declare a backbone
+            (``SegkitModel.backbone_module``), with ``layer_decay`` one that numbers its layers
+            (:class:`~segkit.models.base.LayeredBackbone`).
         cfg: the ``optimizer:`` section (see the module docstring for the extra keys).
         path: the section's dotted name, for error messages.
         batch_size: the batch one step sees; needed by ``auto_scale_lr``.
         allow_fused: use a fused implementation when there is one (unless ``cfg`` decides).
 
     Raises:
-        ConfigError: an unknown optimizer or argument, a bad ``backbone_lr_mult`` or ``auto_scale_lr``.
+        ConfigError: an unknown optimizer or argument, a bad ``backbone_lr_mult``, ``layer_decay``,
+            ``param_overrides`` or ``auto_scale_lr`` (a pattern that matches no trainable parameter, a
+            backbone that does not number its layers).
 
     Example:
-        >>> build_optimizer(model, {"type": "SGD", "lr": 0.02, "momentum": 0.9, "backbone_lr_mult": 0.1})
+        >>> build_optimizer(model, {"type": "AdamW", "lr": 1e-4, "weight_decay": 0.1, "layer_decay": {"rate": 0.7},
+        ...                         "param_overrides": {"pos_embed": {"weight_decay": 0.0}}})
     """
     check_optimizer_config(cfg, path=path)
     kwargs = dict(cfg)
     name = kwargs.pop("type", "SGD")
     classes = _optimizer_classes()
-    norm_wd = kwargs.pop("norm_weight_decay", None)
-    bias_wd = kwargs.pop("bias_weight_decay", None)
-    backbone_mult = _backbone_lr_mult(kwargs.pop("backbone_lr_mult", None), path)
+    options = take_group_options(kwargs, path)
     auto_scale = kwargs.pop("auto_scale_lr", None)
     base_lr = kwargs.get("lr", _default_lr(classes[name]))
     if _auto_scale_enabled(auto_scale, path):
         kwargs["lr"] = base_lr = scale_lr(base_lr, auto_scale, batch_size, path=path)
-    backbone = _backbone_parameters(model, path) if backbone_mult is not None else set()
-    groups = _param_groups(model, norm_wd, bias_wd, backbone=backbone,
-                           backbone_lr=None if backbone_mult is None else base_lr * backbone_mult)
+    groups = param_groups(model, options, base_lr=base_lr, path=path)
     if allow_fused and "fused" not in kwargs and "foreach" not in kwargs and _can_fuse(classes[name], groups):
         kwargs["fused"] = True
     return classes[name](groups, **kwargs)
@@ -150,7 +156,8 @@ OPTIMIZER_BOUNDS = {
 
 def check_optimizer_config(cfg: Mapping[str, Any], *, path: str = "optimizer") -> None:
     """Check an ``optimizer:`` section without a model: the type, every argument's name and type,
-    the ranges of :data:`OPTIMIZER_BOUNDS`, ``betas`` and segkit's extra keys.
+    the ranges of :data:`OPTIMIZER_BOUNDS`, ``betas`` and segkit's extra keys (those of
+    :mod:`segkit.engine.param_groups` with their own ranges, and ``auto_scale_lr``).
 
     Raises:
         ConfigError: at the dotted key, with the allowed values.
@@ -160,9 +167,15 @@ def check_optimizer_config(cfg: Mapping[str, Any], *, path: str = "optimizer") -
     classes = _optimizer_classes()
     if name not in classes:
         raise ConfigError(f"unknown optimizer '{name}'." + did_you_mean(str(name), classes), key=f"{path}.type")
-    _backbone_lr_mult(kwargs.pop("backbone_lr_mult", None), path)
-    _auto_scale_enabled(kwargs.pop("auto_scale_lr", None), path)
-    arguments = {k: v for k, v in kwargs.items() if k not in ("norm_weight_decay", "bias_weight_decay")}
+    arguments = dict(kwargs)
+    take_group_options(arguments, path)
+    _auto_scale_enabled(arguments.pop("auto_scale_lr", None), path)
+    own = inspect.signature(classes[name]).parameters
+    for key in arguments:  # a misspelt segkit key is suggested as such (the optimizer's own names come next)
+        hint = did_you_mean(str(key), (*GROUP_KEYS, "auto_scale_lr"))
+        if key not in own and hint:
+            raise ConfigError(f"{name} (optimizer) has no argument '{key}', nor is it one of segkit's optimizer "
+                              f"keys." + hint, key=f"{path}.{key}")
     check_arguments(classes[name], arguments, path=path, type_name=name, kind="optimizer", provided=("params",))
     check_bounds_of(kwargs, OPTIMIZER_BOUNDS, path=path)
     betas = kwargs.get("betas")
@@ -233,65 +246,11 @@ def _default_lr(optimizer: type) -> float:
     return float(param.default) if param is not None and isinstance(param.default, (int, float)) else 1e-3
 
 
-def _backbone_lr_mult(value: Any, path: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"backbone_lr_mult is a factor on lr for the backbone's parameters (e.g. 0.1), "
-                          f"a number >= 0; got {value!r}", key=f"{path}.backbone_lr_mult")
-    return float(value)
-
-
-def _backbone_parameters(model: nn.Module, path: str) -> set[int]:
-    backbone = model.backbone_module() if isinstance(model, SegkitModel) else None
-    if backbone is None:
-        raise ConfigError(f"backbone_lr_mult needs a model with a backbone, but {type(model).__name__} declares "
-                          f"none (SegkitModel.backbone_module)", key=f"{path}.backbone_lr_mult")
-    return {id(p) for p in backbone.parameters()}
-
-
 def _can_fuse(optimizer: type, groups: list[dict[str, Any]]) -> bool:
     if "fused" not in inspect.signature(optimizer).parameters:
         return False
     params = [p for group in groups for p in group["params"]]
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def _param_groups(model: nn.Module, norm_wd: float | None, bias_wd: float | None, *,
-                  backbone: Collection[int] = (), backbone_lr: float | None = None) -> list[dict[str, Any]]:
-    """Parameter groups by (backbone or not, weight decay).
-
-    A parameter's weight decay is ``norm_wd`` in a normalisation layer, else ``bias_wd`` for a bias,
-    else the optimizer's; ``backbone`` (parameter ids) get ``backbone_lr``. Groups come in a fixed
-    order (the rest of the model before the backbone, the optimizer's weight decay first), so a
-    checkpoint's optimizer state fits the next run's groups.
-    """
-    buckets: dict[tuple[bool, float | None], list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for module in model.modules():
-        is_norm = isinstance(module, _NORM_TYPES)
-        for pname, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            wd = norm_wd if is_norm and norm_wd is not None else None
-            if wd is None and pname == "bias" and bias_wd is not None:
-                wd = bias_wd
-            buckets.setdefault((id(param) in backbone, wd), []).append(param)
-    if not buckets:
-        raise ConfigError("the model has no trainable parameters (are all stages frozen?)", key="model")
-    order = sorted(buckets, key=lambda k: (k[0], k[1] is not None))  # stable sort keeps first-seen order
-    groups: list[dict[str, Any]] = []
-    for in_backbone, wd in order:
-        group: dict[str, Any] = {"params": buckets[(in_backbone, wd)]}
-        if wd is not None:
-            group["weight_decay"] = wd
-        if backbone_lr is not None:  # named, so the logged learning rates say which part they belong to
-            if in_backbone:
-                group["lr"] = backbone_lr
-            group["name"] = ("backbone" if in_backbone else "rest") + ("" if wd is None else f"_wd{wd:g}")
-        groups.append(group)
-    return groups
 
 
 #: Ranges of the ``scheduler:`` values.

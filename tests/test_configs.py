@@ -181,13 +181,16 @@ def test_deeplab_configs_follow_the_papers():
 
 
 def test_vitdet_config_follows_the_recipe():
-    """ViTDet's Mask R-CNN ViT-B: MAE weights without the class token, the simple pyramid with LayerNorm,
-    large-scale jitter at 1024, 64 images per step, AdamW 1e-4 with weight decay 0.1, 100 epochs."""
+    """ViTDet's Mask R-CNN ViT-B: MAE weights without the class token, 14x14 windows but in blocks 2, 5, 8 and
+    11, relative position biases, the simple pyramid with LayerNorm, large-scale jitter at 1024, 64 images per
+    step, AdamW 1e-4 with weight decay 0.1 (none on the position embeddings), layer-wise decay 0.7, 100 epochs."""
     cfg = segkit.load_config(CONFIGS[0].parent / "mask_rcnn_vit_b_simple_fpn_coco.yaml")
     model, backbone, neck = cfg["model"], cfg["model"]["backbone"], cfg["model"]["neck"]
     assert (backbone["type"], backbone["arch"], backbone["img_size"], backbone["drop_path_rate"]) == (
         "VisionTransformer", "vit_b_16", 224, 0.1)
     assert backbone["pretrained"] == "timm://vit_base_patch16_224.mae" and not backbone["with_cls_token"]
+    assert (backbone["window_size"], backbone["global_attn_indexes"], backbone["use_rel_pos"],
+            backbone["rel_pos_img_size"]) == (14, [2, 5, 8, 11], True, 1024)
     assert (neck["type"], neck["scale_factors"], neck["norm"], neck["extra_block"]) == (
         "SimpleFeaturePyramid", [4.0, 2.0, 1.0, 0.5], "LN", "maxpool")
     assert model["roi_head"]["box_head"]["norm"] == model["roi_head"]["mask_head"]["norm"] == "LN"
@@ -199,6 +202,26 @@ def test_vitdet_config_follows_the_recipe():
     assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 64 and cfg["trainer"]["max_epochs"] == 100
     optimizer = cfg["optimizer"]
     assert (optimizer["type"], optimizer["lr"], optimizer["weight_decay"]) == ("AdamW", 1e-4, 0.1)
+    assert optimizer["layer_decay"] == {"rate": 0.7}
+    assert optimizer["param_overrides"] == {"pos_embed": {"weight_decay": 0.0}}
+
+
+def test_vitdet_optimizer_decays_the_vit_layer_by_layer():
+    """Block i of 12 at lr x 0.7^(12 - i), the embeddings at x 0.7^13 without weight decay, the rest at lr (a
+    narrow ViT-B, the recipe's optimizer section as it is)."""
+    from segkit.engine.optim import build_optimizer
+
+    cfg = segkit.load_config(CONFIGS[0].parent / "mask_rcnn_vit_b_simple_fpn_coco.yaml", [
+        "model.backbone.pretrained=null", "model.backbone.embed_dim=64", "model.backbone.num_heads=2"])
+    model = segkit.build_model(cfg)
+    settings = {id(p): (g["lr"], g["weight_decay"]) for g in build_optimizer(model, cfg["optimizer"]).param_groups
+                for p in g["params"]}
+    backbone = model.backbone_module()
+    assert settings[id(backbone.pos_embed)] == (pytest.approx(1e-4 * 0.7 ** 13), 0.0)
+    assert settings[id(backbone.patch_embed.weight)] == (pytest.approx(1e-4 * 0.7 ** 13), 0.1)
+    assert settings[id(backbone.blocks[11].attn.qkv.weight)] == (pytest.approx(1e-4 * 0.7), 0.1)
+    assert settings[id(backbone.blocks[2].attn.rel_pos_h)] == (pytest.approx(1e-4 * 0.7 ** 10), 0.1)
+    assert {settings[id(p)][0] for name, p in model.named_parameters() if not name.startswith("backbone.")} == {1e-4}
 
 
 def test_voc0712_recipe():

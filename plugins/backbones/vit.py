@@ -18,8 +18,10 @@ ViTDet's attention is an option (:mod:`segkit_plugins.backbones.vit_blocks`): ``
 attend within windows of the patch grid (padded to whole windows), except ``global_attn_indexes``, and
 ``use_rel_pos`` adds decomposed relative position biases. The default, ``window_size: 0`` without relative
 positions, is the paper's ViT: every block attends globally, and published weights load as they are.
-Parameter names are timm's (``blocks.N.attn.qkv``), but ``patch_embed`` for timm's ``patch_embed.proj``;
-:mod:`segkit_plugins.backbones.vit_weights` maps torchvision's and timm's weights onto them.
+
+Parameter names are timm's (``blocks.N.attn.qkv``, ``blocks.N.attn.rel_pos_h``), but ``patch_embed`` for timm's
+``patch_embed.proj``; :mod:`segkit_plugins.backbones.vit_weights` maps torchvision's and timm's (plain and SAM)
+weights onto them, :mod:`segkit_plugins.backbones.vit_loading` fits them to the model's options.
 """
 
 from __future__ import annotations
@@ -122,11 +124,13 @@ class VisionTransformer(nn.Module):
             weights are for the patch stem.
         stem_channels: the conv stem's widths, one per stride-2 conv (default: doubling up to
             ``embed_dim / 2`` at the last).
-        pretrained: a file of weights (torchvision's ``vit_*``, timm's ``vit_*`` or timm's SAM ``samvit_*`` state
-            dict, classifier and SAM's neck ignored; a file written by ``segkit convert``; a segkit checkpoint of this backbone or of a model
-            whose backbone it is) or a weight name (``torchvision://vit_b_16.IMAGENET1K_V1``,
-            ``timm://vit_base_patch16_224.mae``). Position embeddings of another grid than ``img_size``'s are
-            interpolated to it; unknown and missing keys are refused naming the file.
+        pretrained: a file of weights (torchvision's ``vit_*``, timm's ``vit_*`` or timm's SAM ``samvit_*``
+            state dict, classifier and SAM's neck ignored; a file written by ``segkit convert``; a segkit
+            checkpoint of this backbone or of a model whose backbone it is) or a weight name
+            (``torchvision://vit_b_16.IMAGENET1K_V1``, ``timm://vit_base_patch16_224.mae``). Position
+            embeddings of another grid than ``img_size``'s are interpolated to it, as are global blocks'
+            relative position tables; weights without relative position tables give zero tables; unknown and
+            missing keys are refused naming the file, as are weights of another window layout.
 
     Example:
         >>> net = VisionTransformer(arch="vit_t_16", depth=2)

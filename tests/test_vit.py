@@ -404,3 +404,24 @@ def test_a_conv_stem_gives_the_same_maps_and_round_trips_through_a_file(tmp_path
         VisionTransformer(arch="vit_t_16", stem="conv", pretrained="torchvision://vit_b_16")
     with pytest.raises(ValueError, match="power of 2"):
         VisionTransformer(arch="vit_t_16", patch_size=14, stem="conv")
+
+
+def test_a_backbone_stem_makes_the_papers_hybrid_vit_whose_tokens_are_the_cnn_map_projected(one_thread):
+    from segkit_plugins.backbones.resnet import ResNet
+    from segkit_plugins.backbones.vit import VisionTransformer
+
+    cnn = {"type": "ResNet", "depth": 18, "base_channels": 8, "out_indices": [1]}
+    net = VisionTransformer(arch=None, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, img_size=32,
+                            with_cls_token=False, stem=cnn).eval()
+    assert isinstance(net.patch_embed.cnn, ResNet) and net.patch_embed.proj.in_channels == 16
+    x = torch.rand(2, 3, 32, 48)
+    with torch.no_grad():
+        cnn_map = net.patch_embed.cnn(x)["c3"]
+        expected = F.conv2d(cnn_map, net.patch_embed.proj.weight, net.patch_embed.proj.bias).flatten(2).transpose(1, 2)
+        tokens = net.embed(x)
+        assert torch.allclose(tokens, expected + net.position_embeddings((4, 6)), atol=1e-6)
+        assert net(x)["c3"].shape == (2, 32, 4, 6) and net.output_shape()["c3"].stride == 8
+    with pytest.raises(ValueError, match="stem's map has stride 16, so each token covers 16 px: set patch_size: 16"):
+        VisionTransformer(arch="vit_t_16", patch_size=8, stem={**cnn, "out_indices": [2]})
+    with pytest.raises(ValueError, match=r"must return one map .*\['c3', 'c4'\]: make it return one"):
+        VisionTransformer(arch="vit_t_16", patch_size=8, stem={**cnn, "out_indices": [1, 2]})

@@ -52,15 +52,42 @@ VIT_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-def _patch_embedding(stem: str, patch_size: int, embed_dim: int,
+class HybridStem(nn.Module):
+    """The paper's hybrid input: a CNN backbone's map (its one output) projected to ``embed_dim`` channels by
+    a 1x1 conv, each position a token ("patch size 1" on the map)."""
+
+    def __init__(self, cfg: Mapping[str, Any], embed_dim: int) -> None:
+        super().__init__()
+        self.cnn = BACKBONES.build_child(cfg, path="stem")
+        shapes = self.cnn.output_shape()
+        if len(shapes) != 1:
+            raise ValueError(f"stem: a {cfg['type']} stem must return one map (the tokens' source), it returns "
+                             f"{sorted(shapes)}: make it return one (its out_indices or out_features)")
+        (self.feature, shape), = shapes.items()
+        self.stride = int(shape.stride)
+        self.proj = nn.Conv2d(shape.channels, embed_dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.cnn(x)[self.feature])
+
+
+def _patch_embedding(stem: str | Mapping[str, Any], patch_size: int, embed_dim: int,
                      stem_channels: Sequence[int] | None) -> nn.Module:
     """The module turning a batch into a ``patch_size``-stride map of ``embed_dim`` channels (see ``stem``)."""
+    if isinstance(stem, Mapping):
+        if stem_channels is not None:
+            raise ValueError("stem_channels sets the widths of stem: conv; a backbone stem has its own options")
+        hybrid = HybridStem(stem, embed_dim)
+        if hybrid.stride != patch_size:
+            raise ValueError(f"the {stem['type']} stem's map has stride {hybrid.stride}, so each token covers "
+                             f"{hybrid.stride} px: set patch_size: {hybrid.stride} (it is {patch_size})")
+        return hybrid
     if stem == "patch":
         if stem_channels is not None:
             raise ValueError("stem_channels sets the widths of stem: conv; the patch stem has none")
         return nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
     if stem != "conv":
-        raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        raise ValueError(f"stem must be 'patch', 'conv' or a backbone config ({{type: ResNet, ...}}), got {stem!r}")
     convs = patch_size.bit_length() - 1
     if patch_size < 2 or 2 ** convs != patch_size:
         raise ValueError(f"stem: conv halves the resolution per conv, so patch_size must be a power of 2 >= 2, "
@@ -120,8 +147,10 @@ class VisionTransformer(nn.Module):
         stem: ``"patch"`` (the paper's ViT: one ``patch_size`` conv of that stride) or ``"conv"``: the
             paper's hybrid input, tokens from a small CNN's map - ``log2(patch_size)`` 3x3 stride-2 convs
             with BatchNorm and ReLU, then a 1x1 conv to ``embed_dim`` (Xiao et al. 2021, "Early Convolutions
-            Help Transformers See Better"), which trains from scratch far more readily. Published ViT
-            weights are for the patch stem.
+            Help Transformers See Better"), which trains from scratch far more readily; or a backbone config
+            (``{type: ResNet, depth: 18, out_features: [c3]}``): the paper's hybrid ViT, whose tokens are the
+            positions of a CNN's map (one output, of stride ``patch_size``) projected by a 1x1 conv. Published
+            ViT weights are for the patch stem.
         stem_channels: the conv stem's widths, one per stride-2 conv (default: doubling up to
             ``embed_dim / 2`` at the last).
         pretrained: a file of weights (torchvision's ``vit_*``, timm's ``vit_*`` or timm's SAM ``samvit_*``
@@ -160,7 +189,7 @@ class VisionTransformer(nn.Module):
         out_indices: Sequence[int] | None = None,
         final_norm: bool = True,
         frozen_stages: int = -1,
-        stem: str = "patch",
+        stem: str | Mapping[str, Any] = "patch",
         stem_channels: Sequence[int] | None = None,
         pretrained: str | None = None,
     ) -> None:
@@ -196,7 +225,7 @@ class VisionTransformer(nn.Module):
         self.with_cls_token, self.final_norm = bool(with_cls_token), bool(final_norm)
         self.frozen_stages = int(frozen_stages)
 
-        self.stem = stem
+        self.stem = stem if isinstance(stem, str) else "backbone"
         self.patch_embed = _patch_embedding(stem, self.patch_size, self.embed_dim, stem_channels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if self.with_cls_token else None
         prefix = int(self.with_cls_token)

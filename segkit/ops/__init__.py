@@ -1,7 +1,9 @@
-"""Building blocks for plugin authors (anchors, box coding, matching, sampling, RoI pooling, losses)."""
+"""Building blocks for plugin authors (anchors, box coding, matching, sampling, RoI pooling, losses,
+modulated deformable convolution)."""
 
 from segkit.ops.anchors import AnchorGenerator, cell_anchors, octave_anchor_sizes
 from segkit.ops.box_coder import BoxCoder
+from segkit.ops.deform_conv import ModulatedDeformConv2d
 from segkit.ops.default_boxes import DefaultBoxGenerator, ssd_scales
 from segkit.ops.labels import check_labels, check_num_classes
 from segkit.ops.losses import sigmoid_focal_loss, sigmoid_focal_loss_by_label, smooth_l1_loss
@@ -19,6 +21,7 @@ __all__ = [
     "BoxCoder",
     "DefaultBoxGenerator",
     "Matcher",
+    "ModulatedDeformConv2d",
     "MultiLevelRoIAlign",
     "NORMS",
     "ShapeSpec",

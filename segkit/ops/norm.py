@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from segkit.ops.deform_conv import ModulatedDeformConv2d
+
 __all__ = ["NORMS", "LayerNorm2d", "check_norm", "fixed_affine", "fold_conv_norm", "hold_in_eval", "make_norm"]
 
 #: Names :func:`make_norm` accepts.
@@ -87,21 +89,26 @@ def fixed_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     return None
 
 
-def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = True) -> Tensor:
+def fold_conv_norm(conv: nn.Conv2d | ModulatedDeformConv2d, norm: nn.Module, x: Tensor, fold: bool = True) -> Tensor:
     """``norm(conv(x))``, computed as one convolution when ``fold`` and the norm is a fixed affine map.
 
     The norm's scale goes into the convolution's weights and its shift into the bias
     (:func:`fixed_affine`): the map the norm would read and write is never made, in the forward pass or
     the backward. The result equals ``norm(conv(x))`` up to float rounding (the products are formed in
-    another order). Modules with hooks, or a padding mode other than zeros, take the two-module path.
+    another order). Modules with hooks, or a padding mode other than zeros, take the two-module path. A
+    :class:`~segkit.ops.deform_conv.ModulatedDeformConv2d` is linear in its weights too: it folds the same
+    way (:meth:`~segkit.ops.deform_conv.ModulatedDeformConv2d.forward_affine`).
     """
     affine = None
+    deformable = isinstance(conv, ModulatedDeformConv2d)
     if fold and not (conv._forward_hooks or conv._forward_pre_hooks or norm._forward_hooks or norm._forward_pre_hooks
-            or conv.padding_mode != "zeros"):
+            or not deformable and conv.padding_mode != "zeros"):
         affine = fixed_affine(norm)
     if affine is None:
         return norm(conv(x))
     scale, shift = affine
+    if deformable:
+        return conv.forward_affine(x, scale, shift)
     if conv.bias is not None:
         shift = conv.bias * scale + shift
     if torch.is_grad_enabled() and not isinstance(conv.padding, str):

@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from segkit.ops import ShapeSpec
+from segkit.ops import ModulatedDeformConv2d, ShapeSpec
 from segkit.registry import BACKBONES
 from segkit.ops.norm import check_norm, fold_conv_norm, hold_in_eval
-from segkit_plugins.backbones.resnet_blocks import BasicBlock, Bottleneck, make_norm
+from segkit_plugins.backbones.resnet_blocks import BasicBlock, Bottleneck, DeformOptions, make_norm
 from segkit_plugins.backbones.resnet_loading import load_pretrained
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "make_norm", "load_pretrained", "STAGE_BLOCKS"]
@@ -59,6 +59,17 @@ class ResNet(nn.Module):
             backbone of its DeepLabV3 and FCN); the other blocks use the stage's dilation. Without it
             every block of the stage is dilated. A stage with ``multi_grid`` follows its unit rates.
         out_indices: stages to return, 0..3, named ``c2``..``c5``.
+        dcn_stages: one flag per stage (``c2``..``c5``): make every 3x3 convolution of the stage's blocks
+            (ResNeXt's grouped ones included) a modulated deformable convolution,
+            :class:`~segkit.ops.deform_conv.ModulatedDeformConv2d` (DCNv2, Zhu et al. 2019).
+            ``(False, True, True, True)`` is DCNv2's placement, c3..c5. Each keeps its convolution's
+            ``weight`` and adds a zero-initialised offset-and-mask convolution ``conv2.conv_offset``, so
+            ImageNet weights load (only those keys are new) and, with ``dcn_mask_scale=2``, the network
+            starts as the plain one with the same weights.
+        dcn_deform_groups: channel groups with their own offsets and masks in each deformable convolution.
+        dcn_mask_scale: the masks' upper bound, ``mask = dcn_mask_scale * sigmoid(logit)``: 2 makes them 1 at
+            initialisation (a pretrained convolution keeps its function), 1 is DCNv2's (0.5 at
+            initialisation; the weights of MMDetection's DCNv2 models).
         frozen_stages: ``-1`` trains everything; ``0`` freezes the stem; ``i`` freezes the stem and
             stages 1..i (no gradients, normalisation layers kept in eval mode).
         norm: ``"BN"``, ``"SyncBN"``, ``"GN"`` or ``"FrozenBN"`` (fixed affine and statistics).
@@ -85,6 +96,8 @@ class ResNet(nn.Module):
         (1, 128, 2, 2)
         >>> ResNet(depth=50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)).output_shape()["c5"].stride
         8
+        >>> type(ResNet(depth=50, dcn_stages=(False, True, True, True)).layer2[0].conv2).__name__
+        'ModulatedDeformConv2d'
     """
 
     def __init__(
@@ -101,6 +114,9 @@ class ResNet(nn.Module):
         dilations: Sequence[int] = (1, 1, 1, 1),
         multi_grid: Sequence[int] | None = None,
         contract_dilation: bool = False,
+        dcn_stages: Sequence[bool] = (False, False, False, False),
+        dcn_deform_groups: int = 1,
+        dcn_mask_scale: float = 2.0,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = -1,
         norm: str = "BN",
@@ -115,6 +131,7 @@ class ResNet(nn.Module):
         super().__init__()
         strides, dilations = _four("strides", strides), _four("dilations", dilations)
         out_indices = tuple(int(i) for i in out_indices)
+        deform = _deform_options(dcn_stages, dcn_deform_groups, dcn_mask_scale, frozen_stages)
         _check(depth=depth, groups=groups, width_per_group=width_per_group, se_reduction=se_reduction,
                variant=variant, stem=stem, strides=strides, multi_grid=multi_grid, out_indices=out_indices,
                frozen_stages=frozen_stages, norm=norm, base_channels=base_channels, drop_path_rate=drop_path_rate)
@@ -144,7 +161,7 @@ class ResNet(nn.Module):
                 dilation = _block_dilation(dilations[i], b, multi_grid if i == 3 else None, contract_dilation)
                 blk = block(in_channels=in_channels, width=base_channels * 2**i, stride=strides[i] if b == 0 else 1,
                             norm=lambda c: make_norm(norm, c), dilation=dilation, fold_norm=self.fold_norm,
-                            **options)
+                            deform=deform[i], **options)
                 blocks.append(blk)
                 in_channels, k = base_channels * 2**i * block.expansion, k + 1
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
@@ -181,13 +198,17 @@ class ResNet(nn.Module):
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, ModulatedDeformConv2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # The loop above drew the offset convolutions too (they are nn.Conv2d): start them at zero again.
+        for m in self.modules():
+            if isinstance(m, ModulatedDeformConv2d):
+                m.zero_offsets()
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
@@ -246,6 +267,30 @@ def _block_dilation(dilation: int, block: int, multi_grid: Sequence[int] | None,
     if contract and block == 0 and dilation > 1:
         return dilation // 2
     return dilation
+
+
+def _deform_options(stages: Sequence[bool], deform_groups: int, mask_scale: float,
+                    frozen_stages: int) -> tuple[DeformOptions | None, ...]:
+    """Per stage, the options of its deformable convolutions, or ``None`` for plain ones.
+
+    Raises:
+        ValueError: naming the option, for anything but four booleans, a deformable stage that
+            ``frozen_stages`` freezes (its offsets would stay zero), or bad group count or mask scale.
+    """
+    stages = tuple(stages) if isinstance(stages, (list, tuple)) else (stages,)
+    if len(stages) != 4 or not all(isinstance(s, bool) for s in stages):
+        raise ValueError(f"dcn_stages must be four booleans, one per stage c2..c5 (e.g. [false, true, true, true] "
+                         f"for DCNv2's c3..c5), got {list(stages)}")
+    frozen = [f"c{i + 2}" for i in range(4) if stages[i] and i < frozen_stages]
+    if frozen:
+        raise ValueError(f"dcn_stages makes {', '.join(frozen)} deformable but frozen_stages={frozen_stages} freezes "
+                         f"it: its offsets would never learn; lower frozen_stages or drop those stages")
+    if isinstance(deform_groups, bool) or not isinstance(deform_groups, int) or deform_groups < 1:
+        raise ValueError(f"dcn_deform_groups must be a positive integer, got {deform_groups!r}")
+    if isinstance(mask_scale, bool) or not isinstance(mask_scale, (int, float)) or not mask_scale > 0:
+        raise ValueError(f"dcn_mask_scale must be a positive number (2, or DCNv2's 1), got {mask_scale!r}")
+    options = DeformOptions(deform_groups=deform_groups, mask_scale=float(mask_scale))
+    return tuple(options if s else None for s in stages)
 
 
 def _four(name: str, values: Sequence[int]) -> tuple[int, int, int, int]:

@@ -1,5 +1,5 @@
-"""Building blocks of the ResNet family: squeeze-and-excitation and residual blocks (normalisation by
-name comes from :mod:`segkit.ops.norm`).
+"""Building blocks of the ResNet family: squeeze-and-excitation, residual blocks and their 3x3
+convolution, plain or modulated deformable (normalisation by name comes from :mod:`segkit.ops.norm`).
 
 Parameter names follow torchvision (``conv1``, ``bn1``, ``downsample.0``) and timm (``se.fc1``), so
 their state dicts load into :class:`~segkit_plugins.backbones.resnet.ResNet` unchanged.
@@ -8,13 +8,42 @@ their state dicts load into :class:`~segkit_plugins.backbones.resnet.ResNet` unc
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
+from segkit.ops.deform_conv import ModulatedDeformConv2d
 from segkit.ops.norm import NORMS, fold_conv_norm, make_norm
 
-__all__ = ["NORMS", "make_norm", "SqueezeExcite", "BasicBlock", "Bottleneck"]
+__all__ = ["NORMS", "make_norm", "DeformOptions", "SqueezeExcite", "BasicBlock", "Bottleneck", "conv3x3"]
+
+
+@dataclass(frozen=True)
+class DeformOptions:
+    """How a block's 3x3 convolutions deform (:class:`~segkit.ops.deform_conv.ModulatedDeformConv2d`).
+
+    Args:
+        deform_groups: channel groups with their own offsets and masks.
+        mask_scale: the masks' upper bound; 2 starts each layer as the plain convolution, 1 is DCNv2's.
+    """
+
+    deform_groups: int = 1
+    mask_scale: float = 2.0
+
+
+def conv3x3(in_channels: int, out_channels: int, *, stride: int = 1, dilation: int = 1, groups: int = 1,
+            deform: DeformOptions | None = None) -> nn.Conv2d | ModulatedDeformConv2d:
+    """A bias-free 3x3 convolution with "same" padding (``dilation``); modulated deformable with ``deform``.
+
+    Both keep the parameter name ``weight``, so a plain network's state dict loads into a deformable one.
+    """
+    if deform is None:
+        return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation,
+                         groups=groups, bias=False)
+    return ModulatedDeformConv2d(in_channels=in_channels, out_channels=out_channels, kernel_size=3, stride=stride,
+                                 padding=dilation, dilation=dilation, groups=groups,
+                                 deform_groups=deform.deform_groups, bias=False, mask_scale=deform.mask_scale)
 
 
 def se_channels(channels: int, reduction: int) -> int:
@@ -82,17 +111,18 @@ class BasicBlock(_Residual):
         drop_path: probability of dropping the residual branch per sample in training.
         fold_norm: compute each convolution and a fixed-affine norm after it as one convolution
             (:func:`segkit.ops.norm.fold_conv_norm`).
+        deform: make both 3x3 convolutions modulated deformable ones; ``None`` for plain ones.
     """
 
     expansion = 1
 
     def __init__(self, *, in_channels: int, width: int, stride: int, norm: Callable[[int], nn.Module],
                  dilation: int = 1, se_reduction: int | None = None, drop_path: float = 0.0,
-                 fold_norm: bool = False) -> None:
+                 fold_norm: bool = False, deform: DeformOptions | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+        self.conv1 = conv3x3(in_channels, width, stride=stride, dilation=dilation, deform=deform)
         self.bn1 = norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = conv3x3(width, width, dilation=dilation, deform=deform)
         self.bn2 = norm(width)
         self.downsample = shortcut(in_channels, width, stride, norm)
         self._finish(width, se_reduction, drop_path, fold_norm)
@@ -124,6 +154,7 @@ class Bottleneck(_Residual):
         drop_path: probability of dropping the residual branch per sample in training.
         fold_norm: compute each convolution and a fixed-affine norm after it as one convolution
             (:func:`segkit.ops.norm.fold_conv_norm`).
+        deform: make the 3x3 convolution a modulated deformable one; ``None`` for a plain one.
     """
 
     expansion = 4
@@ -131,15 +162,14 @@ class Bottleneck(_Residual):
     def __init__(self, *, in_channels: int, width: int, stride: int, norm: Callable[[int], nn.Module],
                  groups: int = 1, width_per_group: int = 64, half_first: bool = False, dilation: int = 1,
                  shortcut_kernel: int = 1, se_reduction: int | None = None, drop_path: float = 0.0,
-                 fold_norm: bool = False) -> None:
+                 fold_norm: bool = False, deform: DeformOptions | None = None) -> None:
         super().__init__()
         inner = int(width * width_per_group / 64) * groups
         first = inner // 2 if half_first else inner
         out_channels = width * self.expansion
         self.conv1 = nn.Conv2d(in_channels, first, 1, bias=False)
         self.bn1 = norm(first)
-        self.conv2 = nn.Conv2d(first, inner, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
-                               bias=False)
+        self.conv2 = conv3x3(first, inner, stride=stride, dilation=dilation, groups=groups, deform=deform)
         self.bn2 = norm(inner)
         self.conv3 = nn.Conv2d(inner, out_channels, 1, bias=False)
         self.bn3 = norm(out_channels)

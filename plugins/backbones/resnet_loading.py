@@ -10,11 +10,12 @@ from torch import nn
 
 from segkit.checkpoint import (BACKBONE_INFO_KEY, CheckpointError, extract_state_dict, load_state_dict_checked,
                                read_checkpoint)
+from segkit.ops import ModulatedDeformConv2d
 from segkit.weight_names import is_weight_name
 from segkit.weights import named_backbone_weights
 from segkit_plugins.backbones.resnet_weights import CLASSIFIER_PREFIXES, convert_timm_resnet, detect_resnet_format
 
-__all__ = ["PRETRAINED_FORMATS", "load_pretrained"]
+__all__ = ["PRETRAINED_FORMATS", "load_pretrained", "new_parameter_keys"]
 
 PRETRAINED_FORMATS = ("auto", "torchvision", "timm", "segkit")
 
@@ -27,7 +28,9 @@ def load_pretrained(model: nn.Module, path: str, *, format: str = "auto") -> Non
     ``model`` is accepted. A name (``torchvision://resnet50.IMAGENET1K_V1``,
     ``timm://resnet50c.gluon_in1k``, ``torchvision://maskrcnn_resnet50_fpn`` for its backbone) is
     resolved through its library's cache (:mod:`segkit.weight_names`) and converted; the architecture
-    it was made for must be ``model``'s. Missing and unexpected keys are reported with a warning.
+    it was made for must be ``model``'s. Missing and unexpected keys are reported with a warning, except
+    the keys of :func:`new_parameter_keys` (the offset convolutions of deformable stages), which weights of
+    the plain network lack by design and keep their zero initialisation.
 
     Args:
         model: the backbone; its ``arch`` dict (depth, groups, ...) is compared with the one a
@@ -79,9 +82,20 @@ def _load_checked(model: nn.Module, state: dict[str, Any], path: str, format: st
                                                         "variant, stem and base_channels")
     # BatchNorm's batch counters are not weights: FrozenBN has none, and files without them are common.
     report = {kind: [k for k in keys if not k.endswith("num_batches_tracked")] for kind, keys in report.items()}
+    new = new_parameter_keys(model)
+    report["missing"] = [k for k in report["missing"] if k not in new]
     problems = [f"{kind} keys {report[kind]}" for kind in ("missing", "unexpected") if report[kind]]
     if problems:
         warnings.warn(f"loading '{path}' into {type(model).__name__}: " + "; ".join(problems), stacklevel=4)
+
+
+def new_parameter_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of ``model`` that ImageNet weights of the plain network do not have: the
+    offset-and-mask convolutions (``layer2.0.conv2.conv_offset.weight``, ``...bias``) of its
+    :class:`~segkit.ops.deform_conv.ModulatedDeformConv2d` layers. A file without them leaves them at
+    zero, the layer's initial state; every other missing key is reported."""
+    return {f"{name}.conv_offset.{key}" for name, module in model.named_modules()
+            if isinstance(module, ModulatedDeformConv2d) for key in module.conv_offset.state_dict()}
 
 
 def _check_arch(model: nn.Module, info: Any, path: str, *, where: str = "the file") -> None:

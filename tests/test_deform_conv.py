@@ -117,6 +117,19 @@ def test_fold_conv_norm_folds_a_deformable_convolution_with_the_same_values_and_
         torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-4)
 
 
+def test_under_autocast_the_layer_runs_in_float32_and_returns_the_input_dtype():
+    torch.manual_seed(0)
+    conv = _with_random_offsets(ModulatedDeformConv2d(in_channels=4, out_channels=6, kernel_size=3, padding=1))
+    x = torch.rand(1, 4, 8, 8)
+    expected = conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = conv(x.bfloat16())
+        full = conv(x)
+    assert low.dtype == torch.bfloat16 and full.dtype == torch.float32
+    torch.testing.assert_close(full, expected)  # float32 inputs: exactly the float32 layer
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
+
+
 # --------------------------------------------------------------------------- the ResNet option
 def _deformable(net: torch.nn.Module) -> list[str]:
     return [name for name, m in net.named_modules() if isinstance(m, ModulatedDeformConv2d)]

@@ -108,18 +108,25 @@ class ModulatedDeformConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[N, C_in, H, W] -> Tensor[N, out_channels, H_out, W_out], H_out as ``nn.Conv2d`` computes it."""
-        offset, mask = self.offsets_and_masks(x)
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+        return self._deform(x, self.weight, self.bias)
 
     def forward_affine(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         """``self(x) * scale + shift`` per output channel (Tensor[out_channels] each), as one deformable
         convolution: the deformable sum is linear in the weights, so the scale goes into them and the
         shift into the bias (how :func:`segkit.ops.norm.fold_conv_norm` folds a fixed-affine norm)."""
-        offset, mask = self.offsets_and_masks(x)
         if self.bias is not None:
             shift = self.bias * scale + shift
-        return deform_conv2d(x, offset, self.weight * scale.reshape(-1, 1, 1, 1), shift, self.stride, self.padding,
-                             self.dilation, mask)
+        return self._deform(x, self.weight * scale.reshape(-1, 1, 1, 1), shift)
+
+    def _deform(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # torchvision's CPU kernel has no float16 / bfloat16 path (its CUDA autocast casts to float32 too):
+            # the whole layer, offsets included, runs in float32 and hands back the input's dtype.
+            with torch.autocast(x.device.type, enabled=False):
+                out = self._deform(x.float(), weight.float(), None if bias is None else bias.float())
+            return out.to(x.dtype)
+        offset, mask = self.offsets_and_masks(x)
+        return deform_conv2d(x, offset, weight, bias, self.stride, self.padding, self.dilation, mask)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -137,6 +137,17 @@ def test_panet_ablations_switch_exactly_one_part_on_over_mask_rcnn():
     assert (x101["depth"], x101["groups"], x101["width_per_group"]) == (101, 64, 4)
 
 
+def test_panet_dcn_config_is_the_x101_config_with_dcnv2_in_c3_to_c5():
+    x101 = segkit.load_config(CONFIGS[0].parent / "panet_x101_64x4d_coco.yaml")
+    dcn = segkit.load_config(CONFIGS[0].parent / "panet_x101_64x4d_dcn_coco.yaml")
+    backbone = dcn["model"]["backbone"]
+    assert (backbone["dcn_stages"], backbone["dcn_deform_groups"], backbone["dcn_mask_scale"]) == (
+        [False, True, True, True], 1, 2.0)
+    assert {k: v for k, v in backbone.items() if not k.startswith("dcn_")} == x101["model"]["backbone"]
+    assert {k: v for k, v in dcn["model"].items() if k != "backbone"} == {
+        k: v for k, v in x101["model"].items() if k != "backbone"}
+
+
 def test_encnet_configs_follow_the_paper():
     for name, classes, depth in (("encnet_r50_d8_voc.yaml", 21, 50), ("encnet_r101_d8_pcontext.yaml", 59, 101)):
         cfg = segkit.load_config(CONFIGS[0].parent / name)

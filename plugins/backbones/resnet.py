@@ -69,7 +69,7 @@ class ResNet(nn.Module):
         dcn_deform_groups: channel groups with their own offsets and masks in each deformable convolution.
         dcn_mask_scale: the masks' upper bound, ``mask = dcn_mask_scale * sigmoid(logit)``: 2 makes them 1 at
             initialisation (a pretrained convolution keeps its function), 1 is DCNv2's (0.5 at
-            initialisation; the weights of MMDetection's DCNv2 models).
+            initialisation; for weights trained with DCNv2's masks).
         frozen_stages: ``-1`` trains everything; ``0`` freezes the stem; ``i`` freezes the stem and
             stages 1..i (no gradients, normalisation layers kept in eval mode).
         norm: ``"BN"``, ``"SyncBN"``, ``"GN"`` or ``"FrozenBN"`` (fixed affine and statistics).
@@ -114,10 +114,10 @@ class ResNet(nn.Module):
         dilations: Sequence[int] = (1, 1, 1, 1),
         multi_grid: Sequence[int] | None = None,
         contract_dilation: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
         dcn_stages: Sequence[bool] = (False, False, False, False),
         dcn_deform_groups: int = 1,
         dcn_mask_scale: float = 2.0,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = -1,
         norm: str = "BN",
         norm_eval: bool = False,
@@ -284,7 +284,8 @@ def _deform_options(stages: Sequence[bool], deform_groups: int, mask_scale: floa
     frozen = [f"c{i + 2}" for i in range(4) if stages[i] and i < frozen_stages]
     if frozen:
         raise ValueError(f"dcn_stages makes {', '.join(frozen)} deformable but frozen_stages={frozen_stages} freezes "
-                         f"it: its offsets would never learn; lower frozen_stages or drop those stages")
+                         f"{', '.join(frozen)}: frozen offsets would never learn; lower frozen_stages or drop those "
+                         f"stages from dcn_stages")
     if isinstance(deform_groups, bool) or not isinstance(deform_groups, int) or deform_groups < 1:
         raise ValueError(f"dcn_deform_groups must be a positive integer, got {deform_groups!r}")
     if isinstance(mask_scale, bool) or not isinstance(mask_scale, (int, float)) or not mask_scale > 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["ConfigError", "DatasetError", "UnknownComponentError", "UserError", "did_you_mean"]
+__all__ = ["ArgumentError", "ConfigError", "DatasetError", "UnknownComponentError", "UserError", "argument_key", "did_you_mean"]
 
 
 class UserError(Exception):
@@ -40,6 +40,28 @@ class ConfigError(UserError):
             where.append(f"in {self.file}")
         prefix = ("Config error " + " ".join(where) + ": ") if where else ""
         return prefix + self.message
+
+
+class ArgumentError(UserError, ValueError):
+    """A constructor argument has a bad value; ``argument`` names it, so that whoever builds the
+    component from a config reports the error at that argument's key (``model.train_min_size``).
+
+    Args:
+        message: what is wrong and how to fix it.
+        argument: the name of the constructor argument at fault.
+    """
+
+    def __init__(self, message: str, *, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+def argument_key(exc: ValueError, path: str) -> str | None:
+    """The config key of a constructor's ``exc``: ``path.argument`` for an :class:`ArgumentError`,
+    else ``path`` (``None`` at the top level)."""
+    if isinstance(exc, ArgumentError):
+        return f"{path}.{exc.argument}" if path else exc.argument
+    return path or None
 
 
 class DatasetError(UserError):

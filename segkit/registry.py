@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from segkit.errors import ConfigError, UnknownComponentError, did_you_mean
+from segkit.errors import ConfigError, UnknownComponentError, argument_key, did_you_mean
 
 __all__ = [
     "Registry",
@@ -292,13 +292,14 @@ class Registry:
 
     def build_child(self, cfg: Mapping[str, Any], *, path: str, **defaults: Any) -> Any:
         """:meth:`build`, with a constructor's ``ValueError`` (a bad value) re-raised as a
-        :class:`ConfigError` at ``path``; meta-architectures build their parts with it."""
+        :class:`ConfigError` at ``path`` (at ``path.argument`` for an
+        :class:`~segkit.errors.ArgumentError`); meta-architectures build their parts with it."""
         try:
             return self.build(cfg, path=path, **defaults)
         except ConfigError:
             raise
         except ValueError as exc:
-            raise ConfigError(str(exc), key=path) from exc
+            raise ConfigError(str(exc), key=argument_key(exc, path)) from exc
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"

@@ -54,7 +54,7 @@ import cv2
 import numpy as np
 import torch
 
-from segkit.errors import ConfigError
+from segkit.errors import ArgumentError, ConfigError
 from segkit.registry import TRANSFORMS
 
 __all__ = [
@@ -145,6 +145,8 @@ def _build_one(item: Any, *, path: str) -> Any:
         return TRANSFORMS.build(cfg, path=path)
     except ConfigError:
         raise
+    except ArgumentError as exc:
+        raise ConfigError(str(exc), key=f"{path}.{exc.argument}") from exc
     except Exception as exc:  # noqa: BLE001 - albumentations validates values with its own errors
         raise ConfigError(f"cannot build transform '{name}': {type(exc).__name__}: {exc}", key=path) from exc
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segkit.errors import ConfigError
+from segkit.errors import ConfigError, argument_key
 from segkit.models.base import SegkitModel
 from segkit.models.preprocess import ImagePreprocessor
 from segkit.ops.labels import check_box_count
@@ -39,6 +39,9 @@ class Detector(SegkitModel):
         max_size: cap on the long side after resizing (defaults to ``min_size`` * 1333 / 800).
         size_divisor: the padded batch's height and width are multiples of this.
         fixed_size: ``(height, width)`` every image is resized to instead (SSD); ``None`` for none.
+        train_min_size / train_min_size_sampling / train_min_size_per: multi-scale training, the short
+            sides drawn from in training mode (``min_size`` stays the test size); see
+            :class:`~segkit.models.preprocess.ImagePreprocessor`.
     """
 
     def __init__(
@@ -52,10 +55,16 @@ class Detector(SegkitModel):
         max_size: int | None = None,
         size_divisor: int = 32,
         fixed_size: Sequence[int] | None = None,
+        train_min_size: Sequence[int] | None = None,
+        train_min_size_sampling: str = "choice",
+        train_min_size_per: str = "image",
     ) -> None:
         super().__init__()
         self.preprocessor = ImagePreprocessor(pixel_mean=pixel_mean, pixel_std=pixel_std, min_size=min_size,
-                                              max_size=max_size, size_divisor=size_divisor, fixed_size=fixed_size)
+                                              max_size=max_size, size_divisor=size_divisor, fixed_size=fixed_size,
+                                              train_min_size=train_min_size,
+                                              train_min_size_sampling=train_min_size_sampling,
+                                              train_min_size_per=train_min_size_per)
         self.backbone = backbone
         self.neck = neck
 
@@ -84,7 +93,7 @@ class Detector(SegkitModel):
         try:
             return cls(backbone=backbone, neck=neck, **parts, **kwargs)
         except ValueError as exc:
-            raise ConfigError(str(exc), key=path or None) from exc
+            raise ConfigError(str(exc), key=argument_key(exc, path)) from exc
 
     def extract_features(self, batch: Tensor) -> dict[str, Tensor]:
         """Backbone (and neck) maps of a preprocessed batch Tensor[N, 3, H, W]."""

@@ -43,6 +43,8 @@ class OneStageDetector(Detector):
         neck: optional module mapping the backbone maps to the head's maps.
         head: the dense head (see above).
         pixel_mean / pixel_std / min_size / max_size / size_divisor / fixed_size: the preprocessing.
+        train_min_size / train_min_size_sampling / train_min_size_per: multi-scale training (the short
+            sides drawn from in training mode; see :class:`~segkit.models.preprocess.ImagePreprocessor`).
         score_threshold: candidates scoring at or below this are dropped.
         topk_candidates: candidates kept per level (``per_level``) or class (``per_class``) and image before NMS.
         nms_threshold: IoU threshold of the per-class NMS.
@@ -69,6 +71,9 @@ class OneStageDetector(Detector):
         max_size: int | None = None,
         size_divisor: int = 32,
         fixed_size: Sequence[int] | None = None,
+        train_min_size: Sequence[int] | None = None,
+        train_min_size_sampling: str = "choice",
+        train_min_size_per: str = "image",
         score_threshold: float = 0.05,
         topk_candidates: int = 1000,
         nms_threshold: float = 0.5,
@@ -76,7 +81,9 @@ class OneStageDetector(Detector):
         selection: str = "per_level",
     ) -> None:
         super().__init__(backbone=backbone, neck=neck, pixel_mean=pixel_mean, pixel_std=pixel_std, min_size=min_size,
-                         max_size=max_size, size_divisor=size_divisor, fixed_size=fixed_size)
+                         max_size=max_size, size_divisor=size_divisor, fixed_size=fixed_size,
+                         train_min_size=train_min_size, train_min_size_sampling=train_min_size_sampling,
+                         train_min_size_per=train_min_size_per)
         if topk_candidates < 1 or detections_per_image < 1:
             raise ValueError(f"topk_candidates ({topk_candidates}) and detections_per_image ({detections_per_image}) "
                              "must be >= 1")

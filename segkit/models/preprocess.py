@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segkit.errors import ArgumentError
 from segkit.ops.masks import resize_masks
 
 __all__ = ["ImageBatch", "ImagePreprocessor", "check_images", "pad_stack", "round_up", "scale_boxes"]
@@ -52,22 +53,38 @@ class ImagePreprocessor(nn.Module):
     ``fixed_size`` every image is resized (bilinear, aspect ratio not kept) to that ``(height, width)``,
     SSD's input; boxes are scaled per axis and detections mapped back the same way.
 
+    Multi-scale training: with ``train_min_size`` set, a module in training mode draws the short side
+    from it instead of using ``min_size`` (``max_size`` still caps the long side); in eval mode
+    ``min_size`` is the test size. ``train_min_size_sampling="choice"`` draws one of the listed sizes
+    (torchvision's tuple ``min_size``, Detectron2's ``ResizeShortestEdge`` "choice"); ``"range"`` draws a
+    whole number of pixels uniformly in ``[low, high]`` of a two-value list (Detectron2's "range",
+    MMDetection's ``RandomResize``). ``train_min_size_per="image"`` draws for each image,
+    ``"batch"`` once per call, so all images of a batch share the short side. Draws use torch's global
+    generator, which Lightning seeds per process.
+
     Args:
         pixel_mean / pixel_std: per-channel (RGB) normalisation of inputs in [0, 1].
-        min_size: target short side of the resize; ``None`` keeps the input size.
+        min_size: target short side of the resize (at test time, and in training without
+            ``train_min_size``); ``None`` keeps the input size.
         max_size: cap on the long side after resizing (defaults to ``min_size`` * 1333 / 800).
         size_divisor: the padded batch's height and width are multiples of this.
         fixed_size: ``(height, width)`` every image is resized to; ``None`` for the ``min_size`` rule.
+        train_min_size: short sides drawn from in training (see above); ``None`` trains at ``min_size``.
+        train_min_size_sampling: ``"choice"`` (one of the sizes) or ``"range"`` (``[low, high]``).
+        train_min_size_per: ``"image"`` (a size per image) or ``"batch"`` (one size per call).
 
     Raises:
         ValueError: not three means or deviations, a size divisor below 1, ``max_size`` without
             ``min_size``, or ``fixed_size`` that is not two positive sizes or comes with ``min_size``.
+        ArgumentError: ``train_min_size`` without ``min_size``, with sizes below 1, a range that is
+            not ``[low, high]`` with ``low <= high``, or an unknown sampling or ``per`` value.
     """
 
     def __init__(self, *, pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
                  pixel_std: Sequence[float] = (0.229, 0.224, 0.225), min_size: int | None = None,
                  max_size: int | None = None, size_divisor: int = 32,
-                 fixed_size: Sequence[int] | None = None) -> None:
+                 fixed_size: Sequence[int] | None = None, train_min_size: Sequence[int] | None = None,
+                 train_min_size_sampling: str = "choice", train_min_size_per: str = "image") -> None:
         super().__init__()
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError(f"pixel_mean and pixel_std need three values (RGB), got {pixel_mean!r} and {pixel_std!r}")
@@ -86,20 +103,40 @@ class ImagePreprocessor(nn.Module):
         self.max_size = max_size if max_size is not None or min_size is None else int(round(min_size * 1333 / 800))
         self.size_divisor = int(size_divisor)
         self.fixed_size = None if fixed_size is None else (int(fixed_size[0]), int(fixed_size[1]))
+        self.train_min_size = _check_train_sizes(train_min_size, train_min_size_sampling, train_min_size_per,
+                                                 min_size=min_size)
+        self.train_min_size_sampling, self.train_min_size_per = train_min_size_sampling, train_min_size_per
+
+    def draw_min_size(self) -> int:
+        """A short side drawn from ``train_min_size`` by ``train_min_size_sampling`` (torch's generator)."""
+        sizes = self.train_min_size
+        if self.train_min_size_sampling == "range":
+            return int(torch.randint(sizes[0], sizes[1] + 1, ()))
+        return sizes[int(torch.randint(len(sizes), ()))]
+
+    def _short_sides(self, count: int) -> list[int | None]:
+        """The short side each of ``count`` images is resized to now (``None``: the ``min_size`` rule)."""
+        if not self.training or self.train_min_size is None:
+            return [None] * count
+        if self.train_min_size_per == "batch":
+            return [self.draw_min_size()] * count
+        return [self.draw_min_size() for _ in range(count)]
 
     def normalise(self, image: Tensor) -> Tensor:
         """``(image - pixel_mean) / pixel_std`` of one float Tensor[3, H, W]."""
         return (image - self.pixel_mean.to(image.dtype)) / self.pixel_std.to(image.dtype)
 
-    def resize(self, image: Tensor) -> tuple[Tensor, float | None]:
-        """``image`` resized by the ``fixed_size`` or ``min_size`` / ``max_size`` rule, and the scale
-        (``None``: not resized, or resized to ``fixed_size``, whose scales differ per axis)."""
+    def resize(self, image: Tensor, min_size: int | None = None) -> tuple[Tensor, float | None]:
+        """``image`` resized by the ``fixed_size`` or ``min_size`` / ``max_size`` rule (the short side
+        ``min_size`` if given, else the configured one), and the scale (``None``: not resized, or
+        resized to ``fixed_size``, whose scales differ per axis)."""
         if self.fixed_size is not None:
             return F.interpolate(image[None], size=self.fixed_size, mode="bilinear", align_corners=False)[0], None
         if self.min_size is None:
             return image, None
         h, w = image.shape[-2:]
-        scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
+        short = self.min_size if min_size is None else min_size
+        scale = min(short / min(h, w), self.max_size / max(h, w))
         resized = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                                 align_corners=False)[0]
         return resized, scale
@@ -110,10 +147,11 @@ class ImagePreprocessor(nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None) -> ImageBatch:
         """Normalise, resize and pad ``images`` (float Tensor[3, H, W] in [0, 1], checked before) into one
-        batch; ``targets`` (detection targets) follow the resize."""
+        batch; ``targets`` (detection targets) follow the resize. In training mode the short sides are
+        drawn from ``train_min_size`` when it is set."""
         resized, sizes, new_targets = [], [], [] if targets is not None else None
-        for i, image in enumerate(images):
-            image, scale = self.resize(self.normalise(image))
+        for i, (image, short) in enumerate(zip(images, self._short_sides(len(images)))):
+            image, scale = self.resize(self.normalise(image), short)
             resized.append(image)
             sizes.append((int(image.shape[-2]), int(image.shape[-1])))
             if new_targets is not None:
@@ -144,6 +182,35 @@ class ImagePreprocessor(nn.Module):
         if tuple(maps.shape[-2:]) == size:
             return maps
         return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=align_corners)[0]
+
+
+_SAMPLINGS = ("choice", "range")
+_PER = ("image", "batch")
+
+
+def _check_train_sizes(sizes: Sequence[int] | None, sampling: str, per: str, *, min_size: int | None
+                       ) -> tuple[int, ...] | None:
+    """``train_min_size`` as a tuple of ints, checked against the other settings (see the class)."""
+    if sampling not in _SAMPLINGS:
+        raise ArgumentError(f"train_min_size_sampling must be one of {', '.join(_SAMPLINGS)}, got {sampling!r}",
+                            argument="train_min_size_sampling")
+    if per not in _PER:
+        raise ArgumentError(f"train_min_size_per must be one of {', '.join(_PER)}, got {per!r}",
+                            argument="train_min_size_per")
+    if sizes is None:
+        return None
+    if isinstance(sizes, (int, str)) or not sizes or any(isinstance(v, bool) or int(v) != v or v < 1 for v in sizes):
+        raise ArgumentError(f"train_min_size must be a non-empty list of short sides in pixels (whole numbers >= 1), "
+                            f"got {sizes!r}", argument="train_min_size")
+    if min_size is None:
+        raise ArgumentError("train_min_size needs min_size, the short side at test time (for example 800)",
+                            argument="train_min_size")
+    sizes = tuple(int(v) for v in sizes)
+    if sampling == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
+        raise ArgumentError(f"with train_min_size_sampling 'range', train_min_size is [low, high] with low <= high, "
+                            f"got {list(sizes)}; list the sizes with sampling 'choice' instead",
+                            argument="train_min_size")
+    return sizes
 
 
 def _masks_to_size(masks: Tensor, size: Sequence[int]) -> Tensor:

@@ -40,6 +40,9 @@ class TwoStageDetector(Detector):
         min_size: target short side of the resize; ``None`` keeps the input size.
         max_size: cap on the long side after resizing (defaults to ``min_size`` * 1333 / 800).
         size_divisor: the padded batch's height and width are multiples of this.
+        train_min_size / train_min_size_sampling / train_min_size_per: multi-scale training, the short
+            sides drawn from in training mode (``min_size`` stays the test size); see
+            :class:`~segkit.models.preprocess.ImagePreprocessor`.
 
     Example:
         >>> model = MODELS.build({"type": "TwoStageDetector", "backbone": {"type": "ResNet", "depth": 18},
@@ -62,9 +65,13 @@ class TwoStageDetector(Detector):
         min_size: int | None = None,
         max_size: int | None = None,
         size_divisor: int = 32,
+        train_min_size: Sequence[int] | None = None,
+        train_min_size_sampling: str = "choice",
+        train_min_size_per: str = "image",
     ) -> None:
         super().__init__(backbone=backbone, neck=neck, pixel_mean=pixel_mean, pixel_std=pixel_std, min_size=min_size,
-                         max_size=max_size, size_divisor=size_divisor)
+                         max_size=max_size, size_divisor=size_divisor, train_min_size=train_min_size,
+                         train_min_size_sampling=train_min_size_sampling, train_min_size_per=train_min_size_per)
         self.rpn = rpn
         self.roi_heads = roi_heads
 

@@ -22,24 +22,23 @@ box handling and :func:`apply_seg_transforms` moves an image and its label map (
 nearest-neighbour interpolation (a transform configured otherwise is rejected), and every transform
 that pads or fills the map (``PadIfNeeded``, ``RandomCrop`` with ``pad_if_needed``, ``Affine``,
 ``Rotate``...) gets ``fill_mask: ignore_index`` unless the config sets ``fill_mask`` itself, so
-padding never invents background pixels. Two transforms fill gaps in albumentations:
-:class:`RandomShortSideResize` (short side drawn from a range of pixel sizes) and
+padding never invents background pixels. Three transforms fill gaps in albumentations:
 :class:`SegRandomCrop` (pad with ``fill`` / ``ignore_index`` up to the crop size, then crop at random,
-retrying so that no class covers more than ``cat_max_ratio`` of the crop, as MMSegmentation does).
-EncNet's training pipeline (random scale 0.5-2.0, 480 px crop with ignore padding, flip, colour
-jitter) reads, in a dataset config::
+retrying so that no class covers more than ``cat_max_ratio`` of the crop, as MMSegmentation does), and
+the aspect-keeping random resizes of :mod:`segkit.data.resize_transforms`, which move boxes and instance
+masks too: :class:`RandomShortSideResize` (short side chosen from a list or drawn from a range, long side
+capped) and :class:`BaseSizeJitter` (PyTorch-Encoding's scale jitter). EncNet's training pipeline as
+PyTorch-Encoding runs it (long side 0.5-2.0 times a 520 px base size, 480 px crop with ignore padding,
+flip) reads, in a dataset config::
 
     transforms:
-      - {type: RandomScale, scale_limit: [-0.5, 1.0], p: 1.0}      # scale factor 0.5 .. 2.0
-      - {type: PadIfNeeded, min_height: 480, min_width: 480, position: top_left, fill: 0}
-      - {type: RandomCrop, height: 480, width: 480}
+      - {type: BaseSizeJitter, base_size: 520, ratio_range: [0.5, 2.0]}
+      - {type: SegRandomCrop, height: 480, width: 480}
       - {type: HorizontalFlip, p: 0.5}
-      - {type: ColorJitter, brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.0, p: 0.5}
 
-``PadIfNeeded`` pads the map with ``ignore_index`` (the default ``fill_mask``). The middle two items
-may be replaced by ``{type: SegRandomCrop, height: 480, width: 480, cat_max_ratio: 0.75}``, and the
-first by ``{type: RandomShortSideResize, min_size: 260, max_size: 1040}`` to scale the short side
-to 0.5-2.0 times EncNet's base size of 520 px instead of scaling the image by a ratio.
+Scaling the image by a ratio instead is albumentations' ``{type: RandomScale, scale_limit: [-0.5, 1.0],
+p: 1.0}`` (factor 0.5 .. 2.0); ``PadIfNeeded`` + ``RandomCrop`` pad the map with ``ignore_index`` (the
+default ``fill_mask``) like ``SegRandomCrop``.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ from segkit.registry import TRANSFORMS
 
 __all__ = [
     "build_transforms", "apply_transforms", "follow_torch_seed", "to_tensor_image",
-    "build_seg_transforms", "apply_seg_transforms", "RandomShortSideResize", "SegRandomCrop",
+    "build_seg_transforms", "apply_seg_transforms", "RandomShortSideResize", "BaseSizeJitter", "SegRandomCrop",
 ]
 
 # Transforms that would break the dataset contract (float image in [0, 1], numpy in, tensors out).
@@ -332,51 +331,6 @@ def apply_seg_transforms(
 
 
 @TRANSFORMS.register()
-class RandomShortSideResize(A.DualTransform):
-    """Resize so that the short side is a random whole number of pixels in ``[min_size, max_size]``.
-
-    The aspect ratio is kept; ``max_long_side`` caps the long side (then the short side ends up
-    smaller). Label maps use nearest-neighbour interpolation.
-
-    Args:
-        min_size / max_size: range of the short side in pixels (inclusive).
-        max_long_side: upper bound of the long side in pixels, or ``None``.
-        interpolation: OpenCV interpolation flag for the image.
-        p: probability of applying the transform.
-
-    Example:
-        >>> resize = RandomShortSideResize(min_size=260, max_size=1040)  # EncNet: 520 px x 0.5..2.0
-    """
-
-    def __init__(self, *, min_size: int, max_size: int, max_long_side: int | None = None,
-                 interpolation: int = cv2.INTER_LINEAR, p: float = 1.0) -> None:
-        super().__init__(p=p)
-        if not 1 <= int(min_size) <= int(max_size):
-            raise ValueError(f"need 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
-        if max_long_side is not None and int(max_long_side) < 1:
-            raise ValueError(f"max_long_side must be a positive number of pixels or None, got {max_long_side}")
-        self.min_size, self.max_size = int(min_size), int(max_size)
-        self.max_long_side = None if max_long_side is None else int(max_long_side)
-        self.interpolation = interpolation
-
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        height, width = params["shape"][:2]
-        scale = self.py_random.randint(self.min_size, self.max_size) / min(height, width)
-        if self.max_long_side is not None:
-            scale = min(scale, self.max_long_side / max(height, width))
-        return {"size": (max(1, round(height * scale)), max(1, round(width * scale)))}
-
-    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return cv2.resize(img, (size[1], size[0]), interpolation=self.interpolation)
-
-    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("min_size", "max_size", "max_long_side", "interpolation")
-
-
-@TRANSFORMS.register()
 class SegRandomCrop(A.DualTransform):
     """Pad to at least the crop size, then crop a random ``height x width`` window.
 
@@ -443,5 +397,7 @@ class SegRandomCrop(A.DualTransform):
         return ("height", "width", "cat_max_ratio", "ignore_index", "max_tries", "fill")
 
 
-# SSD's augmentation lives in its own module; importing it registers its transforms with these.
+# SSD's augmentation and the random resizes live in their own modules; importing them registers
+# their transforms with these.
 from segkit.data import ssd_transforms  # noqa: E402,F401
+from segkit.data.resize_transforms import BaseSizeJitter, RandomShortSideResize  # noqa: E402

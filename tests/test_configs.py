@@ -59,10 +59,36 @@ def test_quickstart_is_cpu_sized(name, limit):
 @pytest.mark.parametrize("name", ["faster_rcnn_r50_fpn_coco.yaml", "mask_rcnn_r50_fpn_coco.yaml", "panet_r50_fpn_coco.yaml"])
 def test_coco_recipe_is_the_standard_1x(name):
     cfg = segkit.load_config(CONFIGS[0].parent / name)
-    assert (cfg["model"]["min_size"], cfg["model"]["max_size"]) == (800, 1333)
+    if name.startswith("panet"):  # the PANet authors' sizes, see test_multiscale_coco_recipes_use_their_sources_sizes
+        assert (cfg["model"]["min_size"], cfg["model"]["max_size"]) == (1000, 1400)
+    else:
+        assert (cfg["model"]["min_size"], cfg["model"]["max_size"]) == (800, 1333)
+        assert cfg["model"].get("train_min_size") is None  # single-scale training, as the papers' main results
     assert cfg["trainer"]["max_epochs"] == 12 and cfg["scheduler"]["milestones"] == [8, 11]
     assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 16
     assert cfg["optimizer"]["lr"] == 0.02
+
+
+@pytest.mark.parametrize("name, train_sizes, test_sizes", [
+    # the PANet authors' released config: TRAIN.SCALES, MAX_SIZE 1400, TEST.SCALE 1000
+    ("panet_r50_fpn_coco.yaml", [1200, 1200, 1000, 800, 600, 400], (1000, 1400)),
+    ("panet_x101_64x4d_coco.yaml", [1200, 1200, 1000, 800, 600, 400], (1000, 1400)),
+    ("panet_x101_64x4d_dcn_coco.yaml", [1200, 1200, 1000, 800, 600, 400], (1000, 1400)),
+    # Detectron2's Base-RCNN-FPN: MIN_SIZE_TRAIN 640..800 step 32, max 1333, test 800
+    ("mask_rcnn_r50_fpn_ms_3x_coco.yaml", list(range(640, 801, 32)), (800, 1333)),
+])
+def test_multiscale_coco_recipes_use_their_sources_sizes(name, train_sizes, test_sizes):
+    model_cfg = segkit.load_config(CONFIGS[0].parent / name, ["model.backbone.pretrained=null"])["model"]
+    assert model_cfg["train_min_size"] == train_sizes and (model_cfg["min_size"], model_cfg["max_size"]) == test_sizes
+    assert (model_cfg["train_min_size_sampling"], model_cfg["train_min_size_per"]) == ("choice", "image")
+
+
+def test_mask_rcnn_ms_3x_is_the_1x_model_trained_36_epochs():
+    one = segkit.load_config(CONFIGS[0].parent / "mask_rcnn_r50_fpn_coco.yaml")
+    three = segkit.load_config(CONFIGS[0].parent / "mask_rcnn_r50_fpn_ms_3x_coco.yaml")
+    assert three["trainer"]["max_epochs"] == 36 and three["scheduler"]["milestones"] == [27, 33]
+    ignored = ("train_min_size", "train_min_size_sampling", "train_min_size_per")
+    assert {k: v for k, v in three["model"].items() if k not in ignored} == one["model"]
 
 
 def test_mask_rcnn_coco_config_matches_torchvision_maskrcnn_resnet50_fpn():
@@ -161,6 +187,9 @@ def test_encnet_configs_follow_the_paper():
         assert (cfg["scheduler"]["type"], cfg["scheduler"]["power"]) == ("Poly", 0.9)
         crop = next(t for t in cfg["data"]["train"]["transforms"] if t["type"] == "SegRandomCrop")
         assert (crop["height"], crop["width"]) == (480, 480)
+        jitter = cfg["data"]["train"]["transforms"][0]  # PyTorch-Encoding's: base 520, long side 0.5-2.0 x base
+        assert (jitter["type"], jitter["base_size"], jitter["ratio_range"], jitter["side"]) == (
+            "BaseSizeJitter", 520, [0.5, 2.0], "long")
     fcn = segkit.load_config(CONFIGS[0].parent / "fcn_r50_d8_voc.yaml")["model"]
     assert fcn["decode_head"]["type"] == "FCNHead" and "num_codes" not in fcn["decode_head"]
 

@@ -9,27 +9,11 @@ import torch
 from segkit.data.collate import collate
 from segkit.data.transforms import apply_transforms, build_transforms
 from segkit.errors import ConfigError
-
-
-def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A 40x60 image with two rectangles: one on the left, one on the right."""
-    image = np.zeros((40, 60, 3), dtype=np.uint8)
-    masks = np.zeros((2, 40, 60), dtype=np.uint8)
-    masks[0, 5:15, 2:12] = 1
-    masks[1, 20:35, 40:55] = 1
-    image[masks[0] == 1] = (255, 0, 0)
-    image[masks[1] == 1] = (0, 255, 0)
-    boxes = np.array([[2, 5, 12, 15], [40, 20, 55, 35]], dtype=np.float32)
-    return image, boxes, np.array([1, 2]), masks
-
-
-def _tight_box(mask: torch.Tensor) -> list[float]:
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+from tests.scenes import tight_box, two_rectangles
 
 
 def test_horizontal_flip_moves_boxes_and_masks_together() -> None:
-    image, boxes, labels, masks = _scene()
+    image, boxes, labels, masks = two_rectangles()
     pipeline = build_transforms([{"type": "HorizontalFlip", "p": 1.0}], path="data.train.transforms")
     img, out_boxes, out_labels, out_masks = apply_transforms(pipeline, image=image, boxes=boxes, labels=labels, masks=masks)
     assert img.shape == (3, 40, 60) and img.dtype == torch.float32
@@ -37,23 +21,23 @@ def test_horizontal_flip_moves_boxes_and_masks_together() -> None:
     assert np.allclose(out_boxes.numpy(), [[48, 5, 58, 15], [5, 20, 20, 35]], atol=1e-3)
     assert out_labels.tolist() == [1, 2]
     for box, mask in zip(out_boxes, out_masks):
-        assert _tight_box(mask) == pytest.approx(box.tolist(), abs=1e-3)
+        assert tight_box(mask) == pytest.approx(box.tolist(), abs=1e-3)
     assert torch.equal(img[0] > 0.5, out_masks[0].bool())  # the red object is under its mask
 
 
 def test_crop_that_removes_an_object_removes_its_box_label_and_mask() -> None:
-    image, boxes, labels, masks = _scene()
+    image, boxes, labels, masks = two_rectangles()
     pipeline = build_transforms([{"type": "Crop", "x_min": 30, "y_min": 0, "x_max": 60, "y_max": 40}], path="t")
     img, out_boxes, out_labels, out_masks = apply_transforms(pipeline, image=image, boxes=boxes, labels=labels, masks=masks)
     assert img.shape == (3, 40, 30)
     assert out_labels.tolist() == [2]
     assert np.allclose(out_boxes.numpy(), [[10, 20, 25, 35]], atol=1e-3)
     assert out_masks.shape == (1, 40, 30)
-    assert _tight_box(out_masks[0]) == pytest.approx(out_boxes[0].tolist(), abs=1e-3)
+    assert tight_box(out_masks[0]) == pytest.approx(out_boxes[0].tolist(), abs=1e-3)
 
 
 def test_crop_clips_a_partly_visible_box() -> None:
-    image, boxes, labels, masks = _scene()
+    image, boxes, labels, masks = two_rectangles()
     pipeline = build_transforms([{"type": "Crop", "x_min": 6, "y_min": 0, "x_max": 60, "y_max": 40}], path="t")
     _, out_boxes, out_labels, out_masks = apply_transforms(pipeline, image=image, boxes=boxes, labels=labels, masks=masks)
     assert out_labels.tolist() == [1, 2]
@@ -97,7 +81,7 @@ def test_nested_transform_lists_are_built() -> None:
     pipeline = build_transforms(
         [{"type": "OneOf", "transforms": [{"type": "HorizontalFlip", "p": 1.0}], "p": 1.0}], path="t"
     )
-    image, boxes, labels, masks = _scene()
+    image, boxes, labels, masks = two_rectangles()
     _, out_boxes, _, _ = apply_transforms(pipeline, image=image, boxes=boxes, labels=labels, masks=masks)
     assert out_boxes[0].tolist() == pytest.approx([48, 5, 58, 15], abs=1e-3)
 
@@ -115,7 +99,7 @@ def test_augmentations_follow_the_torch_seed() -> None:
     from segkit.data.transforms import follow_torch_seed
 
     pipeline = build_transforms([{"type": "HorizontalFlip", "p": 0.5}], path="t")
-    image, boxes, labels, masks = _scene()
+    image, boxes, labels, masks = two_rectangles()
 
     def flips(seed: int) -> list[bool]:
         torch.manual_seed(seed)

@@ -8,23 +8,7 @@ import torch
 
 from segkit.data.transforms import apply_seg_transforms, apply_transforms, build_seg_transforms, build_transforms
 from segkit.errors import ConfigError
-
-
-def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A 40x60 image with two filled rectangles, their boxes, labels and masks."""
-    image = np.zeros((40, 60, 3), dtype=np.uint8)
-    masks = np.zeros((2, 40, 60), dtype=np.uint8)
-    masks[0, 5:15, 2:12] = 1
-    masks[1, 20:36, 40:56] = 1
-    image[masks[0] == 1] = (255, 0, 0)
-    image[masks[1] == 1] = (0, 255, 0)
-    boxes = np.array([[2, 5, 12, 15], [40, 20, 56, 36]], dtype=np.float32)
-    return image, boxes, np.array([1, 2]), masks
-
-
-def _tight_box(mask: torch.Tensor) -> list[float]:
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+from tests.scenes import tight_box, two_rectangles
 
 
 def _label_scene() -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +20,7 @@ def _label_scene() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_short_side_choice_moves_boxes_and_masks_with_the_image() -> None:
-    image, boxes, labels, masks = _scene()
+    image, boxes, labels, masks = two_rectangles()
     pipeline = build_transforms([{"type": "RandomShortSideResize", "sizes": [20, 80, 100], "max_long_side": 135}],
                                 path="data.train.transforms")
     seen = set()
@@ -50,12 +34,12 @@ def test_short_side_choice_moves_boxes_and_masks_with_the_image() -> None:
         scale = height / 40
         assert np.allclose(out_boxes.numpy(), boxes * scale, atol=1e-3)  # exactly the image's scale
         for box, mask in zip(out_boxes, out_masks):
-            assert _tight_box(mask) == pytest.approx(box.tolist(), abs=1.0)  # the box is still around the object
+            assert tight_box(mask) == pytest.approx(box.tolist(), abs=1.0)  # the box is still around the object
     assert seen == {20, 80, 90}  # 100 would make the long side 150 > 135: capped to 90 x 135
 
 
 def test_short_side_range_draws_every_size_in_it() -> None:
-    image, boxes, labels, masks = _scene()
+    image, boxes, labels, masks = two_rectangles()
     pipeline = build_transforms([{"type": "RandomShortSideResize", "min_size": 30, "max_size": 34}], path="t")
     heights = set()
     for seed in range(40):
@@ -116,13 +100,13 @@ def test_base_size_jitter_then_crop_pads_the_map_with_ignore_index() -> None:
 
 
 def test_base_size_jitter_moves_boxes_and_masks() -> None:
-    image, boxes, labels, masks = _scene()  # 40 x 60
+    image, boxes, labels, masks = two_rectangles()  # 40 x 60
     pipeline = build_transforms([{"type": "BaseSizeJitter", "base_size": 60, "ratio_range": [2.0, 2.0]}], path="t")
     img, out_boxes, _, out_masks = apply_transforms(pipeline, image=image, boxes=boxes, labels=labels, masks=masks)
     assert img.shape[1:] == (80, 120) and out_masks.shape == (2, 80, 120)
     assert np.allclose(out_boxes.numpy(), boxes * 2, atol=1e-3)
     for box, mask in zip(out_boxes, out_masks):
-        assert _tight_box(mask) == pytest.approx(box.tolist(), abs=1e-3)
+        assert tight_box(mask) == pytest.approx(box.tolist(), abs=1e-3)
 
 
 @pytest.mark.parametrize("item, key, message", [
